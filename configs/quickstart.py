@@ -1,0 +1,24 @@
+"""Quick start: a small SS PCP-DARTS search on the CIFAR-10 subset shipped with the package.
+
+  python -m pcp_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+
+Works offline. Two progressive stages of 5 cells (8 -> 4 ops per edge, then the final genotype),
+C=8, K=4, ssf 0.75, 3 epochs per stage (1 warm-up) on 2,500 images. A few minutes on a 2-core
+CPU, most of it compilation; the genotype is a smoke test, not a result.
+"""
+
+from configs import search_common
+
+
+def get_config(arg=None):
+  config = search_common.base_search_config()
+  config.method = 'SS PCP-DARTS (quick start)'
+  config.data.source = 'subset'
+  s = config.search
+  s.ss_factor = 0.75
+  s.channels = 8
+  s.batch_size = 32
+  s.projector_sizes = (128, 128)
+  s.bt_lambda = 0.0051 * 8192 / 128
+  s.stages = [search_common.stage(5, 4, 3, 1, 0.1), search_common.stage(5, 1, 3, 1, 0.4)]
+  return search_common.apply_args(config, arg)

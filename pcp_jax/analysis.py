@@ -1,0 +1,169 @@
+"""The paper's robustness analysis: FGSM attacks swept over eps, and their plots."""
+
+import math
+import os
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from matplotlib.figure import Figure
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def fgsm_perturb(logits_fn: LogitsFn, x_pixels, labels, eps, clip: bool = True):
+  """FGSM: x + eps * sign(grad_x CE(logits_fn(x), labels)), clipped to [0, 1] by default.
+
+  `logits_fn` takes images in pixel space [0, 1] (it normalises inside), so the attack
+  moves pixels. It must treat examples independently (eval mode), so that each example's
+  gradient comes from its own loss only.
+  """
+  def total_loss(x):
+    logits = logits_fn(x).astype(jnp.float32)
+    # The sum, not the mean: each example's gradient keeps its own scale, so small
+    # per-example gradients do not underflow to a sign of 0 in large batches.
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+
+  grad = jax.grad(total_loss)(x_pixels)
+  x_adv = x_pixels + jnp.asarray(eps, x_pixels.dtype) * jnp.sign(grad)
+  return jnp.clip(x_adv, 0.0, 1.0) if clip else x_adv
+
+
+def _make_attack_batch(logits_fn: LogitsFn):
+  """A jitted (x, labels, eps) -> (correct, true-class prob) per example; eps is traced."""
+  @jax.jit
+  def attack_batch(x, labels, eps):
+    x_adv = fgsm_perturb(logits_fn, x, labels, eps)
+    logits = logits_fn(x_adv).astype(jnp.float32)
+    probs = jax.nn.softmax(logits)
+    true_prob = jnp.take_along_axis(probs, labels[:, None], axis=1)[:, 0]
+    return jnp.argmax(logits, axis=-1) == labels, true_prob
+  return attack_batch
+
+
+def fgsm_sweep(logits_fn: LogitsFn, images, labels, eps_list: Sequence[float],
+               batch_size: int = 256, example_indices: Sequence[int] = (0, 1, 2, 3)) -> dict:
+  """Attacks every image with FGSM at each eps and summarises the results.
+
+  Args:
+    logits_fn: pixel-space images [0, 1] -> logits, in eval mode (see `fgsm_perturb`).
+    images: (N, H, W, C) pixels in [0, 1].
+    labels: (N,) integer labels.
+    eps_list: the attack strengths; 0 gives the clean accuracy.
+    batch_size: examples per jitted call. The last partial batch is padded to this size
+      (and the padding ignored), so the function compiles once for all batches and eps.
+    example_indices: images whose true-class probability is recorded for every eps
+      (the paper's per-example curves, Fig. 13).
+
+  Returns:
+    A JSON-ready dict: `eps`, `accuracy` and `mean_true_prob` (one value per eps) and
+    `examples`, mapping str(index) to the true-class probability per eps (string keys,
+    so the dict is unchanged by a JSON round trip).
+  """
+  images = np.asarray(images, dtype=np.float32)
+  labels = np.asarray(labels, dtype=np.int32)
+  num_examples = len(images)
+  if num_examples == 0 or len(labels) != num_examples:
+    raise ValueError(
+        f'fgsm_sweep needs as many labels as images (> 0), got {len(labels)} labels for '
+        f'{num_examples} images.')
+  bad = [i for i in example_indices if not 0 <= i < num_examples]
+  if bad:
+    raise ValueError(f'example_indices {bad} are out of range for {num_examples} images.')
+  # A set smaller than one batch is run as a single unpadded batch.
+  batch_size = min(batch_size, num_examples)
+  attack_batch = _make_attack_batch(logits_fn)
+
+  accuracy, mean_true_prob, true_prob_by_eps = [], [], []
+  for eps in eps_list:
+    correct_parts, prob_parts = [], []
+    for start in range(0, num_examples, batch_size):
+      x = images[start:start + batch_size]
+      y = labels[start:start + batch_size]
+      valid = len(x)
+      if valid < batch_size:
+        x = np.concatenate([x, np.zeros((batch_size - valid,) + x.shape[1:], x.dtype)])
+        y = np.concatenate([y, np.zeros(batch_size - valid, y.dtype)])
+      correct, true_prob = attack_batch(x, y, np.float32(eps))
+      correct_parts.append(np.asarray(correct)[:valid])
+      prob_parts.append(np.asarray(true_prob)[:valid])
+    correct = np.concatenate(correct_parts)
+    true_prob = np.concatenate(prob_parts)
+    accuracy.append(float(correct.mean()))
+    mean_true_prob.append(float(true_prob.mean()))
+    true_prob_by_eps.append(true_prob)
+
+  return {
+      'eps': [float(eps) for eps in eps_list],
+      'accuracy': accuracy,
+      'mean_true_prob': mean_true_prob,
+      'examples': {
+          str(int(i)): [float(p[i]) for p in true_prob_by_eps] for i in example_indices},
+  }
+
+
+def _line_plot(results_by_name, key, ylabel, title, path):
+  fig = Figure(figsize=(6, 4.5), layout='constrained')
+  ax = fig.add_subplot()
+  for name, results in results_by_name.items():
+    ax.plot(results['eps'], results[key], marker='o', markersize=3, label=name)
+  ax.set_xlabel('FGSM eps (pixel scale [0, 1])')
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def _examples_plot(results_by_name, path):
+  indices = sorted({i for r in results_by_name.values() for i in r['examples']}, key=int)
+  if not indices:
+    raise ValueError('plot_fgsm: no results hold any per-example curves.')
+  ncols = min(4, len(indices))
+  nrows = math.ceil(len(indices) / ncols)
+  fig = Figure(figsize=(3.2 * ncols, 2.8 * nrows), layout='constrained')
+  axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+  for ax, index in zip(axes.flat, indices):
+    for name, results in results_by_name.items():
+      if index in results['examples']:
+        ax.plot(results['eps'], results['examples'][index], marker='o', markersize=3,
+                label=name)
+    ax.set_title(f'example {index}')
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+  for ax in axes.flat[len(indices):]:
+    ax.set_visible(False)
+  for ax in axes[-1]:
+    ax.set_xlabel('eps')
+  for ax in axes[:, 0]:
+    ax.set_ylabel('true-class probability')
+  axes.flat[0].legend(fontsize='small')
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def plot_fgsm(results_by_name: Mapping[str, dict], out_dir: str, prefix: str = 'fgsm') -> list:
+  """Plots `fgsm_sweep` results, one line per architecture name; returns the PNG paths.
+
+  Writes `{prefix}_accuracy.png`, `{prefix}_true_prob.png` (mean true-class probability)
+  and `{prefix}_examples.png` (one panel per recorded example) to `out_dir`.
+  """
+  if not results_by_name:
+    raise ValueError('plot_fgsm needs at least one architecture\'s results.')
+  # Keys become strings in JSON; accept results straight from fgsm_sweep or from disk.
+  results_by_name = {
+      name: dict(r, examples={str(i): p for i, p in r.get('examples', {}).items()})
+      for name, r in results_by_name.items()}
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, prefix)
+  return [
+      _line_plot(results_by_name, 'accuracy', 'accuracy', 'Accuracy under FGSM',
+                 f'{stem}_accuracy.png'),
+      _line_plot(results_by_name, 'mean_true_prob', 'mean true-class probability',
+                 'True-class probability under FGSM', f'{stem}_true_prob.png'),
+      _examples_plot(results_by_name, f'{stem}_examples.png'),
+  ]

@@ -1,0 +1,380 @@
+"""Datasets as NumPy arrays: official CIFAR/Fashion-MNIST files, TFDS or shipped subset.
+
+Everything here runs on the host and returns uint8 NHWC images with int32 labels;
+augmentation and normalisation happen on the device (see `augment.py`).
+"""
+
+import dataclasses
+import gzip
+import hashlib
+import importlib
+import os
+import struct
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+SOURCES = ('files', 'tfds', 'subset')
+SUBSET_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), 'assets', 'cifar10_subset.npz')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about a dataset that models and normalisation need."""
+  name: str
+  num_classes: int
+  image_size: int
+  channels: int
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+
+
+DATASETS = {
+    'cifar10': DatasetInfo('cifar10', 10, 32, 3, (0.4914, 0.4822, 0.4465),
+                           (0.2470, 0.2435, 0.2616)),
+    'cifar100': DatasetInfo('cifar100', 100, 32, 3, (0.5071, 0.4865, 0.4409),
+                            (0.2673, 0.2564, 0.2762)),
+    'fashion_mnist': DatasetInfo('fashion_mnist', 10, 28, 1, (0.2860,),
+                                 (0.3530,)),
+}
+
+
+class Dataset(NamedTuple):
+  """Train and test arrays: images uint8 NHWC, labels int32."""
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  info: DatasetInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+  """One official download: its URL, its path under data_dir and its checksum."""
+  url: str
+  filename: str
+  algorithm: str  # a hashlib name: 'sha256' or 'md5'
+  digest: str
+  size: Optional[int] = None
+
+
+_FASHION_DIR = 'fashion-mnist'
+_FASHION_URL = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
+_FASHION_FILES = {
+    'train-images-idx3-ubyte.gz': '8d4fb7e6c68d591d4c3dfef9ec88bf0d',
+    'train-labels-idx1-ubyte.gz': '25c81989df183df01b3e8a0aad5dffbe',
+    't10k-images-idx3-ubyte.gz': 'bef4ecab320f06d8554ea6380940ec79',
+    't10k-labels-idx1-ubyte.gz': 'bb300cfdad3c16e7a12a480ee83cd310',
+}
+
+DOWNLOADS = {
+    'cifar10': (RemoteFile(
+        'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz',
+        'cifar-10-binary.tar.gz', 'sha256',
+        'c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd',
+        size=170052171),),
+    'cifar100': (RemoteFile(
+        'https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz',
+        'cifar-100-binary.tar.gz', 'md5', '03b5dce01913d631647c71ecec9e9cb8'),),
+    # In a subfolder because MNIST's files have the same names.
+    'fashion_mnist': tuple(
+        RemoteFile(_FASHION_URL + name, os.path.join(_FASHION_DIR, name), 'md5',
+                   md5) for name, md5 in _FASHION_FILES.items()),
+}
+
+
+class _CifarLayout(NamedTuple):
+  archive: str
+  folder: str
+  train_files: Tuple[str, ...]
+  test_files: Tuple[str, ...]
+  label_bytes: int  # the label used is the last one (CIFAR-100's fine label)
+
+
+_CIFAR_LAYOUTS = {
+    'cifar10': _CifarLayout(
+        'cifar-10-binary.tar.gz', 'cifar-10-batches-bin',
+        tuple(f'data_batch_{i}.bin' for i in range(1, 6)), ('test_batch.bin',),
+        label_bytes=1),
+    'cifar100': _CifarLayout(
+        'cifar-100-binary.tar.gz', 'cifar-100-binary', ('train.bin',),
+        ('test.bin',), label_bytes=2),
+}
+
+_TFDS_MANUAL_FILES = {
+    'cifar10': ('cifar-10-binary.tar.gz',),
+    'cifar100': ('cifar-100-binary.tar.gz',),
+    'fashion_mnist': tuple(_FASHION_FILES),
+}
+
+
+class ChecksumError(IOError):
+  """A downloaded file does not match its published size or checksum."""
+
+
+def default_data_dir() -> str:
+  """Where datasets live unless the config says otherwise: $PCP_JAX_DATA or ~/.cache."""
+  return os.path.expanduser(
+      os.environ.get('PCP_JAX_DATA', '~/.cache/pcp_jax/data'))
+
+
+def load_dataset(name: str,
+                 source: str = 'files',
+                 data_dir: Optional[str] = None,
+                 download: bool = False,
+                 pad_to_32: bool = False) -> Dataset:
+  """Loads a whole dataset into host memory.
+
+  Args:
+    name: 'cifar10', 'cifar100' or 'fashion_mnist'.
+    source: 'files' (official binary files in data_dir), 'tfds' (TensorFlow
+      Datasets, optional install) or 'subset' (the small CIFAR-10 subset shipped
+      with the package).
+    data_dir: folder holding the files or the TFDS data; defaults to
+      `default_data_dir()`.
+    download: fetch missing files from the official hosts (checksums verified).
+    pad_to_32: zero-pad smaller images (Fashion-MNIST) to 32x32 so that
+      CIFAR-sized networks apply unchanged.
+
+  Returns:
+    A `Dataset` with uint8 NHWC images and int32 labels.
+  """
+  if name not in DATASETS:
+    raise ValueError(f'Unknown data.dataset {name!r}; expected one of '
+                     f'{sorted(DATASETS)}.')
+  if source not in SOURCES:
+    raise ValueError(f'Unknown data.source {source!r}; expected one of '
+                     f'{list(SOURCES)}.')
+  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  if source == 'files':
+    arrays = _load_files(name, data_dir, download)
+  elif source == 'tfds':
+    arrays = _load_tfds(name, data_dir, download)
+  else:
+    arrays = _load_subset(name)
+  info = DATASETS[name]
+  if pad_to_32 and info.image_size < 32:
+    arrays = tuple(_pad_to(a, 32) if a.ndim == 4 else a for a in arrays)
+    info = dataclasses.replace(info, image_size=32)
+  return Dataset(*arrays, info=info)
+
+
+def search_split(images: np.ndarray, labels: np.ndarray,
+                 train_portion: float = 0.5):
+  """Splits a training set PC-DARTS style: weights on the head, architecture on the tail.
+
+  Returns ((weight_images, weight_labels), (arch_images, arch_labels)).
+  """
+  if not 0 < train_portion < 1:
+    raise ValueError(
+        f'data.train_portion must be in (0, 1), got {train_portion}.')
+  split = int(train_portion * len(images))
+  if split == 0 or split == len(images):
+    raise ValueError(f'data.train_portion={train_portion} leaves one part of '
+                     f'the {len(images)} training examples empty.')
+  return (images[:split], labels[:split]), (images[split:], labels[split:])
+
+
+def download_file(remote: RemoteFile, data_dir: str) -> str:
+  """Fetches one file, verifies it and moves it into place; returns its path.
+
+  The file is written to a temporary name beside its destination and renamed
+  only once it matches, so a failed or interrupted download leaves nothing.
+  """
+  target = os.path.join(data_dir, remote.filename)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  fd, partial = tempfile.mkstemp(
+      dir=os.path.dirname(target), prefix=f'.{os.path.basename(target)}.',
+      suffix='.part')
+  try:
+    hasher = hashlib.new(remote.algorithm)
+    size = 0
+    with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(
+        remote.url, timeout=60) as response:
+      while chunk := response.read(1 << 20):
+        out.write(chunk)
+        hasher.update(chunk)
+        size += len(chunk)
+    if remote.size is not None and size != remote.size:
+      raise ChecksumError(f'{remote.url}: got {size} bytes, expected '
+                          f'{remote.size}; the download is incomplete or not '
+                          'the official file.')
+    if hasher.hexdigest() != remote.digest:
+      raise ChecksumError(f'{remote.url}: {remote.algorithm} is '
+                          f'{hasher.hexdigest()}, expected {remote.digest}; '
+                          'the file is corrupt or not the official one.')
+    os.replace(partial, target)
+  except urllib.error.URLError as e:
+    os.remove(partial)
+    raise IOError(f'Could not download {remote.url}: {e}. Without internet, '
+                  f'copy {remote.filename} into {data_dir} by hand.') from e
+  except BaseException:
+    os.remove(partial)
+    raise
+  return target
+
+
+def _load_files(name, data_dir, download):
+  """Reads the official on-disk format, downloading it first if asked to."""
+  read = _read_cifar if name in _CIFAR_LAYOUTS else _read_fashion_mnist
+  arrays = read(name, data_dir)
+  if arrays is None and download:
+    for remote in DOWNLOADS[name]:
+      if not os.path.exists(os.path.join(data_dir, remote.filename)):
+        download_file(remote, data_dir)
+    arrays = read(name, data_dir)
+  if arrays is None:
+    raise FileNotFoundError(_missing_files_message(name, data_dir))
+  return arrays
+
+
+def _missing_files_message(name, data_dir):
+  if name in _CIFAR_LAYOUTS:
+    layout = _CIFAR_LAYOUTS[name]
+    expected = (f'{layout.archive} or the folder {layout.folder}/ with '
+                f'{", ".join(layout.train_files + layout.test_files)}')
+  else:
+    expected = (f'{", ".join(_FASHION_FILES)} (in the folder itself or in '
+                f'{_FASHION_DIR}/)')
+  return (f'Dataset {name!r} not found in data.dir={data_dir!r}: expected '
+          f'{expected}. Pass --config.data.download=True to fetch them, or '
+          'point --config.data.dir (or $PCP_JAX_DATA) at a folder holding them.')
+
+
+def _read_cifar(name, data_dir):
+  """Reads CIFAR from its extracted folder or straight from its tar.gz; None if absent."""
+  layout = _CIFAR_LAYOUTS[name]
+  wanted = layout.train_files + layout.test_files
+  folder = os.path.join(data_dir, layout.folder)
+  archive = os.path.join(data_dir, layout.archive)
+  if all(os.path.isfile(os.path.join(folder, f)) for f in wanted):
+    contents = {}
+    for f in wanted:
+      with open(os.path.join(folder, f), 'rb') as fh:
+        contents[f] = fh.read()
+  elif os.path.isfile(archive):
+    contents = _read_tar_members(archive, wanted)
+  else:
+    return None
+
+  def parse(files):
+    parts = [_parse_cifar_records(contents[f], layout.label_bytes, f)
+             for f in files]
+    return (np.concatenate([images for images, _ in parts]),
+            np.concatenate([labels for _, labels in parts]))
+
+  return parse(layout.train_files) + parse(layout.test_files)
+
+
+def _read_tar_members(archive, wanted):
+  """Returns {basename: bytes} of the wanted members, read in one pass over the stream."""
+  contents = {}
+  with tarfile.open(archive, 'r:gz') as tar:
+    for member in tar:
+      base = os.path.basename(member.name)
+      if member.isfile() and base in wanted:
+        contents[base] = tar.extractfile(member).read()
+  missing = [f for f in wanted if f not in contents]
+  if missing:
+    raise IOError(f'{archive} lacks {missing}; it is not the official archive.')
+  return contents
+
+
+def _parse_cifar_records(raw, label_bytes, filename):
+  """Splits records of label byte(s) + 3072 channel-major pixels into NHWC + labels."""
+  record = label_bytes + 3 * 32 * 32
+  if len(raw) % record:
+    raise IOError(f'{filename}: {len(raw)} bytes is not a whole number of '
+                  f'{record}-byte CIFAR records.')
+  records = np.frombuffer(raw, np.uint8).reshape(-1, record)
+  labels = records[:, label_bytes - 1].astype(np.int32)
+  images = records[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(images), labels
+
+
+def _read_fashion_mnist(name, data_dir):
+  """Reads the IDX gz files from data_dir or data_dir/fashion-mnist; None if absent."""
+  del name
+  for folder in (data_dir, os.path.join(data_dir, _FASHION_DIR)):
+    paths = [os.path.join(folder, f) for f in _FASHION_FILES]
+    if all(os.path.isfile(p) for p in paths):
+      train_images, train_labels, test_images, test_labels = map(
+          _read_idx, paths)
+      for images, labels in ((train_images, train_labels),
+                             (test_images, test_labels)):
+        if len(images) != len(labels):
+          raise IOError(f'{folder}: {len(images)} images but {len(labels)} '
+                        'labels.')
+      return (train_images[..., None], train_labels.astype(np.int32),
+              test_images[..., None], test_labels.astype(np.int32))
+  return None
+
+
+def _read_idx(path):
+  """Parses a gzipped IDX file of unsigned bytes (the MNIST format)."""
+  with gzip.open(path, 'rb') as f:
+    raw = f.read()
+  if len(raw) < 4 or raw[:3] != b'\x00\x00\x08':
+    raise IOError(f'{path} is not an IDX file of unsigned bytes.')
+  ndim = raw[3]
+  shape = struct.unpack(f'>{ndim}I', raw[4:4 + 4 * ndim])
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  if data.size != np.prod(shape):
+    raise IOError(f'{path}: header says shape {shape} but holds {data.size} '
+                  'values.')
+  return data.reshape(shape)
+
+
+def _load_tfds(name, data_dir, download):
+  """Loads through TensorFlow Datasets, failing fast where it would retry offline."""
+  try:
+    tfds = importlib.import_module('tensorflow_datasets')
+    importlib.import_module('tensorflow')
+  except ImportError as e:
+    raise ImportError(
+        "data.source='tfds' needs TensorFlow Datasets and TensorFlow, which "
+        f'are optional ({e}). Run `pip install tensorflow-cpu '
+        "tensorflow-datasets`, or use data.source='files' (no TensorFlow "
+        'needed).') from e
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.data_path.exists():
+    manual_dir = os.path.join(data_dir, 'downloads', 'manual')
+    have_manual = all(os.path.isfile(os.path.join(manual_dir, f))
+                      for f in _TFDS_MANUAL_FILES[name])
+    if not (have_manual or download):
+      raise FileNotFoundError(
+          f'TFDS has no prepared {name!r} in data.dir={data_dir!r} and the '
+          f'source files {list(_TFDS_MANUAL_FILES[name])} are not in '
+          f'{manual_dir}. Pass --config.data.download=True to let TFDS fetch '
+          "them, or use data.source='files'.")
+    config = (tfds.download.DownloadConfig(manual_dir=manual_dir)
+              if have_manual else None)
+    builder.download_and_prepare(download_config=config)
+  arrays = []
+  for split in ('train', 'test'):
+    examples = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    arrays += [np.asarray(examples['image'], np.uint8),
+               np.asarray(examples['label'], np.int32)]
+  return tuple(arrays)
+
+
+def _load_subset(name):
+  """Loads the balanced CIFAR-10 subset shipped with the package."""
+  if name != 'cifar10':
+    raise ValueError(f"data.source='subset' only holds cifar10, not "
+                     f'data.dataset={name!r}.')
+  with np.load(SUBSET_PATH) as subset:
+    return (subset['train_images'], subset['train_labels'].astype(np.int32),
+            subset['test_images'], subset['test_labels'].astype(np.int32))
+
+
+def _pad_to(images, size):
+  """Zero-pads NHWC images symmetrically to size x size."""
+  pad_h, pad_w = size - images.shape[1], size - images.shape[2]
+  return np.pad(images, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                         (pad_w // 2, pad_w - pad_w // 2), (0, 0)))

@@ -1,0 +1,262 @@
+"""Genotypes as data: the DARTS operation set, reference architectures and derivation.
+
+A genotype lists, for each of the 4 intermediate nodes of a cell, two (op, input)
+pairs; inputs 0 and 1 are the two cell inputs c_{k-2} and c_{k-1}, input j >= 2 is
+intermediate node j - 2.
+"""
+
+import collections
+import json
+import os
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+PRIMITIVES = (
+    'none',
+    'max_pool_3x3',
+    'avg_pool_3x3',
+    'skip_connect',
+    'sep_conv_3x3',
+    'sep_conv_5x5',
+    'dil_conv_3x3',
+    'dil_conv_5x5',
+)
+NUM_OPS = len(PRIMITIVES)
+STEPS = 4
+NUM_EDGES = sum(2 + i for i in range(STEPS))  # 14
+
+Genotype = collections.namedtuple(
+    'Genotype', 'normal normal_concat reduce reduce_concat')
+
+_CONCAT = (2, 3, 4, 5)
+
+
+def _genotype(normal, reduce):
+  return Genotype(
+      normal=tuple((op, int(j)) for op, j in normal), normal_concat=_CONCAT,
+      reduce=tuple((op, int(j)) for op, j in reduce), reduce_concat=_CONCAT)
+
+
+REFERENCE_GENOTYPES = {
+    'DARTS_V2': _genotype(
+        normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0),
+                ('sep_conv_3x3', 1), ('sep_conv_3x3', 1), ('skip_connect', 0),
+                ('skip_connect', 0), ('dil_conv_3x3', 2)],
+        reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2),
+                ('max_pool_3x3', 1), ('max_pool_3x3', 0), ('skip_connect', 2),
+                ('skip_connect', 2), ('max_pool_3x3', 1)]),
+    'PC_DARTS_cifar': _genotype(
+        normal=[('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 0),
+                ('dil_conv_3x3', 1), ('sep_conv_5x5', 0), ('sep_conv_3x3', 1),
+                ('avg_pool_3x3', 0), ('dil_conv_3x3', 1)],
+        reduce=[('sep_conv_5x5', 1), ('max_pool_3x3', 0), ('sep_conv_5x5', 1),
+                ('sep_conv_5x5', 2), ('sep_conv_3x3', 0), ('sep_conv_3x3', 3),
+                ('sep_conv_3x3', 1), ('sep_conv_3x3', 2)]),
+    'PDARTS': _genotype(
+        normal=[('skip_connect', 0), ('dil_conv_3x3', 1), ('skip_connect', 0),
+                ('sep_conv_3x3', 1), ('sep_conv_3x3', 1), ('sep_conv_3x3', 3),
+                ('sep_conv_3x3', 0), ('dil_conv_5x5', 4)],
+        reduce=[('avg_pool_3x3', 0), ('sep_conv_5x5', 1), ('sep_conv_3x3', 0),
+                ('dil_conv_5x5', 2), ('max_pool_3x3', 0), ('dil_conv_3x3', 1),
+                ('dil_conv_3x3', 1), ('dil_conv_5x5', 3)]),
+}
+
+
+def validate(genotype: Genotype) -> Genotype:
+  """Checks that a genotype describes a valid 4-node DARTS cell pair."""
+  for cell in ('normal', 'reduce'):
+    edges = getattr(genotype, cell)
+    if len(edges) != 2 * STEPS:
+      raise ValueError(
+          f'genotype.{cell} must list {2 * STEPS} (op, input) pairs, got {len(edges)}.')
+    for k, (op, j) in enumerate(edges):
+      if op not in PRIMITIVES or op == 'none':
+        raise ValueError(
+            f'genotype.{cell}[{k}]: unknown op {op!r}; allowed: {PRIMITIVES[1:]}.')
+      node = k // 2
+      if not 0 <= j < node + 2:
+        raise ValueError(
+            f'genotype.{cell}[{k}]: input {j} is out of range for node {node} '
+            f'(allowed 0..{node + 1}).')
+    concat = getattr(genotype, f'{cell}_concat')
+    if not concat or any(not 0 <= c < STEPS + 2 for c in concat):
+      raise ValueError(f'genotype.{cell}_concat must be node indices in 0..{STEPS + 1}.')
+  return genotype
+
+
+def to_dict(genotype: Genotype) -> dict:
+  return {
+      'normal': [[op, int(j)] for op, j in genotype.normal],
+      'normal_concat': [int(c) for c in genotype.normal_concat],
+      'reduce': [[op, int(j)] for op, j in genotype.reduce],
+      'reduce_concat': [int(c) for c in genotype.reduce_concat],
+  }
+
+
+def from_dict(d: Mapping) -> Genotype:
+  missing = {'normal', 'normal_concat', 'reduce', 'reduce_concat'} - set(d)
+  if missing:
+    raise ValueError(f'genotype JSON is missing the keys {sorted(missing)}.')
+  return validate(Genotype(
+      normal=tuple((op, int(j)) for op, j in d['normal']),
+      normal_concat=tuple(int(c) for c in d['normal_concat']),
+      reduce=tuple((op, int(j)) for op, j in d['reduce']),
+      reduce_concat=tuple(int(c) for c in d['reduce_concat'])))
+
+
+def save(genotype: Genotype, path: str) -> None:
+  """Writes the genotype as JSON (atomically, so a crash never leaves half a file)."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(to_dict(genotype), f, indent=1)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def load(path: str) -> Genotype:
+  with open(path) as f:
+    return from_dict(json.load(f))
+
+
+def get(name_or_path: str) -> Genotype:
+  """A genotype by reference name (e.g. 'PC_DARTS_cifar') or by JSON file path."""
+  if name_or_path in REFERENCE_GENOTYPES:
+    return REFERENCE_GENOTYPES[name_or_path]
+  if os.path.isfile(name_or_path):
+    return load(name_or_path)
+  if os.path.isdir(name_or_path) and os.path.isfile(
+      os.path.join(name_or_path, 'genotype.json')):
+    return load(os.path.join(name_or_path, 'genotype.json'))
+  raise ValueError(
+      f'genotype {name_or_path!r} is neither a reference name '
+      f'({", ".join(REFERENCE_GENOTYPES)}) nor a genotype.json file or a search workdir.')
+
+
+# ---------------------------------------------------------------------------
+# Op switches: which of the 8 PRIMITIVES each of the 14 edges still has.
+
+
+def all_switches() -> np.ndarray:
+  return np.ones((NUM_EDGES, NUM_OPS), dtype=bool)
+
+
+def switches_to_tuple(switches) -> tuple:
+  """A hashable form of a (14, 8) boolean switch array (for module attributes)."""
+  return tuple(tuple(bool(s) for s in row) for row in np.asarray(switches))
+
+
+def check_switches(switches, name='switches') -> np.ndarray:
+  switches = np.asarray(switches, dtype=bool)
+  if switches.shape != (NUM_EDGES, NUM_OPS):
+    raise ValueError(f'{name} must have shape ({NUM_EDGES}, {NUM_OPS}), got {switches.shape}.')
+  counts = switches.sum(axis=1)
+  if counts.min() < 1 or counts.min() != counts.max():
+    raise ValueError(
+        f'{name} must keep the same number (>= 1) of ops on every edge, got {counts.tolist()}.')
+  return switches
+
+
+def edge_softmax(alphas, switches) -> np.ndarray:
+  """Softmax of (14, n_on) alphas scattered to a (14, 8) array; ops that are off get 0."""
+  alphas = np.asarray(alphas, dtype=np.float64)
+  switches = check_switches(switches)
+  if alphas.shape != (NUM_EDGES, int(switches[0].sum())):
+    raise ValueError(
+        f'alphas of shape {alphas.shape} do not match switches with '
+        f'{int(switches[0].sum())} ops per edge.')
+  e = np.exp(alphas - alphas.max(axis=1, keepdims=True))
+  probs = e / e.sum(axis=1, keepdims=True)
+  full = np.zeros((NUM_EDGES, NUM_OPS))
+  full[switches] = probs.reshape(-1)
+  return full
+
+
+def node_softmax(betas) -> np.ndarray:
+  """Edge-normalisation weights: softmax of the betas within each node's incoming edges."""
+  betas = np.asarray(betas, dtype=np.float64)
+  out = np.empty_like(betas)
+  start = 0
+  for i in range(STEPS):
+    end = start + 2 + i
+    e = np.exp(betas[start:end] - betas[start:end].max())
+    out[start:end] = e / e.sum()
+    start = end
+  return out
+
+
+def drop_weakest_ops(alphas, switches, num_keep: int, drop_none_first: bool = False) -> np.ndarray:
+  """P-DARTS op dropping: keep the `num_keep` strongest ops (by softmax) on each edge.
+
+  With `drop_none_first` (the last stage), `none` is dropped before any other op.
+  Ties drop the higher op index first, so the lower index survives.
+  """
+  switches = check_switches(switches)
+  probs = edge_softmax(alphas, switches)
+  new = np.zeros_like(switches)
+  for e in range(NUM_EDGES):
+    on = [k for k in range(NUM_OPS) if switches[e, k]]
+    if num_keep > len(on):
+      raise ValueError(f'cannot keep {num_keep} ops on an edge that has {len(on)}.')
+    strength = {k: probs[e, k] for k in on}
+    if drop_none_first and 0 in strength:
+      strength[0] = -np.inf
+    keep = sorted(on, key=lambda k: (-strength[k], k))[:num_keep]
+    new[e, keep] = True
+  return new
+
+
+def _parse_cell(weights: np.ndarray, allowed: np.ndarray):
+  """Top-2 incoming edges per node by their best allowed op, strongest edge first."""
+  masked = np.where(allowed, weights, -np.inf)
+  best_op = masked.argmax(axis=1)  # argmax: ties go to the lower index
+  strength = masked.max(axis=1)
+  gene = []
+  start = 0
+  for i in range(STEPS):
+    n = 2 + i
+    edges = sorted(range(n), key=lambda j: (-strength[start + j], j))[:2]
+    for j in edges:
+      if not np.isfinite(strength[start + j]):
+        raise ValueError(f'edge {start + j} has no op left to choose besides `none`.')
+      gene.append((PRIMITIVES[best_op[start + j]], j, start + j))
+    start += n
+  return gene
+
+
+def derive_genotype(arch: Mapping[str, np.ndarray], use_betas: bool = True,
+                    switches_normal=None, switches_reduce=None,
+                    max_skip_normal: Optional[int] = None) -> Genotype:
+  """Derives the discrete genotype from the 'arch' collection.
+
+  Args:
+    arch: mapping with `alphas_normal`, `alphas_reduce` (14 x ops-on) and, when
+      `use_betas`, `betas_normal`, `betas_reduce` (14).
+    use_betas: weight each edge's op probabilities by its edge-normalisation weight
+      (PC-DARTS); without it the plain softmax of the alphas is used (DARTS/P-DARTS).
+    switches_normal, switches_reduce: (14, 8) booleans saying which PRIMITIVES the
+      alpha columns stand for (default: all 8 on).
+    max_skip_normal: the P-DARTS rule; while the normal cell has more skip-connects
+      than this, the weakest chosen skip-connect is removed and the cell re-derived.
+
+  `none` is never chosen. Each node keeps its two strongest incoming edges, listed
+  strongest first; ties go to the lower index.
+  """
+  cells = {}
+  for cell, switches in (('normal', switches_normal), ('reduce', switches_reduce)):
+    switches = all_switches() if switches is None else check_switches(
+        switches, f'switches_{cell}')
+    weights = edge_softmax(np.asarray(arch[f'alphas_{cell}']), switches)
+    if use_betas:
+      weights = weights * node_softmax(np.asarray(arch[f'betas_{cell}']))[:, None]
+    allowed = switches.copy()
+    allowed[:, PRIMITIVES.index('none')] = False
+    gene = _parse_cell(weights, allowed)
+    if cell == 'normal' and max_skip_normal is not None:
+      skip = PRIMITIVES.index('skip_connect')
+      while sum(op == 'skip_connect' for op, _, _ in gene) > max_skip_normal:
+        weakest = min((weights[e, skip], e) for op, _, e in gene if op == 'skip_connect')[1]
+        allowed[weakest, skip] = False
+        gene = _parse_cell(weights, allowed)
+    cells[cell] = [(op, j) for op, j, _ in gene]
+  return _genotype(cells['normal'], cells['reduce'])

@@ -1,0 +1,98 @@
+"""Tests for pcp_jax.checkpoint: round trip, rotation, damaged checkpoints."""
+
+import glob
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pcp_jax import checkpoint
+
+
+def _state(scale):
+  params = {'w': jnp.full((3, 4), scale, jnp.float32), 'b': np.arange(2, dtype=np.float32)}
+  return {'params': params, 'opt_state': optax.adam(1e-3).init(params), 'epoch': int(scale)}
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_keeps_values_types_and_metadata(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  ckpt.save(7, _state(2.0), metadata={'val_loss': 0.5, 'note': 'x'})
+  step, state, metadata = checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).restore_latest(
+      _state(0.0))
+  assert step == 7
+  _assert_trees_equal(state, _state(2.0))
+  assert isinstance(state['epoch'], int) and state['epoch'] == 2
+  assert isinstance(state['opt_state'][0], optax.ScaleByAdamState)
+  assert metadata == {'val_loss': 0.5, 'note': 'x'}
+
+
+def test_rotation_keeps_the_newest_max_to_keep(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)
+  for step in range(1, 5):
+    ckpt.save(step, _state(float(step)))
+  assert ckpt.all_steps() == [3, 4]
+  assert ckpt.latest_step() == 4
+  assert sorted(d for d in os.listdir(tmp_path) if not d.startswith('.')) == ['3', '4']
+
+
+def test_saving_an_existing_step_replaces_it(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(1, _state(1.0))
+  ckpt.save(1, _state(5.0))
+  step, state, _ = ckpt.restore_latest(_state(0.0))
+  assert step == 1 and state['epoch'] == 5
+
+
+@pytest.mark.parametrize('damage', ['delete', 'truncate'])
+# Orbax leaves an async task behind when a read fails; it is harmless noise.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_damaged_latest_falls_back_to_the_previous_with_a_warning(tmp_path, caplog, damage):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+  for step in (1, 2):
+    ckpt.save(step, _state(float(step)), metadata={'epoch': step})
+  data_files = glob.glob(str(tmp_path / '2' / 'state' / 'd' / '*'))
+  assert data_files
+  for path in data_files:
+    if damage == 'delete':
+      os.remove(path)
+    else:
+      with open(path, 'r+b') as f:
+        f.truncate(5)
+  with caplog.at_level(logging.WARNING):
+    step, state, metadata = checkpoint.Checkpointer(str(tmp_path)).restore_latest(_state(0.0))
+  assert step == 1 and metadata == {'epoch': 1}
+  _assert_trees_equal(state, _state(1.0))
+  assert any('Checkpoint 2' in r.getMessage() for r in caplog.records)
+  assert os.path.isdir(tmp_path / '1')
+
+
+def test_interrupted_save_leaves_the_last_good_checkpoint(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(1, _state(1.0))
+  # What a SIGKILL during the save of step 2 leaves: orbax's temporary folder, never renamed.
+  os.makedirs(tmp_path / '2.orbax-checkpoint-tmp-123' / 'state')
+  step, state, _ = checkpoint.Checkpointer(str(tmp_path)).restore_latest(_state(0.0))
+  assert step == 1 and state['epoch'] == 1
+
+
+def test_no_restorable_checkpoint_raises(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(1, _state(1.0))
+  with pytest.raises(IOError, match='None of the checkpoints'):
+    ckpt.restore_latest({'other': np.zeros(3)})
+
+
+def test_empty_directory_gives_none(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'fresh'))
+  assert ckpt.restore_latest(_state(0.0)) is None
+  assert ckpt.latest_step() is None

@@ -1,0 +1,408 @@
+"""Tests for pcp_jax.train and configs/train_*.py on tiny networks and a few dozen images.
+
+One tiny run (module fixture) serves the pipeline, best-checkpoint and resume tests; runs of the
+same shapes reuse its compiled programs through a persistent compilation cache.
+"""
+
+import gzip
+import json
+import math
+import os
+import shutil
+import struct
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import train_cifar10
+from configs import train_cifar100
+from configs import train_common
+from configs import train_fashion_mnist
+from pcp_jax import checkpoint
+from pcp_jax import genotypes
+from pcp_jax import networks
+from pcp_jax import reports
+from pcp_jax import train
+
+GENOTYPE = 'DARTS_V2'  # of the reference genotypes, the fastest to compile
+RESULT_KEYS = {'test_accuracy', 'test_loss', 'params', 'params_with_aux', 'genotype',
+               'genotype_source', 'dataset', 'method', 'search_cost_days', 'epochs',
+               'wall_time_s'}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _fast_compile(tmp_path_factory):
+  # Compilation dominates these tiny runs: compile with few optimisations, and let runs of the
+  # same shapes share compiled programs. Both settings are restored for other test files.
+  settings = {
+      'jax_disable_most_optimizations': True,
+      'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
+      'jax_persistent_cache_min_compile_time_secs': 0.0,
+      'jax_persistent_cache_min_entry_size_bytes': 0,
+  }
+  previous = {name: jax.config.values[name] for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def _tiny_config(**train_overrides):
+  """64 training images (4 steps of 16), 40 test images (a full and a padded eval batch)."""
+  config = train_cifar10.get_config('tiny')
+  config.train.genotype = GENOTYPE
+  config.data.max_train = 64
+  config.data.max_test = 40
+  config.train.eval_batch_size = 32
+  config.fgsm.num_examples = 8
+  config.fgsm.batch_size = 8
+  config.fgsm.example_indices = [0, 1]
+  for name, value in train_overrides.items():
+    setattr(config.train, name, value)
+  return config
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+    return [json.loads(line) for line in f]
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _assert_valid_png(path):
+  with Image.open(path) as image:
+    image.verify()
+  with Image.open(path) as image:
+    assert image.format == 'PNG' and min(image.size) > 50
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('reference_run'))
+  config = _tiny_config()
+  train.run_pipeline(config, workdir)
+  return config, workdir
+
+
+# ---------------------------------------------------------------------------
+# End to end.
+
+
+def test_pipeline_from_a_reference_name(reference_run):
+  config, workdir = reference_run
+  results = _read_json(os.path.join(workdir, 'results.json'))
+  assert RESULT_KEYS <= set(results)
+  assert results['params'] == networks.count_params(
+      genotypes.get(GENOTYPE), channels=4, layers=3, num_classes=10, image_shape=(32, 32, 3))
+  assert results['params_with_aux'] > results['params']
+  assert 0.0 <= results['test_accuracy'] <= 1.0 and math.isfinite(results['test_loss'])
+  assert results['num_test_examples'] == 40
+  assert results['method'] == GENOTYPE and results['genotype_source'] == GENOTYPE
+  assert results['search_cost_days'] is None
+  assert results['dataset'] == 'cifar10' and results['epochs'] == 2
+  assert results['genotype'] == genotypes.to_dict(genotypes.get(GENOTYPE))
+  assert genotypes.load(os.path.join(workdir, 'genotype.json')) == genotypes.get(GENOTYPE)
+  assert _read_json(os.path.join(workdir, 'train_config.json'))['train']['genotype'] == GENOTYPE
+
+  fgsm = _read_json(os.path.join(workdir, 'fgsm.json'))
+  assert fgsm['eps'] == pytest.approx(list(config.fgsm.eps))
+  assert len(fgsm['accuracy']) == len(fgsm['eps']) and set(fgsm['examples']) == {'0', '1'}
+  assert fgsm['num_examples'] == 8 and fgsm['method'] == GENOTYPE
+  pngs = [f for f in os.listdir(workdir) if f.endswith('.png')]
+  assert len(pngs) == 3 and all('fgsm' in f for f in pngs)
+  for name in pngs:
+    _assert_valid_png(os.path.join(workdir, name))
+
+  md_path, _ = reports.write_results_table([workdir], os.path.join(workdir, 'table'))
+  with open(md_path) as f:
+    assert f'| {GENOTYPE} |' in f.read()
+
+
+def test_pipeline_from_a_genotype_json(reference_run, tmp_path):
+  search_dir = tmp_path / 'ss_pcp_search'
+  search_dir.mkdir()
+  genotypes.save(genotypes.get(GENOTYPE), str(search_dir / 'genotype.json'))
+  (search_dir / 'search_summary.json').write_text(json.dumps({'search_cost_days': 0.125}))
+  config = _tiny_config(genotype=str(search_dir / 'genotype.json'))
+  workdir = str(tmp_path / 'train')
+  train.run_pipeline(config, workdir)
+
+  results = _read_json(os.path.join(workdir, 'results.json'))
+  assert results['method'] == 'ss_pcp_search'
+  assert results['search_cost_days'] == 0.125
+  assert results['genotype_source'] == str(search_dir / 'genotype.json')
+  # Same genotype and seed as the reference run: the same trained network.
+  reference = _read_json(os.path.join(reference_run[1], 'results.json'))
+  assert results['test_loss'] == pytest.approx(reference['test_loss'], rel=1e-5)
+
+  paths = train.compare_fgsm([reference_run[1], workdir], str(tmp_path / 'compare'))
+  assert len(paths) == 3 and all('fgsm' in os.path.basename(p) for p in paths)
+  for path in paths:
+    _assert_valid_png(path)
+
+
+def test_fashion_mnist_trains_on_one_channel_28px_images(tmp_path):
+  rng = np.random.default_rng(0)
+  arrays = {
+      'train-images-idx3-ubyte.gz': rng.integers(0, 256, (48, 28, 28)),
+      'train-labels-idx1-ubyte.gz': rng.integers(0, 10, 48),
+      't10k-images-idx3-ubyte.gz': rng.integers(0, 256, (24, 28, 28)),
+      't10k-labels-idx1-ubyte.gz': rng.integers(0, 10, 24),
+  }
+  for name, array in arrays.items():
+    header = struct.pack(f'>BBBB{array.ndim}I', 0, 0, 8, array.ndim, *array.shape)
+    with open(tmp_path / name, 'wb') as f:
+      f.write(gzip.compress(header + array.astype(np.uint8).tobytes()))
+  config = train_fashion_mnist.get_config('tiny')
+  config.data.dir = str(tmp_path)
+  config.train.genotype = GENOTYPE
+  config.train.epochs = 1
+  config.modes = 'train,test'
+  workdir = str(tmp_path / 'run')
+  train.run_pipeline(config, workdir)
+
+  results = _read_json(os.path.join(workdir, 'results.json'))
+  assert results['dataset'] == 'fashion_mnist' and results['num_test_examples'] == 24
+  assert results['params'] == networks.count_params(
+      genotypes.get(GENOTYPE), channels=4, layers=3, num_classes=10, image_shape=(28, 28, 1))
+  assert [r['epoch'] for r in _rows(workdir)] == [1]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: the best-by-validation-loss rule, resume, interrupt.
+
+
+def test_best_rule_saves_whenever_the_validation_loss_decreases():
+  best, saved = None, []
+  for epoch, loss in enumerate([2.0, 1.5, 1.7, 1.5, 1.2, float('nan'), 1.3]):
+    if train.is_better(loss, best):
+      best = loss
+      saved.append(epoch)
+  assert saved == [0, 1, 4]
+
+
+def test_best_checkpoint_holds_the_epoch_of_lowest_validation_loss(reference_run):
+  _, workdir = reference_run
+  rows = _rows(workdir)
+  lowest = min(rows, key=lambda r: r['val_loss'])
+  best = checkpoint.Checkpointer(os.path.join(workdir, 'best'))
+  assert best.all_steps() == [lowest['step']]
+  template = train._state_template(train.create_model(
+      _tiny_config(), genotypes.get(GENOTYPE), train.data.DATASETS['cifar10']),
+      train.make_optimizer(_tiny_config().train), (32, 32, 3))
+  _, _, metadata = best.restore_latest(template)
+  assert metadata['epoch'] == lowest['epoch']
+  assert metadata['val_loss'] == pytest.approx(lowest['val_loss'])
+  assert [r['best'] for r in rows] == [
+      r['val_loss'] == min(q['val_loss'] for q in rows[:i + 1]) for i, r in enumerate(rows)]
+  assert checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')).all_steps() == [4, 8]
+
+
+@pytest.fixture(scope='module')
+def one_epoch_run(tmp_path_factory):
+  """A run of the reference config stopped after its first epoch (copied by the tests)."""
+  workdir = str(tmp_path_factory.mktemp('one_epoch_run'))
+  train.train_and_evaluate(_tiny_config(epochs=1), workdir)
+  return workdir
+
+
+def test_rerun_resumes_from_the_latest_epoch(reference_run, one_epoch_run, tmp_path):
+  workdir = shutil.copytree(one_epoch_run, str(tmp_path / 'run'))
+  first = _rows(workdir)
+  train.train_and_evaluate(_tiny_config(epochs=2), workdir)
+  rows = _rows(workdir)
+  assert [r['epoch'] for r in rows] == [1, 2]
+  assert rows[0] == first[0]  # epoch 1 was not run again
+  # Epoch 2 continued from epoch 1's state: the same result as the uninterrupted run.
+  reference = _rows(reference_run[1])
+  for key in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy'):
+    assert rows[1][key] == pytest.approx(reference[1][key], rel=1e-5), key
+
+
+def test_interrupt_saves_mid_epoch_and_rerun_finishes_the_same(reference_run, one_epoch_run,
+                                                              tmp_path, monkeypatch):
+  workdir = shutil.copytree(one_epoch_run, str(tmp_path / 'run'))
+  take_batch, calls = train._take_batch, []
+
+  def interrupted_take_batch(*args):
+    calls.append(1)
+    if len(calls) == 3:  # epoch 2, step 3 of 4
+      raise KeyboardInterrupt
+    return take_batch(*args)
+
+  monkeypatch.setattr(train, '_take_batch', interrupted_take_batch)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(_tiny_config(), workdir)
+  assert checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')).all_steps() == [4, 6]
+  monkeypatch.setattr(train, '_take_batch', take_batch)
+  train.train_and_evaluate(_tiny_config(), workdir)
+
+  rows, reference = _rows(workdir), _rows(reference_run[1])
+  assert [r['epoch'] for r in rows] == [1, 2]
+  for key in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy'):
+    assert rows[1][key] == pytest.approx(reference[1][key], rel=1e-5), key
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(one_epoch_run, tmp_path):
+  workdir = shutil.copytree(one_epoch_run, str(tmp_path / 'run'))
+  with pytest.raises(FloatingPointError, match=r'at epoch 2, step \d of 4'):
+    train.train_and_evaluate(_tiny_config(epochs=2, lr=1e30, grad_clip=0.0), workdir)
+  latest = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert latest.all_steps() == [4]
+  assert [r['epoch'] for r in _rows(workdir)] == [1]
+
+
+def test_workdir_of_another_genotype_is_refused(reference_run):
+  with pytest.raises(ValueError, match='another genotype'):
+    train.test(_tiny_config(genotype='PDARTS'), reference_run[1])
+
+
+def test_evaluate_pads_the_last_batch(reference_run):
+  config, workdir = reference_run
+  splits = train.prepare_data(config)
+  model = train.create_model(config, genotypes.get(GENOTYPE), splits.info)
+  state, name, _ = train.restore_for_eval(config, workdir, model, splits.info)
+  assert name == 'best'
+  eval_fn = train._jit_eval_step(model, splits.info)
+  padded = train.evaluate(eval_fn, state, splits.test_images, splits.test_labels, 32)
+  whole = train.evaluate(eval_fn, state, splits.test_images, splits.test_labels, 40)
+  assert padded['loss'] == pytest.approx(whole['loss'], rel=1e-5)
+  assert padded['accuracy'] == whole['accuracy']
+
+
+# ---------------------------------------------------------------------------
+# The model in training and in evaluation.
+
+
+def test_auxiliary_head_and_drop_path_act_only_in_training():
+  config = _tiny_config()
+  model = train.create_model(config, genotypes.get(GENOTYPE), train.data.DATASETS['cifar10'])
+  assert model.auxiliary
+  variables = train.initial_state(model, train.make_optimizer(config.train), jax.random.key(0),
+                                  (32, 32, 3))
+  variables = {'params': variables.params, 'batch_stats': variables.batch_stats}
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+
+  @jax.jit
+  def train_forward(x, key):
+    (logits, aux), _ = model.apply(variables, x, train=True, drop_path_rate=0.5,
+                                   rngs={'drop_path': key}, mutable=['batch_stats'])
+    return logits, aux
+
+  @jax.jit
+  def eval_forward(x, rate):
+    return model.apply(variables, x, train=False, drop_path_rate=rate)
+
+  logits_a, aux_a = train_forward(x, jax.random.key(2))
+  logits_b, _ = train_forward(x, jax.random.key(3))
+  assert aux_a is not None and aux_a.shape == (4, 10)
+  assert not np.allclose(logits_a, logits_b)
+  logits, aux = eval_forward(x, 0.5)
+  assert aux is None
+  np.testing.assert_array_equal(logits, eval_forward(x, 0.5)[0])
+  np.testing.assert_allclose(logits, eval_forward(x, None)[0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Optimizers and configs (no compilation).
+
+
+def test_unknown_optimizer_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match=r"train.optimizer 'rmsprop'.*\['adam', 'sgd'\]"):
+    train.train_and_evaluate(_tiny_config(optimizer='rmsprop'), str(tmp_path))
+
+
+def test_first_updates_follow_the_recipes():
+  params = {'w': jnp.array([1.0, -2.0])}
+  grads = {'w': jnp.array([0.5, 0.25])}
+  config = train_common.base_train_config()
+  decayed = grads['w'] + 3e-4 * params['w']  # coupled weight decay
+  tx = train.make_optimizer(config.train)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step is lr * sign (bias-corrected moments of a single gradient).
+  np.testing.assert_allclose(updates['w'], -6e-4 * decayed / (jnp.abs(decayed) + 1e-8),
+                             rtol=1e-5)
+  sgd = train_common.apply_args(train_common.base_train_config(), 'sgd').train
+  tx = train.make_optimizer(sgd, steps_per_epoch=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -0.025 * decayed, rtol=1e-5)
+
+
+def test_cosine_schedule_changes_once_per_epoch_down_to_lr_min():
+  config = train_common.apply_args(train_common.base_train_config(), 'sgd').train
+  config.epochs, config.lr_min = 10, 0.001
+  schedule = train.learning_rate_schedule(config, steps_per_epoch=5)
+  assert float(schedule(0)) == pytest.approx(0.025)
+  assert float(schedule(4)) == pytest.approx(0.025)
+  assert float(schedule(25)) == pytest.approx((0.025 + 0.001) / 2)
+  assert float(schedule(50)) == pytest.approx(0.001)
+
+
+def test_gradients_are_clipped_before_weight_decay():
+  config = train_common.apply_args(train_common.base_train_config(), 'sgd').train
+  params, grads = {'w': jnp.zeros(2)}, {'w': jnp.array([30.0, 40.0])}  # norm 50
+  tx = train.make_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -0.025 * jnp.array([3.0, 4.0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize('get_config, dataset', [
+    (train_cifar10.get_config, 'cifar10'), (train_cifar100.get_config, 'cifar100'),
+    (train_fashion_mnist.get_config, 'fashion_mnist')])
+def test_configs_give_the_papers_recipe(get_config, dataset):
+  config = get_config()
+  assert config.data.dataset == dataset and config.data.dir == ''
+  assert (config.train.channels, config.train.layers, config.train.epochs) == (36, 20, 600)
+  assert config.train.optimizer == 'adam' and config.train.lr == 6e-4
+  assert config.train.auxiliary and config.train.auxiliary_weight == 0.4
+  tiny = get_config('tiny,sgd')
+  assert tiny.train.layers == 3 and tiny.train.optimizer == 'sgd'
+
+
+def test_unknown_config_argument_names_the_allowed_ones():
+  with pytest.raises(ValueError, match=r"\['huge'\].*tiny"):
+    train_cifar10.get_config('tiny,huge')
+
+
+def test_configs_import_nothing_from_the_library():
+  folder = os.path.dirname(train_common.__file__)
+  for name in os.listdir(folder):
+    if name.startswith('train') and name.endswith('.py'):
+      with open(os.path.join(folder, name)) as f:
+        assert 'pcp_jax' not in f.read().replace('python -m pcp_jax.main', ''), name
+
+
+@pytest.mark.parametrize('value, expected', [('test', None), ('0.1', 0.1), (0.25, 0.25)])
+def test_val_split_values(value, expected):
+  assert train.parse_val_split(value) == expected
+
+
+@pytest.mark.parametrize('value', ['1.5', 'train', '0'])
+def test_bad_val_split_is_a_clear_error(value):
+  with pytest.raises(ValueError, match='train.val_split'):
+    train.parse_val_split(value)
+
+
+def test_held_out_validation_comes_from_the_end_of_the_training_set():
+  config = _tiny_config(val_split='0.25')
+  splits = train.prepare_data(config)
+  assert len(splits.train_images) == 48 and len(splits.val_images) == 16
+  assert len(splits.test_images) == 40
+  full = train.prepare_data(_tiny_config())
+  np.testing.assert_array_equal(splits.val_images, full.train_images[48:])
+
+
+def test_unknown_mode_is_a_clear_error(tmp_path):
+  config = _tiny_config()
+  config.modes = 'train,plot'
+  with pytest.raises(ValueError, match=r"\['plot'\].*'train', 'test', 'fgsm'"):
+    train.run_pipeline(config, str(tmp_path))
