@@ -1,0 +1,173 @@
+"""The search supernet: shapes, parameter counts, partial channels, skip dropout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcp_jax import genotypes
+from pcp_jax import ops
+from pcp_jax import supernet
+
+
+def only(*names):
+  """(14, 8) switches with exactly `names` on."""
+  switches = np.zeros((14, 8), bool)
+  switches[:, [genotypes.PRIMITIVES.index(n) for n in names]] = True
+  return genotypes.switches_to_tuple(switches)
+
+
+def test_search_network_parameter_counts_match_the_reference_code():
+  # The reference PC-DARTS search network (C=16, 8 cells, K=4) prints 0.299578 MB of
+  # weights; DARTS' (K=1) prints 1.930618 MB. Alphas/betas: 2 x 14 x 8 + 2 x 14.
+  assert supernet.count_params(16, 8, 10, partial_k=4) == (299578, 252)
+  assert supernet.count_params(16, 8, 10, partial_k=1, use_betas=False) == (1930618, 224)
+
+
+def test_arch_collection_and_per_cell_shapes():
+  model = supernet.SearchNetwork(num_classes=7, channels=8, layers=5, partial_k=2,
+                                 switches_normal=only('none', 'max_pool_3x3', 'skip_connect'),
+                                 switches_reduce=only('skip_connect', 'avg_pool_3x3'))
+  key = jax.random.PRNGKey(0)
+  x = jnp.zeros((2, 32, 32, 3))
+
+  def init_and_capture(k):
+    variables = supernet.init_variables(model, k, (32, 32, 3))
+    out, state = model.apply(variables, x, rngs={'channels': k, 'dropout': k},
+                             capture_intermediates=True, mutable=['intermediates', 'batch_stats'])
+    return variables, out, state['intermediates']
+
+  variables, (logits, features), inter = jax.eval_shape(init_and_capture, key)
+  arch = variables['arch']
+  assert arch['alphas_normal'].shape == (14, 3) and arch['alphas_reduce'].shape == (14, 2)
+  assert arch['betas_normal'].shape == (14,) and arch['betas_reduce'].shape == (14,)
+  assert set(variables) == {'params', 'arch', 'batch_stats'}
+  assert logits.shape == (2, 7) and features.shape == (2, 4 * 32)
+  # Reductions at cells 1 and 3 (L//3, 2L//3): channels double, resolution halves.
+  expected = [(32, 32), (16, 64), (16, 64), (8, 128), (8, 128)]
+  for i, (hw, c) in enumerate(expected):
+    assert inter[f'cell{i}']['__call__'][0].shape == (2, hw, hw, c), i
+
+
+def test_arch_init_is_small_gaussian():
+  model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3, partial_k=1,
+                                 switches_normal=only('skip_connect'),
+                                 switches_reduce=only('max_pool_3x3'))
+  variables = jax.jit(lambda k: supernet.init_variables(model, k, (8, 8, 3)))(
+      jax.random.PRNGKey(1))
+  alphas = np.asarray(variables['arch']['alphas_normal'])
+  assert alphas.shape == (14, 1)
+  assert 0 < np.abs(alphas).max() < 1e-2 and np.std(alphas) > 1e-4
+  betas = np.asarray(variables['arch']['betas_reduce'])
+  assert not np.allclose(betas, np.asarray(variables['arch']['betas_normal']))
+
+
+def mixed_op(op_names, stride=1, k=4, mode='random'):
+  return supernet.PartialChannelMixedOp(tuple(op_names), stride, k, mode)
+
+
+def test_random_channels_bypassed_untouched_and_keyed():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+  op = mixed_op(('none', 'skip_connect'))
+  w = jnp.array([0.25, 0.75])
+  perm_a = jnp.array([5, 2, 0, 1, 3, 4, 6, 7])
+  perm_b = jnp.array([1, 7, 0, 2, 3, 4, 5, 6])
+  y_a = op.apply({}, x, w, perm_a)
+  y_b = op.apply({}, x, w, perm_b)
+  np.testing.assert_allclose(y_a[..., [5, 2]], 0.75 * x[..., [5, 2]], rtol=1e-6)
+  untouched = [0, 1, 3, 4, 6, 7]
+  np.testing.assert_array_equal(y_a[..., untouched], x[..., untouched])
+  assert not np.allclose(y_a, y_b)
+  np.testing.assert_array_equal(y_a, op.apply({}, x, w, perm_a))
+
+
+def test_random_channels_stride2_bypass_is_max_pooled():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 4, 4))
+  op = mixed_op(('none',), stride=2, k=2)
+  y = op.apply({}, x, jnp.ones(1), jnp.array([3, 1, 0, 2]))
+  pooled = np.asarray(x).reshape(1, 2, 2, 2, 2, 4).max(axis=(2, 4))
+  np.testing.assert_array_equal(y[..., [3, 1]], 0)
+  np.testing.assert_allclose(y[..., [0, 2]], pooled[..., [0, 2]])
+
+
+def test_cell_channel_sampling_differs_between_keys_and_repeats_per_key():
+  cell = supernet.SearchCell(8, False, False, supernet.edge_ops(only('none', 'skip_connect')),
+                             partial_k=4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+  w = jnp.tile(jnp.array([0.3, 0.7]), (14, 1))
+  variables = cell.init({'params': jax.random.PRNGKey(1), 'channels': jax.random.PRNGKey(2)},
+                        x, x, w)
+  run = jax.jit(lambda key: cell.apply(variables, x, x, w, rngs={'channels': key},
+                                       mutable=['batch_stats'])[0])
+  a, b = run(jax.random.PRNGKey(3)), run(jax.random.PRNGKey(4))
+  assert a.shape == (2, 4, 4, 32)
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(a, run(jax.random.PRNGKey(3)))
+
+
+def numpy_bn(x):
+  mean = x.mean(axis=(0, 1, 2))
+  var = x.var(axis=(0, 1, 2))
+  return (x - mean) / np.sqrt(var + 1e-5)
+
+
+def numpy_shuffle(x, groups):
+  b, h, w, c = x.shape
+  return x.reshape(b, h, w, groups, c // groups).swapaxes(-1, -2).reshape(b, h, w, c)
+
+
+def test_shuffle_mode_matches_the_reference_formula():
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8)))
+  op = mixed_op(('none', 'skip_connect'), k=4, mode='shuffle')
+  y = op.apply({}, jnp.asarray(x), jnp.array([0.4, 0.6]))
+  # temp1 = sum(w * op(x[:, :C/K])); ans = cat(temp1, x[:, C/K:]); channel_shuffle(ans, K)
+  expected = numpy_shuffle(np.concatenate([0.6 * x[..., :2], x[..., 2:]], -1), 4)
+  np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+  # Stride 2: max pool 3x3 (pad 1) + BN on the processed channels, 2x2 max pool bypass.
+  op = mixed_op(('max_pool_3x3',), stride=2, k=2, mode='shuffle')
+  variables = op.init(jax.random.PRNGKey(0), jnp.asarray(x), jnp.ones(1))
+  y, _ = op.apply(variables, jnp.asarray(x), jnp.array([0.5]), mutable=['batch_stats'])
+  padded = np.pad(x[..., :4], ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  pool3 = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
+                              for j in range(2)], axis=1) for i in range(2)], axis=1)
+  pool2 = x[..., 4:].reshape(2, 2, 2, 2, 2, 4).max(axis=(2, 4))
+  expected = numpy_shuffle(np.concatenate([0.5 * numpy_bn(pool3), pool2], -1), 2)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_skip_dropout_touches_only_identities():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 4))
+  op = mixed_op(('max_pool_3x3', 'skip_connect'), k=1)
+  variables = op.init(jax.random.PRNGKey(0), x, jnp.ones(2))
+  w = jnp.array([0.5, 0.5])
+  run = lambda *a: op.apply(variables, x, w, *a, mutable=['batch_stats'])[0]
+  clean = run(None)
+  dropped = run(None, jnp.zeros(x.shape, bool), 0.5)
+  pool_only = op.apply(variables, x, jnp.array([0.5, 0.0]), mutable=['batch_stats'])[0]
+  np.testing.assert_allclose(dropped, pool_only, rtol=1e-6)  # the identity was dropped
+  half = jnp.arange(x.size).reshape(x.shape) % 2 == 0
+  partly = run(None, half, 0.5)
+  np.testing.assert_allclose(partly - pool_only, jnp.where(half, x, 0), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(clean, dropped)
+  # On a stride-2 edge skip_connect is a FactorizedReduce: dropout does not apply.
+  op2 = mixed_op(('skip_connect',), stride=2, k=1)
+  v2 = op2.init(jax.random.PRNGKey(0), x, jnp.ones(1))
+  a = op2.apply(v2, x, jnp.ones(1), None, mutable=['batch_stats'])[0]
+  b = op2.apply(v2, x, jnp.ones(1), None, jnp.zeros((2, 2, 2, 4), bool), 0.5,
+                mutable=['batch_stats'])[0]
+  np.testing.assert_array_equal(a, b)
+
+
+def test_bad_settings_give_clear_errors():
+  x = jnp.zeros((1, 8, 8, 3))
+  with pytest.raises(ValueError, match='search.channel_mode'):
+    supernet.SearchNetwork(channel_mode='first').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match='search.partial_k'):
+    supernet.SearchNetwork(channels=6, partial_k=4).init(jax.random.PRNGKey(0), x)
+
+
+def test_channel_shuffle_matches_reshape_definition():
+  x = jnp.arange(2 * 8).reshape(1, 1, 2, 8)
+  y = ops.channel_shuffle(x, 4)
+  assert y[0, 0, 0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
