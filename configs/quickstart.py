@@ -2,9 +2,10 @@
 
   python -m pcp_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
-Works offline. Two progressive stages of 5 cells (8 -> 4 ops per edge, then the final genotype),
-C=8, K=4, ssf 0.75, 3 epochs per stage (1 warm-up) on 2,500 images. A few minutes on a 2-core
-CPU, most of it compilation; the genotype is a smoke test, not a result.
+Works offline. Two progressive stages (3 then 4 cells; 5 candidate ops per edge, 3 kept, then
+the final genotype), C=8, K=4, ssf 0.75, 3 epochs per stage (1 warm-up) on 1,000 subset images
+(500 train the weights, 500 the architecture), batch 32. A few minutes on a 2-core CPU, most of
+it compilation; the genotype is a smoke test of the pipeline, not a result.
 """
 
 from configs import search_common
@@ -14,11 +15,15 @@ def get_config(arg=None):
   config = search_common.base_search_config()
   config.method = 'SS PCP-DARTS (quick start)'
   config.data.source = 'subset'
+  config.data.max_train = 1000
   s = config.search
   s.ss_factor = 0.75
   s.channels = 8
   s.batch_size = 32
+  s.eval_batch_size = 250
+  s.initial_ops = ('max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3',
+                   'dil_conv_3x3')
   s.projector_sizes = (128, 128)
   s.bt_lambda = 0.0051 * 8192 / 128
-  s.stages = [search_common.stage(5, 4, 3, 1, 0.1), search_common.stage(5, 1, 3, 1, 0.4)]
+  s.stages = [search_common.stage(3, 3, 3, 1, 0.1), search_common.stage(4, 1, 3, 1, 0.4)]
   return search_common.apply_args(config, arg)

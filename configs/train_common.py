@@ -2,7 +2,7 @@
 
 Config arguments, comma separated after the file name (`--config=configs/train_cifar10.py:tiny`):
   tiny  a few hundred images, 3 cells of 4 channels, 2 epochs: the whole pipeline (train, test,
-        FGSM) in about a minute on a 2-core CPU. What the tests use.
+        FGSM) in 2-3 minutes on a busy 2-core CPU, mostly compilation. The tests start from it.
   sgd   the DARTS recipe instead of the paper's Adam: SGD lr 0.025 with cosine decay to 0 over
         the epochs, momentum 0.9 (weight decay 3e-4 and gradient clip 5 as in the default).
   adam  the paper's recipe (the default): Adam lr 6e-4, betas (0.5, 0.999), constant lr.

@@ -89,6 +89,81 @@ def _augment(key, images_uint8, mean, std):
   return augment.normalize(x, mean, std)
 
 
+def _forward(model, params, arch, batch_stats, x, key, skip_rate):
+  """Supernet forward in train mode; returns logits, pooled features, new batch stats."""
+  k_ch, k_drop = jax.random.split(key)
+  (logits, features), new_vars = model.apply(
+      {'params': params, 'arch': arch, 'batch_stats': batch_stats}, x, train=True,
+      skip_drop_rate=skip_rate, rngs={'channels': k_ch, 'dropout': k_drop},
+      mutable=['batch_stats'])
+  return logits, features, new_vars['batch_stats']
+
+
+def arch_step(state: SearchState, images, labels, key, skip_rate, *, model, projector,
+              tx_arch, tx_projector, ss_factor, bt_lambda, mean, std):
+  """Architecture step on a validation batch: updates only 'arch' (and the projector).
+
+  Loss: `ss_factor * BT + (1 - ss_factor) * CE`; CE on the usual crop/flip view, Barlow
+  Twins on two stronger views through the projector (which the BT loss also trains).
+  """
+  k_aug, k_ce, k_views, k_a, k_b = jax.random.split(key, 5)
+
+  def loss_fn(arch, proj_params, batch_stats, proj_stats):
+    x = _augment(k_aug, images, mean, std)
+    logits, _, batch_stats = _forward(model, state.params, arch, batch_stats, x, k_ce,
+                                      skip_rate)
+    ce = losses.cross_entropy(logits, labels)
+    metrics = {'arch_ce': ce, 'arch_bt': jnp.zeros(())}
+    if ss_factor == 0:
+      return ce, (batch_stats, proj_stats, metrics)
+    views = augment.barlow_twins_views(k_views, augment.to_float(images))
+    z = []
+    for view, k in zip(views, (k_a, k_b)):
+      _, features, batch_stats = _forward(model, state.params, arch, batch_stats,
+                                          augment.normalize(view, mean, std), k, skip_rate)
+      z_view, new_proj = projector.apply(
+          {'params': proj_params, 'batch_stats': proj_stats}, features, train=True,
+          mutable=['batch_stats'])
+      proj_stats = new_proj['batch_stats']
+      z.append(z_view)
+    bt = losses.barlow_twins_loss(z[0], z[1], lambd=bt_lambda)
+    metrics['arch_bt'] = bt
+    return losses.mixed_arch_loss(ce, bt, ss_factor), (batch_stats, proj_stats, metrics)
+
+  proj = state.projector
+  (loss, (batch_stats, proj_stats, metrics)), (g_arch, g_proj) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(
+          state.arch, proj.get('params', {}), state.batch_stats, proj.get('batch_stats', {}))
+  updates, arch_opt = tx_arch.update(g_arch, state.arch_opt, state.arch)
+  arch = optax.apply_updates(state.arch, updates)
+  new_proj, projector_opt = proj, state.projector_opt
+  if proj:
+    updates, projector_opt = tx_projector.update(g_proj, state.projector_opt, proj['params'])
+    new_proj = {'params': optax.apply_updates(proj['params'], updates),
+                'batch_stats': proj_stats}
+  state = state.replace(arch=arch, arch_opt=arch_opt, batch_stats=batch_stats,
+                        projector=new_proj, projector_opt=projector_opt)
+  return state, dict(metrics, arch_loss=loss)
+
+
+def weight_step(state: SearchState, images, labels, key, skip_rate, *, model, tx_weights,
+                mean, std):
+  """Weight step on a training batch: CE, updates only 'params' (and BN statistics)."""
+  k_aug, k_fwd = jax.random.split(key)
+
+  def loss_fn(params):
+    x = _augment(k_aug, images, mean, std)
+    logits, _, batch_stats = _forward(model, params, state.arch, state.batch_stats, x, k_fwd,
+                                      skip_rate)
+    return losses.cross_entropy(logits, labels), (batch_stats, losses.accuracy(logits, labels))
+
+  (ce, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, weight_opt = tx_weights.update(grads, state.weight_opt, state.params)
+  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, weight_opt=weight_opt)
+  return state, {'train_loss': ce, 'train_acc': acc}
+
+
 def search_step(state: SearchState, batch, key, skip_rate, update_arch, *, model, projector,
                 tx_weights, tx_arch, tx_projector, ss_factor, bt_lambda, mean, std):
   """One first-order search step: an architecture step, then a weight step.
@@ -103,72 +178,21 @@ def search_step(state: SearchState, batch, key, skip_rate, update_arch, *, model
   """
   k_arch, k_weight = jax.random.split(key)
 
-  def forward(params, arch, batch_stats, x, k):
-    k_ch, k_drop = jax.random.split(k)
-    (logits, features), new_vars = model.apply(
-        {'params': params, 'arch': arch, 'batch_stats': batch_stats}, x, train=True,
-        skip_drop_rate=skip_rate, rngs={'channels': k_ch, 'dropout': k_drop},
-        mutable=['batch_stats'])
-    return logits, features, new_vars['batch_stats']
-
-  def arch_loss(arch, proj_params, batch_stats, proj_stats):
-    k_aug, k_ce, k_views, k_a, k_b = jax.random.split(k_arch, 5)
-    x = _augment(k_aug, batch['valid_images'], mean, std)
-    logits, _, batch_stats = forward(state.params, arch, batch_stats, x, k_ce)
-    ce = losses.cross_entropy(logits, batch['valid_labels'])
-    metrics = {'arch_ce': ce, 'arch_bt': jnp.zeros(())}
-    if ss_factor == 0:
-      return ce, (batch_stats, proj_stats, metrics)
-    view_a, view_b = augment.barlow_twins_views(
-        k_views, augment.to_float(batch['valid_images']))
-    z = []
-    for view, k in ((view_a, k_a), (view_b, k_b)):
-      _, features, batch_stats = forward(
-          state.params, arch, batch_stats, augment.normalize(view, mean, std), k)
-      z_view, new_proj = projector.apply(
-          {'params': proj_params, 'batch_stats': proj_stats}, features, train=True,
-          mutable=['batch_stats'])
-      proj_stats = new_proj['batch_stats']
-      z.append(z_view)
-    bt = losses.barlow_twins_loss(z[0], z[1], lambd=bt_lambda)
-    metrics['arch_bt'] = bt
-    return losses.mixed_arch_loss(ce, bt, ss_factor), (batch_stats, proj_stats, metrics)
-
   def do_arch_step(state):
-    proj = state.projector
-    (loss, (batch_stats, proj_stats, metrics)), (g_arch, g_proj) = jax.value_and_grad(
-        arch_loss, argnums=(0, 1), has_aux=True)(
-            state.arch, proj.get('params', {}), state.batch_stats, proj.get('batch_stats', {}))
-    updates, arch_opt = tx_arch.update(g_arch, state.arch_opt, state.arch)
-    arch = optax.apply_updates(state.arch, updates)
-    new_proj, projector_opt = proj, state.projector_opt
-    if proj:
-      updates, projector_opt = tx_projector.update(g_proj, state.projector_opt, proj['params'])
-      new_proj = {'params': optax.apply_updates(proj['params'], updates),
-                  'batch_stats': proj_stats}
-    metrics = dict(metrics, arch_loss=loss)
-    return state.replace(arch=arch, arch_opt=arch_opt, batch_stats=batch_stats,
-                         projector=new_proj, projector_opt=projector_opt), metrics
+    return arch_step(state, batch['valid_images'], batch['valid_labels'], k_arch, skip_rate,
+                     model=model, projector=projector, tx_arch=tx_arch,
+                     tx_projector=tx_projector, ss_factor=ss_factor, bt_lambda=bt_lambda,
+                     mean=mean, std=std)
 
   def skip_arch_step(state):
     zero = jnp.zeros(())
     return state, {'arch_ce': zero, 'arch_bt': zero, 'arch_loss': zero}
 
   state, arch_metrics = jax.lax.cond(update_arch, do_arch_step, skip_arch_step, state)
-
-  def weight_loss(params):
-    k_aug, k_fwd = jax.random.split(k_weight)
-    x = _augment(k_aug, batch['train_images'], mean, std)
-    logits, _, batch_stats = forward(params, state.arch, state.batch_stats, x, k_fwd)
-    ce = losses.cross_entropy(logits, batch['train_labels'])
-    return ce, (batch_stats, losses.accuracy(logits, batch['train_labels']))
-
-  (ce, (batch_stats, acc)), grads = jax.value_and_grad(weight_loss, has_aux=True)(state.params)
-  updates, weight_opt = tx_weights.update(grads, state.weight_opt, state.params)
-  params = optax.apply_updates(state.params, updates)
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        weight_opt=weight_opt)
-  return state, dict(arch_metrics, train_loss=ce, train_acc=acc)
+  state, weight_metrics = weight_step(state, batch['train_images'], batch['train_labels'],
+                                      k_weight, skip_rate, model=model, tx_weights=tx_weights,
+                                      mean=mean, std=std)
+  return state, dict(arch_metrics, **weight_metrics)
 
 
 def run_epoch(state, images, labels, order, key, skip_rate, update_arch, *, step_fn,
@@ -273,6 +297,32 @@ def _cap(images, labels, n):
   return (images[:n], labels[:n]) if n else (images, labels)
 
 
+def build_stage(cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch, key):
+  """A fresh supernet over the ops still on, its projector, optimisers and initial state."""
+  k_init, k_proj = jax.random.split(key)
+  model = supernet.SearchNetwork(
+      num_classes=num_classes, channels=cfg.channels, layers=layers,
+      partial_k=cfg.partial_k, channel_mode=cfg.channel_mode, use_betas=cfg.use_betas,
+      switches_normal=genotypes.switches_to_tuple(switches['normal']),
+      switches_reduce=genotypes.switches_to_tuple(switches['reduce']))
+  variables = supernet.init_variables(model, k_init, image_shape)
+  tx_weights, lr_schedule = weight_optimizer(cfg, epochs, steps_per_epoch)
+  tx_arch = arch_optimizer(cfg, cfg.arch_lr)
+  tx_projector = arch_optimizer(cfg, cfg.projector_lr)
+  projector = heads.Projector(tuple(cfg.projector_sizes))
+  proj_vars = {}
+  if cfg.ss_factor > 0:
+    features = jnp.zeros((2, cfg.channels * 16), jnp.float32)  # 4 nodes x 4C channels
+    proj_vars = dict(projector.init(k_proj, features))
+  state = SearchState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'],
+      batch_stats=variables['batch_stats'], arch=variables['arch'], projector=proj_vars,
+      weight_opt=tx_weights.init(variables['params']),
+      arch_opt=tx_arch.init(variables['arch']),
+      projector_opt=tx_projector.init(proj_vars['params']) if proj_vars else ())
+  return model, projector, state, lr_schedule, (tx_weights, tx_arch, tx_projector)
+
+
 def search(config, workdir):
   """Runs the configured search and writes genotype.json, metrics, arch weights, diagrams."""
   check_config(config)
@@ -307,28 +357,11 @@ def search(config, workdir):
   for s, stage in enumerate(cfg.stages):
     last = s == len(cfg.stages) - 1
     stage_key = jax.random.fold_in(root, s)
-    k_init, k_proj, k_steps, k_order, k_eval = jax.random.split(stage_key, 5)
-    model = supernet.SearchNetwork(
-        num_classes=info.num_classes, channels=cfg.channels, layers=stage.layers,
-        partial_k=cfg.partial_k, channel_mode=cfg.channel_mode, use_betas=cfg.use_betas,
-        switches_normal=genotypes.switches_to_tuple(switches['normal']),
-        switches_reduce=genotypes.switches_to_tuple(switches['reduce']))
+    k_init, k_steps, k_order, k_eval = jax.random.split(stage_key, 4)
     t_compile = time.time()
-    variables = supernet.init_variables(model, k_init, image_shape)
-    tx_weights, lr_schedule = weight_optimizer(cfg, stage.epochs, steps)
-    tx_arch = arch_optimizer(cfg, cfg.arch_lr)
-    tx_projector = arch_optimizer(cfg, cfg.projector_lr)
-    projector = heads.Projector(tuple(cfg.projector_sizes))
-    proj_vars = {}
-    if cfg.ss_factor > 0:
-      features = jnp.zeros((2, model.channels * 16), jnp.float32)
-      proj_vars = dict(projector.init(k_proj, features))
-    state = SearchState(
-        step=jnp.zeros((), jnp.int32), params=variables['params'],
-        batch_stats=variables['batch_stats'], arch=variables['arch'], projector=proj_vars,
-        weight_opt=tx_weights.init(variables['params']),
-        arch_opt=tx_arch.init(variables['arch']),
-        projector_opt=tx_projector.init(proj_vars['params']) if proj_vars else ())
+    stage_setup = build_stage(cfg, stage.layers, stage.epochs, switches, info.num_classes,
+                              image_shape, steps, k_init)
+    model, projector, state, lr_schedule, (tx_weights, tx_arch, tx_projector) = stage_setup
     step_fn = functools.partial(
         search_step, model=model, projector=projector, tx_weights=tx_weights,
         tx_arch=tx_arch, tx_projector=tx_projector, ss_factor=float(cfg.ss_factor),

@@ -253,8 +253,8 @@ def eval_step(state: TrainState, images, labels, mask, *, model, mean, std):
                           train=False)
   per_example = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels)
-  correct = jnp.argmax(logits, axis=-1) == labels
-  return {'loss_sum': jnp.sum(per_example * mask), 'correct': jnp.sum(correct * mask)}
+  correct = (jnp.argmax(logits, axis=-1) == labels) & (mask > 0)
+  return {'loss_sum': jnp.sum(per_example * mask), 'correct': jnp.sum(correct, dtype=jnp.int32)}
 
 
 def evaluate(eval_fn, state: TrainState, images: np.ndarray, labels: np.ndarray,
@@ -274,7 +274,7 @@ def evaluate(eval_fn, state: TrainState, images: np.ndarray, labels: np.ndarray,
     totals.append(eval_fn(state, x, y, mask))
   totals = jax.device_get(totals)
   return {'loss': float(sum(t['loss_sum'] for t in totals) / len(images)),
-          'accuracy': float(sum(t['correct'] for t in totals) / len(images))}
+          'accuracy': int(sum(t['correct'] for t in totals)) / len(images)}
 
 
 def _jit_train_step(config, model, tx, info):
