@@ -255,8 +255,15 @@ def derive_genotype(arch: Mapping[str, np.ndarray], use_betas: bool = True,
     if cell == 'normal' and max_skip_normal is not None:
       skip = PRIMITIVES.index('skip_connect')
       while sum(op == 'skip_connect' for op, _, _ in gene) > max_skip_normal:
-        weakest = min((weights[e, skip], e) for op, _, e in gene if op == 'skip_connect')[1]
-        allowed[weakest, skip] = False
-        gene = _parse_cell(weights, allowed)
+        # Remove the weakest chosen skip-connect whose edge or node has another op to offer.
+        for _, e in sorted((weights[e, skip], e) for op, _, e in gene if op == 'skip_connect'):
+          allowed[e, skip] = False
+          try:
+            gene = _parse_cell(weights, allowed)
+            break
+          except ValueError:
+            allowed[e, skip] = True
+        else:
+          break  # every remaining skip-connect is the only choice left for its node
     cells[cell] = [(op, j) for op, j, _ in gene]
   return _genotype(cells['normal'], cells['reduce'])

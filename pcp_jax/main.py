@@ -4,7 +4,7 @@ Runs the modes listed in `config.modes` (comma separated) in order: `search` for
 configs; `train`, `test`, `fgsm` for the train configs.
 """
 
-import logging as py_logging
+import os
 
 from absl import app
 from absl import flags
@@ -38,8 +38,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  py_logging.getLogger('absl').handlers[0].setFormatter(
-      py_logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+  # Compiling a supernet step takes minutes; reruns and resumes reuse the compiled programs.
+  if not jax.config.read('jax_compilation_cache_dir'):
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.join(os.path.expanduser('~'), '.cache', 'pcp_jax', 'xla'))
   logging.info('JAX devices: %s', jax.devices())
   run(FLAGS.config, FLAGS.workdir)
 

@@ -106,28 +106,31 @@ def arch_step(state: SearchState, images, labels, key, skip_rate, *, model, proj
   Loss: `ss_factor * BT + (1 - ss_factor) * CE`; CE on the usual crop/flip view, Barlow
   Twins on two stronger views through the projector (which the BT loss also trains).
   """
-  k_aug, k_ce, k_views, k_a, k_b = jax.random.split(key, 5)
+  k_aug, k_ce, k_views = jax.random.split(key, 3)
 
   def loss_fn(arch, proj_params, batch_stats, proj_stats):
     x = _augment(k_aug, images, mean, std)
-    logits, _, batch_stats = _forward(model, state.params, arch, batch_stats, x, k_ce,
-                                      skip_rate)
-    ce = losses.cross_entropy(logits, labels)
-    metrics = {'arch_ce': ce, 'arch_bt': jnp.zeros(())}
     if ss_factor == 0:
-      return ce, (batch_stats, proj_stats, metrics)
-    views = augment.barlow_twins_views(k_views, augment.to_float(images))
-    z = []
-    for view, k in zip(views, (k_a, k_b)):
-      _, features, batch_stats = _forward(model, state.params, arch, batch_stats,
-                                          augment.normalize(view, mean, std), k, skip_rate)
-      z_view, new_proj = projector.apply(
-          {'params': proj_params, 'batch_stats': proj_stats}, features, train=True,
-          mutable=['batch_stats'])
-      proj_stats = new_proj['batch_stats']
-      z.append(z_view)
+      logits, _, batch_stats = _forward(model, state.params, arch, batch_stats, x, k_ce,
+                                        skip_rate)
+      ce = losses.cross_entropy(logits, labels)
+      return ce, (batch_stats, proj_stats, {'arch_ce': ce, 'arch_bt': jnp.zeros(())})
+    view_a, view_b = augment.barlow_twins_views(k_views, augment.to_float(images))
+    xs = jnp.stack([x, augment.normalize(view_a, mean, std),
+                    augment.normalize(view_b, mean, std)])
+    # The CE batch and the two views go through the supernet as one vmapped call: the same
+    # function as three separate forwards (BN statistics per slice), a third of the code.
+    logits, features, stats = jax.vmap(
+        lambda x, k: _forward(model, state.params, arch, batch_stats, x, k, skip_rate))(
+            xs, jax.random.split(k_ce, 3))
+    batch_stats = jax.tree_util.tree_map(lambda t: t[0], stats)  # running stats: the CE batch
+    ce = losses.cross_entropy(logits[0], labels)
+    z, new_proj = jax.vmap(lambda f: projector.apply(
+        {'params': proj_params, 'batch_stats': proj_stats}, f, train=True,
+        mutable=['batch_stats']))(features[1:])
+    proj_stats = jax.tree_util.tree_map(lambda t: t[-1], new_proj['batch_stats'])
     bt = losses.barlow_twins_loss(z[0], z[1], lambd=bt_lambda)
-    metrics['arch_bt'] = bt
+    metrics = {'arch_ce': ce, 'arch_bt': bt}
     return losses.mixed_arch_loss(ce, bt, ss_factor), (batch_stats, proj_stats, metrics)
 
   proj = state.projector

@@ -140,3 +140,20 @@ def test_switch_checks():
     G.check_switches(bad)
   with pytest.raises(ValueError, match='cannot keep'):
     G.drop_weakest_ops(np.zeros((14, 8)), G.all_switches(), 9)
+
+
+def test_skip_limit_stops_when_skip_is_the_only_choice_left():
+  switches = np.zeros((14, 8), bool)
+  switches[:, [NONE, SKIP]] = True
+  switches[9, SKIP] = False  # keep the per-edge op count equal: edge 9 has none + max_pool
+  switches[9, MAX] = True
+  arch = {'alphas_normal': np.zeros((14, 2)), 'alphas_reduce': np.zeros((14, 2))}
+  arch['alphas_normal'][:, 1] = 1.0
+  genotype = G.derive_genotype(arch, use_betas=False, switches_normal=switches,
+                               switches_reduce=switches, max_skip_normal=2)
+  # Skips are removed while another edge can stand in (the weakest, then the lowest index
+  # first); every node still needs two edges, so seven skip-connects remain.
+  assert genotype.normal == (('skip_connect', 0), ('skip_connect', 1),
+                             ('skip_connect', 1), ('skip_connect', 2),
+                             ('skip_connect', 2), ('skip_connect', 3),
+                             ('max_pool_3x3', 0), ('skip_connect', 4))
