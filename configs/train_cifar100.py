@@ -1,7 +1,7 @@
 """Train a genotype from scratch on CIFAR-100 (100 classes), then test it and run FGSM.
 
   python -m pcp_jax.main --config=configs/train_cifar100.py --workdir=runs/train_c100 \
-      --config.train.genotype=runs/search_cifar10/genotype.json
+      --config.genotype=runs/search_cifar10/genotype.json
 
 Same recipe as train_cifar10.py; needs cifar-100-binary.tar.gz in data.dir (no offline copy
 here: --config.data.download=True fetches it). PC-DARTS reports about 17 % test error with a

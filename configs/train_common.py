@@ -32,8 +32,8 @@ def base_train_config() -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   # A reference name (genotypes.REFERENCE_GENOTYPES), a genotype.json or a search workdir.
-  config.train.genotype = 'PC_DARTS_cifar'
-  config.train.method = ''  # name in the results table; '' derives it from train.genotype
+  config.genotype = 'PC_DARTS_cifar'
+  config.train.method = ''  # name in the results table; '' derives it from config.genotype
   config.train.channels = 36
   config.train.layers = 20
   config.train.auxiliary = True

@@ -1,7 +1,7 @@
 """The transfer experiment: a cell searched on CIFAR-10 trained from scratch on Fashion-MNIST.
 
   python -m pcp_jax.main --config=configs/train_fashion_mnist.py --workdir=runs/fmnist_pcp \
-      --config.train.genotype=runs/search_cifar10/genotype.json --config.data.dir=../shared/data
+      --config.genotype=runs/search_cifar10/genotype.json --config.data.dir=../shared/data
 
 The network takes the 1-channel 28x28 images as they are (set data.pad_to_32=True to pad them
 to 32x32). Same recipe as CIFAR-10. The paper reports 95.97 % test accuracy (Vanilla PCP-DARTS),

@@ -18,4 +18,4 @@ if [[ ! -f "$run_dir/search/genotype.json" ]]; then
   python -m pcp_jax.main --config="$search_config" --workdir="$run_dir/search" "$@"
 fi
 python -m pcp_jax.main --config="$train_config" --workdir="$run_dir/train" \
-  --config.train.genotype="$run_dir/search" "$@"
+  --config.genotype="$run_dir/search" "$@"

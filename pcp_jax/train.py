@@ -103,13 +103,13 @@ def image_shape(info: data.DatasetInfo):
 
 
 def load_genotype(config: ml_collections.ConfigDict, workdir: str) -> genotypes.Genotype:
-  """The genotype of `config.train.genotype`, checked against the one the workdir was run with."""
-  genotype = genotypes.get(config.train.genotype)
+  """The genotype of `config.genotype`, checked against the one the workdir was run with."""
+  genotype = genotypes.get(config.genotype)
   saved = os.path.join(workdir, 'genotype.json')
   if os.path.isfile(saved) and genotypes.load(saved) != genotype:
     raise ValueError(
-        f'{workdir} holds a run of another genotype ({saved}) than train.genotype='
-        f'{config.train.genotype!r}; use a new workdir or the same genotype.')
+        f'{workdir} holds a run of another genotype ({saved}) than genotype='
+        f'{config.genotype!r}; use a new workdir or the same genotype.')
   return genotype
 
 
@@ -131,7 +131,7 @@ def _search_summary(source: str) -> dict:
 
 def method_name(config: ml_collections.ConfigDict) -> str:
   """config.train.method, else the reference name or the search workdir's (or file's) name."""
-  source = config.train.genotype
+  source = config.genotype
   if config.train.method:
     return config.train.method
   if source in genotypes.REFERENCE_GENOTYPES:
@@ -380,7 +380,7 @@ class _EpochMetrics:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config.train.genotype` from scratch (resuming from `workdir`); returns the last row.
+  """Trains `config.genotype` from scratch (resuming from `workdir`); returns the last row.
 
   Writes genotype.json, train_config.json, train_metrics.jsonl (one row per epoch), the latest
   checkpoints in `workdir/checkpoints` and the one of lowest validation loss in `workdir/best`.
@@ -426,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_params = networks.count_params(genotype, config.train.channels, config.train.layers,
                                      info.num_classes, image_shape=image_shape(info))
   logging.info('Training %s (%d params without the auxiliary head) on %s: %d images, %d steps '
-               'per epoch, epochs %d..%d.', config.train.genotype, num_params, info.name,
+               'per epoch, epochs %d..%d.', config.genotype, num_params, info.name,
                num_train, steps_per_epoch, start_epoch + 1, epochs)
   if restored is not None:
     logging.info('Resumed from step %d (epoch %d, %d steps into it).', step, start_epoch + 1,
@@ -550,10 +550,10 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'params': count(auxiliary=False),
       'params_with_aux': count(auxiliary=config.train.auxiliary),
       'genotype': genotypes.to_dict(genotype),
-      'genotype_source': config.train.genotype,
+      'genotype_source': config.genotype,
       'dataset': info.name,
       'method': method_name(config),
-      'search_cost_days': _search_summary(config.train.genotype).get('search_cost_days'),
+      'search_cost_days': _search_summary(config.genotype).get('search_cost_days'),
       'epochs': rows[-1]['epoch'] if rows else config.train.epochs,
       'checkpoint': checkpoint_name,
       'checkpoint_epoch': meta.get('epoch'),
@@ -586,7 +586,7 @@ def fgsm(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               batch_size=config.fgsm.batch_size,
                               example_indices=list(config.fgsm.example_indices))
   method = method_name(config)
-  results = dict(sweep, method=method, dataset=info.name, genotype_source=config.train.genotype,
+  results = dict(sweep, method=method, dataset=info.name, genotype_source=config.genotype,
                  num_examples=len(images), checkpoint=checkpoint_name,
                  checkpoint_epoch=meta.get('epoch'))
   _write_json(os.path.join(workdir, 'fgsm.json'), results)

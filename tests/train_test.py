@@ -56,7 +56,7 @@ def _fast_compile(tmp_path_factory):
 def _tiny_config(**train_overrides):
   """64 training images (4 steps of 16), 40 test images (a full and a padded eval batch)."""
   config = train_cifar10.get_config('tiny')
-  config.train.genotype = GENOTYPE
+  config.genotype = GENOTYPE
   config.data.max_train = 64
   config.data.max_test = 40
   config.train.eval_batch_size = 32
@@ -164,7 +164,7 @@ def test_fashion_mnist_trains_on_one_channel_28px_images(tmp_path):
       f.write(gzip.compress(header + array.astype(np.uint8).tobytes()))
   config = train_fashion_mnist.get_config('tiny')
   config.data.dir = str(tmp_path)
-  config.train.genotype = GENOTYPE
+  config.genotype = GENOTYPE
   config.train.epochs = 1
   config.modes = 'train,test'
   workdir = str(tmp_path / 'run')
