@@ -39,7 +39,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   # Compiling a supernet step takes minutes; reruns and resumes reuse the compiled programs.
-  if not jax.config.read('jax_compilation_cache_dir'):
+  if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
                       os.path.join(os.path.expanduser('~'), '.cache', 'pcp_jax', 'xla'))
   logging.info('JAX devices: %s', jax.devices())

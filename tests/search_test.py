@@ -151,3 +151,17 @@ def test_configs_carry_the_paper_settings():
   assert [s.num_keep for s in pd.search.stages] == [5, 3, 1] and not pd.search.use_betas
   pcp = load_config('pcp', '')
   assert pcp.search.partial_k == 4 and pcp.search.use_betas and pcp.search.ss_factor == 0
+
+
+def test_command_line_entry_point_rejects_unknown_modes(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'))
+  result = subprocess.run(
+      [sys.executable, '-m', 'pcp_jax.main', '--config=configs/pcp.py:tiny',
+       f'--workdir={tmp_path}', '--config.modes=search,dance'],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert 'config.modes must be a comma list of' in result.stderr
+  assert "'search'" in result.stderr and "'train'" in result.stderr
