@@ -53,16 +53,17 @@ def _fast_compile(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-def _tiny_config(**train_overrides):
+def _tiny_config(genotype=GENOTYPE, **train_overrides):
   """64 training images (4 steps of 16), 40 test images (a full and a padded eval batch)."""
   config = train_cifar10.get_config('tiny')
-  config.genotype = GENOTYPE
+  config.genotype = genotype
   config.data.max_train = 64
   config.data.max_test = 40
   config.train.eval_batch_size = 32
   config.fgsm.num_examples = 8
   config.fgsm.batch_size = 8
   config.fgsm.example_indices = [0, 1]
+  config.lock()  # a misspelt override fails instead of adding an unused field
   for name, value in train_overrides.items():
     setattr(config.train, name, value)
   return config
@@ -111,7 +112,7 @@ def test_pipeline_from_a_reference_name(reference_run):
   assert results['dataset'] == 'cifar10' and results['epochs'] == 2
   assert results['genotype'] == genotypes.to_dict(genotypes.get(GENOTYPE))
   assert genotypes.load(os.path.join(workdir, 'genotype.json')) == genotypes.get(GENOTYPE)
-  assert _read_json(os.path.join(workdir, 'train_config.json'))['train']['genotype'] == GENOTYPE
+  assert _read_json(os.path.join(workdir, 'train_config.json'))['genotype'] == GENOTYPE
 
   fgsm = _read_json(os.path.join(workdir, 'fgsm.json'))
   assert fgsm['eps'] == pytest.approx(list(config.fgsm.eps))
