@@ -182,13 +182,6 @@ def max_pool_2x2(x):
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
 
 
-def dropout(key, x, rate):
-  """Inverted element-wise dropout with a (possibly traced) rate in [0, 1)."""
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(key, keep, x.shape)
-  return jnp.where(mask, x / keep, 0).astype(x.dtype)
-
-
 def drop_path(key, x, rate):
   """Per-sample drop path (whole example zeroed with probability `rate`), rescaled."""
   keep = 1.0 - rate

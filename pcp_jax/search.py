@@ -240,10 +240,6 @@ def evaluate(eval_fn, variables, images, labels, batch_size, key):
 # ---------------------------------------------------------------------------
 # The search driver.
 
-METHOD_NAMES = {'pc_darts': 'PC-DARTS', 'p_darts': 'P-DARTS', 'pcp': 'PCP-DARTS',
-                'ss_pcp': 'SS PCP-DARTS'}
-
-
 def check_config(config):
   """Validates the search config, naming the option and the allowed values."""
   cfg = config.search
