@@ -4,7 +4,7 @@
 
 Three stages of 5/11/17 cells with 8 -> 5 -> 3 candidate ops per edge, K=4, betas, 25 epochs
 per stage (15 warm-up), batch 96, on CIFAR-10. The paper's Vanilla PCP-DARTS: 3.12 % test error,
-4.5 M params, 0.163 GPU-days on a V100. `:tiny` for a one-minute CPU smoke run.
+4.5 M params, 0.163 GPU-days on a V100. `:tiny` for a CPU smoke run of a few minutes.
 """
 
 from configs import search_common

@@ -2,7 +2,8 @@
 
 Config arguments, comma separated after the file name (`--config=configs/ss_pcp.py:ssf=0.5,tiny`):
   ssf=<float>  the self-supervised factor of the architecture loss, in [0, 1].
-  tiny         shrink the search to run in about a minute on a 2-core CPU (what the tests use):
+  tiny         shrink the search to a CPU smoke run of a few minutes, nearly all of it XLA
+               compilation (what the tests use):
                the shipped CIFAR-10 subset (128 images), 3-cell stages of 8 channels, 2 epochs
                each (1 warm-up), 4 cheap candidate ops (none, max/avg pool, skip) and at
                most two stages (3 ops kept after the first). A smoke test of the code path:
@@ -103,7 +104,7 @@ def apply_args(config, arg=None):
 
 
 def shrink(config):
-  """The `tiny` variant: the same code path at a size that compiles and runs in a minute."""
+  """The `tiny` variant: the same code path at the smallest size that exercises it."""
   config.data.source = 'subset'
   config.data.max_train = 128
   s = config.search

@@ -5,7 +5,7 @@
 The architecture step minimises ssf * L_BT + (1 - ssf) * L_CE on two augmented views of the
 validation batch (network weights always train on CE). `ssf` defaults to 0.75, the paper's best
 (2.99 % test error, 3.7 M params, 0.199 GPU-days); the paper also reports 0.25/0.5/1.
-`:ssf=0.5,tiny` for a one-minute CPU smoke run.
+`:ssf=0.5,tiny` for a CPU smoke run of a few minutes.
 """
 
 from configs import search_common
