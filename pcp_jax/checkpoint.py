@@ -6,6 +6,7 @@ checkpoint half-written. A step that still fails to restore (a file deleted or
 truncated later) is skipped with a warning in favour of the one before it.
 """
 
+import json
 import os
 from typing import Any, Mapping, Optional, Tuple
 
@@ -77,3 +78,12 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def write_json(path: str, obj) -> None:
+  """Writes JSON atomically (a crash never leaves half a file)."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+    f.write('\n')
+  os.replace(tmp, path)

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from pcp_jax import augment
+from pcp_jax import checkpoint
 from pcp_jax import data as data_lib
 from pcp_jax import genotypes
 from pcp_jax import heads
@@ -279,13 +280,6 @@ def _host(tree):
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
-def _write_json(path, obj):
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _initial_switches(initial_ops):
   switches = np.zeros((genotypes.NUM_EDGES, genotypes.NUM_OPS), bool)
   switches[:, [genotypes.PRIMITIVES.index(op) for op in initial_ops]] = True
@@ -436,7 +430,7 @@ def search(config, workdir):
       'device_count': jax.device_count(), 'platform': device.platform,
       'device_kind': device.device_kind,
   }
-  _write_json(os.path.join(workdir, 'search_summary.json'), summary)
+  checkpoint.write_json(os.path.join(workdir, 'search_summary.json'), summary)
   unit = 'GPU' if device.platform == 'gpu' else device.platform.upper()
   logging.info('Search done in %.3f %s-hours (%.4f %s-days). Genotype: %s', hours, unit,
                hours / 24, unit, genotype)

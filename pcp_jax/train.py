@@ -312,14 +312,6 @@ def is_better(val_loss: float, best_val_loss: Optional[float]) -> bool:
   return math.isfinite(val_loss) and (best_val_loss is None or val_loss < best_val_loss)
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
 def _read_metric_rows(workdir: str) -> list:
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
@@ -559,7 +551,7 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'checkpoint_epoch': meta.get('epoch'),
       'wall_time_s': rows[-1]['wall_time_s'] if rows else None,
   }
-  _write_json(os.path.join(workdir, 'results.json'), results)
+  checkpoint.write_json(os.path.join(workdir, 'results.json'), results)
   logging.info('Test (%s checkpoint, epoch %s): accuracy %.4f, loss %.4f on %d images; %d params.',
                checkpoint_name, meta.get('epoch'), metrics['accuracy'], metrics['loss'],
                len(splits.test_images), results['params'])
@@ -589,7 +581,7 @@ def fgsm(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = dict(sweep, method=method, dataset=info.name, genotype_source=config.genotype,
                  num_examples=len(images), checkpoint=checkpoint_name,
                  checkpoint_epoch=meta.get('epoch'))
-  _write_json(os.path.join(workdir, 'fgsm.json'), results)
+  checkpoint.write_json(os.path.join(workdir, 'fgsm.json'), results)
   analysis.plot_fgsm({method: sweep}, workdir, prefix='fgsm')
   logging.info('FGSM accuracy by eps %s: %s', sweep['eps'],
                ', '.join(f'{a:.4f}' for a in sweep['accuracy']))
