@@ -1,7 +1,8 @@
 """Command-line entry point: `python -m pcp_jax.main --config=configs/ss_pcp.py --workdir=DIR`.
 
 Runs the modes listed in `config.modes` (comma separated) in order: `search` for the search
-configs; `train`, `test`, `fgsm` for the train configs.
+configs; `train`, `test`, `fgsm` for the train configs. `--distributed` (or
+PCP_JAX_DISTRIBUTED=1) joins a multi-process run first; see launch/ and the README.
 """
 
 import os
@@ -18,9 +19,73 @@ from pcp_jax import train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+flags.DEFINE_bool(
+    'distributed', False,
+    'Join a multi-process run with jax.distributed.initialize() before anything else (also on '
+    'with PCP_JAX_DISTRIBUTED=1). SLURM, Open MPI and Cloud TPU are detected; elsewhere set '
+    'PCP_JAX_COORDINATOR (host:port of process 0), PCP_JAX_NUM_PROCESSES and PCP_JAX_PROCESS_ID.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 MODES = {'search': search.search, **train.MODES}
+DISTRIBUTED_VARS = ('PCP_JAX_COORDINATOR', 'PCP_JAX_NUM_PROCESSES', 'PCP_JAX_PROCESS_ID')
+
+
+def _int_var(environ, name):
+  value = environ[name].strip()
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f'{name} must be an integer, got {value!r}.') from None
+
+
+def distributed_arguments(flag, environ):
+  """The jax.distributed.initialize() arguments asked for by `flag` and `environ`, or None."""
+  switch = environ.get('PCP_JAX_DISTRIBUTED', '').strip().lower()
+  if switch not in ('', '0', '1', 'false', 'true'):
+    raise ValueError(f'PCP_JAX_DISTRIBUTED must be 1 or 0, got {environ["PCP_JAX_DISTRIBUTED"]!r}.')
+  given = [name for name in DISTRIBUTED_VARS if environ.get(name, '').strip()]
+  if not (flag or switch in ('1', 'true')):
+    if given:
+      # Otherwise N independent runs would write the same workdir.
+      raise ValueError(f'{", ".join(given)} set, but distributed initialisation is off: '
+                       'pass --distributed or set PCP_JAX_DISTRIBUTED=1.')
+    return None
+  if not given:
+    return {}  # JAX detects SLURM, Open MPI or a Cloud TPU from their own variables.
+  missing = [name for name in DISTRIBUTED_VARS if name not in given]
+  if missing:
+    raise ValueError(f'{", ".join(given)} set without {", ".join(missing)}: set all three, or '
+                     'none to let JAX detect SLURM, Open MPI or a Cloud TPU.')
+  coordinator = environ['PCP_JAX_COORDINATOR'].strip()
+  host, _, port = coordinator.rpartition(':')
+  if not host or not port.isdigit():
+    raise ValueError(f'PCP_JAX_COORDINATOR must be host:port of process 0, got {coordinator!r}.')
+  num_processes = _int_var(environ, 'PCP_JAX_NUM_PROCESSES')
+  process_id = _int_var(environ, 'PCP_JAX_PROCESS_ID')
+  if num_processes < 1:
+    raise ValueError(f'PCP_JAX_NUM_PROCESSES must be at least 1, got {num_processes}.')
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'PCP_JAX_PROCESS_ID must be in 0..{num_processes - 1} '
+                     f'(PCP_JAX_NUM_PROCESSES={num_processes}), got {process_id}.')
+  return {'coordinator_address': coordinator, 'num_processes': num_processes,
+          'process_id': process_id}
+
+
+def initialize_distributed(flag, environ=None):
+  """Calls jax.distributed.initialize() if asked; must run before any other JAX call."""
+  arguments = distributed_arguments(flag, os.environ if environ is None else environ)
+  if arguments is not None:
+    jax.distributed.initialize(**arguments)
+  return arguments is not None
+
+
+def use_compilation_cache():
+  """Keeps compiled programs in ~/.cache/pcp_jax/xla unless $JAX_COMPILATION_CACHE_DIR is set."""
+  # Compiling a supernet step takes minutes; reruns and resumes reuse the compiled programs.
+  # JAX reads $JAX_COMPILATION_CACHE_DIR into this setting, so a user's choice wins.
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.join(os.path.expanduser('~'), '.cache', 'pcp_jax', 'xla'))
 
 
 def run(config, workdir):
@@ -38,11 +103,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  # Compiling a supernet step takes minutes; reruns and resumes reuse the compiled programs.
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir',
-                      os.path.join(os.path.expanduser('~'), '.cache', 'pcp_jax', 'xla'))
-  logging.info('JAX devices: %s', jax.devices())
+  initialize_distributed(FLAGS.distributed)
+  use_compilation_cache()
+  logging.info('JAX process %d of %d; local devices: %s; %d devices in all; compilation cache: %s',
+               jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count(),
+               jax.config.jax_compilation_cache_dir)
   run(FLAGS.config, FLAGS.workdir)
 
 

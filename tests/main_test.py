@@ -1,0 +1,126 @@
+"""The command-line entry point's multi-process start and the launch scripts."""
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from pcp_jax import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ['launch/search_then_train.sh', 'launch/single_host.sh', 'launch/slurm_multihost.sbatch']
+EXPLICIT = {'PCP_JAX_COORDINATOR': 'node0:1234', 'PCP_JAX_NUM_PROCESSES': '4',
+            'PCP_JAX_PROCESS_ID': '3'}
+
+
+def test_single_process_unless_asked():
+  assert main.distributed_arguments(False, {}) is None
+  assert main.distributed_arguments(False, {'PCP_JAX_DISTRIBUTED': '0'}) is None
+
+
+@pytest.mark.parametrize('flag, environ', [(True, {}), (False, {'PCP_JAX_DISTRIBUTED': '1'})])
+def test_flag_or_variable_leaves_the_cluster_to_jax(flag, environ):
+  assert main.distributed_arguments(flag, environ) == {}
+
+
+def test_explicit_variables_become_the_arguments():
+  assert main.distributed_arguments(True, EXPLICIT) == {
+      'coordinator_address': 'node0:1234', 'num_processes': 4, 'process_id': 3}
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'PCP_JAX_PROCESS_ID': None}, 'without PCP_JAX_PROCESS_ID'),
+    ({'PCP_JAX_COORDINATOR': None, 'PCP_JAX_NUM_PROCESSES': None},
+     'PCP_JAX_PROCESS_ID set without PCP_JAX_COORDINATOR, PCP_JAX_NUM_PROCESSES'),
+    ({'PCP_JAX_NUM_PROCESSES': 'four'}, "PCP_JAX_NUM_PROCESSES must be an integer, got 'four'"),
+    ({'PCP_JAX_PROCESS_ID': '1.0'}, "PCP_JAX_PROCESS_ID must be an integer, got '1.0'"),
+    ({'PCP_JAX_PROCESS_ID': '4'}, r'PCP_JAX_PROCESS_ID must be in 0\.\.3'),
+    ({'PCP_JAX_NUM_PROCESSES': '0', 'PCP_JAX_PROCESS_ID': '0'},
+     'PCP_JAX_NUM_PROCESSES must be at least 1'),
+    ({'PCP_JAX_COORDINATOR': 'node0'}, 'PCP_JAX_COORDINATOR must be host:port'),
+    ({'PCP_JAX_DISTRIBUTED': 'yes'}, "PCP_JAX_DISTRIBUTED must be 1 or 0, got 'yes'"),
+])
+def test_bad_variables_name_the_variable(changes, message):
+  environ = dict(EXPLICIT, **changes)
+  environ = {k: v for k, v in environ.items() if v is not None}
+  with pytest.raises(ValueError, match=message):
+    main.distributed_arguments(True, environ)
+
+
+def test_variables_without_the_switch_are_refused():
+  with pytest.raises(ValueError, match='pass --distributed or set PCP_JAX_DISTRIBUTED=1'):
+    main.distributed_arguments(False, EXPLICIT)
+
+
+def test_initialize_gets_the_arguments(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  assert not main.initialize_distributed(False, {})
+  assert main.initialize_distributed(False, dict(EXPLICIT, PCP_JAX_DISTRIBUTED='1'))
+  assert main.initialize_distributed(True, {'SLURM_JOB_ID': '7'})
+  assert calls == [{'coordinator_address': 'node0:1234', 'num_processes': 4, 'process_id': 3},
+                   {}]
+
+
+def test_help_lists_the_distributed_flag():
+  result = subprocess.run([sys.executable, '-m', 'pcp_jax.main', '--help'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert '--[no]distributed' in result.stdout and 'PCP_JAX_COORDINATOR' in result.stdout
+
+
+def test_two_processes_join_through_the_command_line(tmp_path):
+  """Two CPU processes form one 2-device run, then stop at a bad mode before any compilation."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  cache = str(tmp_path / 'user_cache')
+  procs = []
+  for process_id in range(2):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
+               PCP_JAX_COORDINATOR=f'localhost:{port}', PCP_JAX_NUM_PROCESSES='2',
+               PCP_JAX_PROCESS_ID=str(process_id))
+    env.pop('XLA_FLAGS', None)  # one CPU device per process
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'pcp_jax.main', '--distributed', '--config=configs/pcp.py:tiny',
+         f'--workdir={tmp_path}', '--config.modes=dance'],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for process_id, output in enumerate(outputs):
+    assert f'JAX process {process_id} of 2' in output, output
+    assert '2 devices in all' in output, output
+    assert f'compilation cache: {cache}' in output, output  # the user's cache dir wins
+    assert "got 'dance'" in output, output
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_launch_scripts_parse_and_are_executable(script):
+  path = os.path.join(ROOT, script)
+  assert os.stat(path).st_mode & stat.S_IXUSR, f'{script} is not executable'
+  result = subprocess.run(['bash', '-n', path], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize('script', SCRIPTS[:2])
+def test_launch_scripts_print_usage_without_arguments(script):
+  result = subprocess.run([os.path.join(ROOT, script)], capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode != 0 and 'usage:' in result.stderr
+
+
+def test_single_host_script_passes_extra_flags_on(tmp_path):
+  result = subprocess.run(
+      [os.path.join(ROOT, 'launch/single_host.sh'), 'configs/pcp.py:tiny', str(tmp_path),
+       'configs/train_cifar10.py:tiny', '--config.modes=dance'],
+      cwd=str(tmp_path), env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
+                                  + os.environ['PATH']),
+      capture_output=True, text=True, timeout=240)
+  assert result.returncode != 0
+  assert "got 'dance'" in result.stderr, result.stderr
