@@ -34,6 +34,11 @@ def base_search_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.modes = 'search'
   config.method = 'PCP-DARTS'
+  config.num_devices = 0  # data-parallel over this many devices; 0 = all (of all processes)
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 50  # also at every epoch's end; 0 = only there
+  config.checkpoint.max_to_keep = 3  # newest search checkpoints kept in workdir
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'cifar10'

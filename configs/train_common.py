@@ -19,6 +19,7 @@ def base_train_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # Modes run in order by main.py / train.run_pipeline.
   config.modes = 'train,test,fgsm'
+  config.num_devices = 0  # data-parallel over this many devices; 0 = all (of all processes)
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'cifar10'
@@ -66,6 +67,7 @@ def base_train_config() -> ml_collections.ConfigDict:
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.max_to_keep = 2
+  config.checkpoint.every_steps = 500  # also at every epoch's end; 0 = only there
   return config
 
 

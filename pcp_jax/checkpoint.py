@@ -8,10 +8,16 @@ truncated later) is skipped with a warning in favour of the one before it.
 
 import json
 import os
-from typing import Any, Mapping, Optional, Tuple
+import signal
+import threading
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 from absl import logging
 import orbax.checkpoint as ocp
+
+
+class IncompatibleCheckpoint(ValueError):
+  """A checkpoint that restores but belongs to a different run configuration."""
 
 
 class Checkpointer:
@@ -52,8 +58,18 @@ class Checkpointer:
             state=ocp.args.StandardRestore(template), metadata=ocp.args.JsonRestore()))
     return restored.state, dict(restored.metadata or {})
 
-  def restore_latest(self, template: Any) -> Optional[Tuple[int, Any, dict]]:
+  def restore_metadata(self, step: int) -> dict:
+    """The metadata saved with `step` (without reading the state)."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    return dict(restored.metadata or {})
+
+  def restore_latest(self, template: Union[Any, Callable[[dict], Any]]
+                     ) -> Optional[Tuple[int, Any, dict]]:
     """(step, state, metadata) of the newest checkpoint that restores; None if there is none.
+
+    `template` is the state's structure, or a function of a checkpoint's metadata that
+    returns it (when the structure depends on what was saved, e.g. a search stage).
 
     Raises:
       IOError: checkpoints exist but none of them restores into `template`.
@@ -62,7 +78,12 @@ class Checkpointer:
     error = None
     for step in reversed(steps):
       try:
-        state, metadata = self.restore(step, template)
+        if callable(template):
+          state, metadata = self.restore(step, template(self.restore_metadata(step)))
+        else:
+          state, metadata = self.restore(step, template)
+      except IncompatibleCheckpoint:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         # Orbax and tensorstore raise many types for missing or damaged files.
         error = e
@@ -87,3 +108,35 @@ def write_json(path: str, obj) -> None:
     json.dump(obj, f, indent=1)
     f.write('\n')
   os.replace(tmp, path)
+
+
+class DeferredInterrupt:
+  """Context manager: the first Ctrl-C only sets `requested`, so a loop can save and stop.
+
+  A second Ctrl-C interrupts at once. Outside the main thread (where Python cannot install
+  signal handlers) it does nothing and Ctrl-C behaves as usual.
+  """
+
+  def __init__(self, what: str = 'the run'):
+    self.what = what
+    self.requested = False
+    self._previous = None
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    logging.warning('Ctrl-C: %s saves a checkpoint after the current steps and stops; press '
+                    'Ctrl-C again to stop at once (losing the steps since the last checkpoint).',
+                    self.what)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+    return False

@@ -28,6 +28,7 @@ from pcp_jax import data
 from pcp_jax import genotypes
 from pcp_jax import losses
 from pcp_jax import networks
+from pcp_jax import parallel
 
 OPTIMIZERS = ('adam', 'sgd')
 LR_SCHEDULES = ('constant', 'cosine')
@@ -146,10 +147,12 @@ def method_name(config: ml_collections.ConfigDict) -> str:
 
 
 def create_model(config: ml_collections.ConfigDict, genotype: genotypes.Genotype,
-                 info: data.DatasetInfo) -> networks.EvalNetwork:
+                 info: data.DatasetInfo, num_devices: int = 1) -> networks.EvalNetwork:
+  """The evaluation network; with `num_devices` > 1 its BN averages over the device axis."""
   return networks.EvalNetwork(genotype, num_classes=info.num_classes,
                               channels=config.train.channels, layers=config.train.layers,
-                              auxiliary=config.train.auxiliary)
+                              auxiliary=config.train.auxiliary,
+                              bn_axis_name=parallel.axis_name(num_devices))
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict,
@@ -185,7 +188,8 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
 
 def init_state(model: networks.EvalNetwork, tx: optax.GradientTransformation, key,
                shape) -> TrainState:
-  variables = networks.init_variables(model, key, shape)
+  # Initialised without the device axis (outside a data-parallel step); same variables.
+  variables = networks.init_variables(model.clone(bn_axis_name=None), key, shape)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables['batch_stats'], opt_state=tx.init(params))
@@ -215,22 +219,27 @@ def _state_template(model, tx, shape) -> TrainState:
 
 
 def train_step(state: TrainState, images, labels, key, drop_path_rate, *, model, tx, mean, std,
-               cutout_length: int, auxiliary_weight: float):
+               cutout_length: int, auxiliary_weight: float, num_devices: int = 1):
   """One optimizer step on a uint8 batch, augmented on the device; returns (state, metrics).
 
   `key` is the run's training key (the step's own key is folded in from `state.step`) and
-  `drop_path_rate` a traced scalar (or None for no drop-path), so neither recompiles.
+  `drop_path_rate` a traced scalar (or None for no drop-path), so neither recompiles. With
+  `num_devices` > 1 this runs on every device of a data-parallel step (see `parallel`):
+  `images`/`labels` are the global batch and each device trains on its slice.
   """
   crop_key, cutout_key, drop_key = jax.random.split(jax.random.fold_in(key, state.step), 3)
   x = augment.random_crop_flip(crop_key, augment.to_float(images), padding=4)
   x = augment.normalize(x, mean, std)
   if cutout_length:
     x = augment.cutout(cutout_key, x, cutout_length)
+  x = parallel.local_part(x, num_devices)
+  labels = parallel.local_part(labels, num_devices)
 
   def loss_fn(params):
     (logits, aux_logits), updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        drop_path_rate=drop_path_rate, rngs={'drop_path': drop_key}, mutable=['batch_stats'])
+        drop_path_rate=drop_path_rate,
+        rngs={'drop_path': parallel.device_key(drop_key, num_devices)}, mutable=['batch_stats'])
     loss = losses.cross_entropy(logits, labels)
     if aux_logits is not None:
       loss += auxiliary_weight * losses.cross_entropy(aux_logits, labels)
@@ -238,12 +247,13 @@ def train_step(state: TrainState, images, labels, key, drop_path_rate, *, model,
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
+  grads = parallel.mean(grads, num_devices)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
-  metrics = {'loss': loss, 'accuracy': losses.accuracy(logits, labels),
-             'grad_norm': optax.tree.norm(grads)}
-  return state, metrics
+  metrics = parallel.mean({'loss': loss, 'accuracy': losses.accuracy(logits, labels)},
+                          num_devices)
+  return state, dict(metrics, grad_norm=optax.tree.norm(grads))
 
 
 def eval_step(state: TrainState, images, labels, mask, *, model, mean, std):
@@ -277,14 +287,16 @@ def evaluate(eval_fn, state: TrainState, images: np.ndarray, labels: np.ndarray,
           'accuracy': int(sum(t['correct'] for t in totals)) / len(images)}
 
 
-def _jit_train_step(config, model, tx, info):
-  """The train step with this run's hyperparameters bound, jitted, the state donated."""
+def _jit_train_step(config, model, tx, info, mesh=None):
+  """The train step with this run's hyperparameters bound, data-parallel over `mesh` (default
+  one device), jitted, the state donated."""
+  mesh = mesh or parallel.make_mesh(1)
   cutout_length = config.train.cutout_length if config.train.cutout else 0
-  return jax.jit(
-      functools.partial(train_step, model=model, tx=tx, mean=info.mean, std=info.std,
-                        cutout_length=cutout_length,
-                        auxiliary_weight=config.train.auxiliary_weight),
-      donate_argnums=0)
+  step = functools.partial(train_step, model=model, tx=tx, mean=info.mean, std=info.std,
+                           cutout_length=cutout_length,
+                           auxiliary_weight=config.train.auxiliary_weight,
+                           num_devices=mesh.size)
+  return jax.jit(parallel.data_parallel(step, mesh), donate_argnums=0)
 
 
 def _jit_eval_step(model, info):
@@ -378,6 +390,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoints in `workdir/checkpoints` and the one of lowest validation loss in `workdir/best`.
   """
   os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.num_devices)
+  parallel.check_batch(config.train.batch_size, mesh.size, 'train.batch_size')
+  main_process = parallel.is_main_process()
   genotype = load_genotype(config, workdir)
   splits = prepare_data(config)
   info = splits.info
@@ -386,12 +401,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   steps_per_epoch = num_train // batch_size
   if steps_per_epoch == 0:
     raise ValueError(f'train.batch_size={batch_size} exceeds the {num_train} training images.')
-  model = create_model(config, genotype, info)
+  model = create_model(config, genotype, info, mesh.size)
   tx = make_optimizer(config.train, steps_per_epoch)
   schedule = learning_rate_schedule(config.train, steps_per_epoch)
-  genotypes.save(genotype, os.path.join(workdir, 'genotype.json'))
-  with open(os.path.join(workdir, 'train_config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=1) + '\n')
+  if main_process:
+    genotypes.save(genotype, os.path.join(workdir, 'genotype.json'))
+    with open(os.path.join(workdir, 'train_config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1) + '\n')
 
   init_key, train_key, order_key = jax.random.split(jax.random.key(config.seed), 3)
   latest = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
@@ -401,16 +417,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if restored is None:
     state = initial_state(model, tx, init_key, image_shape(info))
     meta = {}
-    _keep_metric_rows(workdir, 0)
   else:
     _, state, meta = restored
-    state = jax.device_put(state)
     if meta.get('steps_per_epoch') != steps_per_epoch:
       raise ValueError(
           f'The checkpoint in {latest.directory} was made with {meta.get("steps_per_epoch")} '
           f'steps per epoch, this config gives {steps_per_epoch} (batch size or data changed); '
           'use a new workdir.')
-    _keep_metric_rows(workdir, meta['epoch'])
+  if main_process:
+    _keep_metric_rows(workdir, meta.get('epoch', 0))
+  state = parallel.replicate(state, mesh)
   step = int(state.step)
   start_epoch, skip_steps = divmod(step, steps_per_epoch)
   best_val_loss = meta.get('best_val_loss')
@@ -424,8 +440,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('Resumed from step %d (epoch %d, %d steps into it).', step, start_epoch + 1,
                  skip_steps)
 
-  train_fn, eval_fn = _jit_train_step(config, model, tx, info), _jit_eval_step(model, info)
-  train_images, train_labels = jax.device_put((splits.train_images, splits.train_labels))
+  train_fn = _jit_train_step(config, model, tx, info, mesh)
+  eval_fn = _jit_eval_step(model, info)
+  train_images, train_labels = parallel.replicate((splits.train_images, splits.train_labels),
+                                                  mesh)
+  every = config.checkpoint.every_steps
   rows = _read_metric_rows(workdir)
   row = rows[-1] if rows else {}
   epoch_metrics, epoch_start = None, time.time()
@@ -442,10 +461,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         images, labels = _take_batch(train_images, train_labels, order, i)
         state, metrics = train_fn(state, images, labels, train_key, drop_path_rate)
         epoch_metrics.add(metrics)
-        if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps_per_epoch:
-          epoch_metrics.flush()
+        save_now = every > 0 and (i + 1) % every == 0 and i + 1 < steps_per_epoch
+        if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps_per_epoch or save_now:
+          epoch_metrics.flush()  # raises on a non-finite loss before anything is saved
           logging.info('epoch %d step %d/%d: train loss %.4f', epoch + 1, i + 1,
                        steps_per_epoch, epoch_metrics.means()[0])
+        if save_now:
+          latest.save(int(state.step), state, _partial_epoch_meta(
+              state, epoch_metrics, steps_per_epoch, best_val_loss,
+              wall_time + time.time() - epoch_start))
       train_loss, train_accuracy = epoch_metrics.means()
       val = evaluate(eval_fn, state, splits.val_images, splits.val_labels,
                      config.train.eval_batch_size)
@@ -463,7 +487,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    'drop-path %.3f  %.1fs%s', epoch + 1, epochs, train_loss, train_accuracy,
                    val['loss'], val['accuracy'], row['lr'], row['drop_path_rate'],
                    row['epoch_time_s'], '  (best)' if improved else '')
-      _append_metric_row(workdir, row)
+      if main_process:
+        _append_metric_row(workdir, row)
       meta = {'epoch': epoch + 1, 'steps_per_epoch': steps_per_epoch,
               'best_val_loss': best_val_loss, 'val_loss': val['loss'],
               'val_accuracy': val['accuracy'], 'wall_time_s': wall_time}
@@ -479,6 +504,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return row
 
 
+def _partial_epoch_meta(state, epoch_metrics, steps_per_epoch, best_val_loss, wall_time):
+  """Checkpoint metadata of a state reached mid-epoch (with the epoch's metric sums so far)."""
+  return {'epoch': int(state.step) // steps_per_epoch, 'steps_per_epoch': steps_per_epoch,
+          'best_val_loss': best_val_loss, 'wall_time_s': wall_time,
+          'partial_epoch': epoch_metrics.sums if epoch_metrics else None}
+
+
 def _save_interrupted(latest, state, epoch_metrics, steps_per_epoch, best_val_loss, wall_time):
   """Saves the state reached mid-epoch, so that rerunning continues at the next step."""
   try:
@@ -490,10 +522,8 @@ def _save_interrupted(latest, state, epoch_metrics, steps_per_epoch, best_val_lo
       logging.warning('Interrupted at an epoch boundary; rerun the same command to resume '
                       'from the checkpoint in %s.', latest.directory)
       return
-    meta = {'epoch': step // steps_per_epoch, 'steps_per_epoch': steps_per_epoch,
-            'best_val_loss': best_val_loss, 'wall_time_s': wall_time,
-            'partial_epoch': epoch_metrics.sums if epoch_metrics else None}
-    latest.save(step, state, meta)
+    latest.save(step, state, _partial_epoch_meta(state, epoch_metrics, steps_per_epoch,
+                                                 best_val_loss, wall_time))
     logging.warning('Interrupted: saved step %d to %s; rerun the same command to resume.',
                     step, latest.directory)
   except Exception as e:  # pylint: disable=broad-except
@@ -551,7 +581,8 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'checkpoint_epoch': meta.get('epoch'),
       'wall_time_s': rows[-1]['wall_time_s'] if rows else None,
   }
-  checkpoint.write_json(os.path.join(workdir, 'results.json'), results)
+  if parallel.is_main_process():
+    checkpoint.write_json(os.path.join(workdir, 'results.json'), results)
   logging.info('Test (%s checkpoint, epoch %s): accuracy %.4f, loss %.4f on %d images; %d params.',
                checkpoint_name, meta.get('epoch'), metrics['accuracy'], metrics['loss'],
                len(splits.test_images), results['params'])
@@ -581,8 +612,9 @@ def fgsm(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = dict(sweep, method=method, dataset=info.name, genotype_source=config.genotype,
                  num_examples=len(images), checkpoint=checkpoint_name,
                  checkpoint_epoch=meta.get('epoch'))
-  checkpoint.write_json(os.path.join(workdir, 'fgsm.json'), results)
-  analysis.plot_fgsm({method: sweep}, workdir, prefix='fgsm')
+  if parallel.is_main_process():
+    checkpoint.write_json(os.path.join(workdir, 'fgsm.json'), results)
+    analysis.plot_fgsm({method: sweep}, workdir, prefix='fgsm')
   logging.info('FGSM accuracy by eps %s: %s', sweep['eps'],
                ', '.join(f'{a:.4f}' for a in sweep['accuracy']))
   return results

@@ -1,7 +1,14 @@
-"""Test-wide settings: tiny networks compile faster with XLA's optimisations mostly off."""
+"""Test-wide settings.
+
+Tiny networks compile faster with XLA's optimisations mostly off, and one persistent
+compilation cache serves the whole session: a test (or a subprocess a test starts, which
+inherits both settings through the environment) that compiles the same program as an earlier
+test loads it instead of compiling it again.
+"""
 
 import os
 import sys
+import tempfile
 
 import jax
 import pytest
@@ -13,5 +20,22 @@ if ROOT not in sys.path:
 
 @pytest.fixture(scope='session', autouse=True)
 def fast_compiles():
+  # PCP_JAX_TEST_XLA_CACHE keeps the cache across sessions (local reruns); CI starts empty.
+  cache = (os.environ.get('PCP_JAX_TEST_XLA_CACHE') or
+           tempfile.mkdtemp(prefix='pcp_jax_test_xla_cache_'))
+  os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   jax.config.update('jax_disable_most_optimizations', True)
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   yield
+
+
+def subprocess_env(**extra):
+  """The environment for a test's subprocess: the session's settings, the repo importable."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+  env.update({k: str(v) for k, v in extra.items()})
+  return env

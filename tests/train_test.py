@@ -12,7 +12,6 @@ import shutil
 import struct
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,25 +31,6 @@ GENOTYPE = 'DARTS_V2'  # of the reference genotypes, the fastest to compile
 RESULT_KEYS = {'test_accuracy', 'test_loss', 'params', 'params_with_aux', 'genotype',
                'genotype_source', 'dataset', 'method', 'search_cost_days', 'epochs',
                'wall_time_s'}
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _fast_compile(tmp_path_factory):
-  # Compilation dominates these tiny runs: compile with few optimisations, and let runs of the
-  # same shapes share compiled programs. Both settings are restored for other test files.
-  settings = {
-      'jax_disable_most_optimizations': True,
-      'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
-      'jax_persistent_cache_min_compile_time_secs': 0.0,
-      'jax_persistent_cache_min_entry_size_bytes': 0,
-  }
-  previous = {name: jax.config.values[name] for name in settings}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 def _tiny_config(genotype=GENOTYPE, **train_overrides):
@@ -247,6 +227,32 @@ def test_interrupt_saves_mid_epoch_and_rerun_finishes_the_same(reference_run, on
   monkeypatch.setattr(train, '_take_batch', take_batch)
   train.train_and_evaluate(_tiny_config(), workdir)
 
+  rows, reference = _rows(workdir), _rows(reference_run[1])
+  assert [r['epoch'] for r in rows] == [1, 2]
+  for key in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy'):
+    assert rows[1][key] == pytest.approx(reference[1][key], rel=1e-5), key
+
+
+def test_checkpoints_every_n_steps_and_a_crash_resumes_from_them(reference_run, tmp_path,
+                                                                 monkeypatch):
+  workdir = str(tmp_path / 'run')
+  config = _tiny_config()
+  config.checkpoint.every_steps = 3
+  take_batch, calls = train._take_batch, []
+
+  def crashing_take_batch(*args):
+    calls.append(1)
+    if len(calls) == 8:  # epoch 2, step 4 of 4: after the mid-epoch save at step 3
+      raise RuntimeError('simulated crash')
+    return take_batch(*args)
+
+  monkeypatch.setattr(train, '_take_batch', crashing_take_batch)
+  with pytest.raises(RuntimeError, match='simulated crash'):
+    train.train_and_evaluate(config, workdir)
+  latest = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert latest.all_steps() == [4, 7]  # the newest 2: epoch 1's end, epoch 2 step 3
+  monkeypatch.setattr(train, '_take_batch', take_batch)
+  train.train_and_evaluate(config, workdir)
   rows, reference = _rows(workdir), _rows(reference_run[1])
   assert [r['epoch'] for r in rows] == [1, 2]
   for key in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy'):

@@ -1,0 +1,85 @@
+"""Data parallelism over a 1-D device mesh, and which process writes files.
+
+The search and train steps take the *global* batch (replicated on every device), augment it,
+keep their device's slice (`local_part`) and average gradients, metrics, BN statistics and the
+Barlow Twins cross-correlation over the named axis `AXIS` with `lax.pmean`. `data_parallel`
+runs such a step under `jax.shard_map` with every input and output replicated, over all the
+devices of all processes (multi-host included); the same step runs unchanged under
+`jax.pmap(..., axis_name=AXIS)` on stacked replicas. Every device ends each step with the same
+weights and architecture weights. With one device none of this is used: the step runs under
+plain `jax.jit` with no collectives.
+
+Augmenting the global batch on every device (rather than each device its slice) costs little
+next to the supernet and makes the images, crops and flips independent of the device count;
+partial-channel sampling uses the same key on every device, as one large-batch step would.
+Only what is drawn per image inside the network (skip-connect dropout, drop-path) uses a
+per-device key.
+"""
+
+from typing import Any, Callable
+
+import jax
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+AXIS = 'batch'
+
+
+def make_mesh(num_devices: int = 0, option: str = 'num_devices') -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices of all processes (0: all of them)."""
+  available = jax.devices()
+  n = num_devices or len(available)
+  if not 1 <= n <= len(available):
+    raise ValueError(f'{option} must be 0 (all devices) or 1..{len(available)} '
+                     f'(the devices JAX sees), got {num_devices}.')
+  return Mesh(np.asarray(available[:n]), (AXIS,))
+
+
+def check_batch(batch_size: int, num_devices: int, option: str) -> None:
+  if batch_size % num_devices:
+    raise ValueError(f'{option} ({batch_size}) must be divisible by the number of devices '
+                     f'({num_devices}); change it or set num_devices.')
+
+
+def axis_name(num_devices: int):
+  """The axis name batch norms and losses reduce over; None on one device."""
+  return AXIS if num_devices > 1 else None
+
+
+def local_part(x, num_devices: int):
+  """This device's contiguous slice of a global batch (inside a data-parallel step)."""
+  if num_devices == 1:
+    return x
+  size = x.shape[0] // num_devices
+  return lax.dynamic_slice_in_dim(x, lax.axis_index(AXIS) * size, size)
+
+
+def mean(tree, num_devices: int):
+  """The average over devices of per-device values (gradients, metrics)."""
+  return tree if num_devices == 1 else lax.pmean(tree, AXIS)
+
+
+def device_key(key, num_devices: int):
+  """A key of this device's own, for randomness drawn per image inside the network."""
+  return key if num_devices == 1 else jax.random.fold_in(key, lax.axis_index(AXIS))
+
+
+def data_parallel(fn: Callable, mesh: Mesh) -> Callable:
+  """`fn` run on every device of `mesh`, all inputs and outputs replicated (jit it outside)."""
+  if mesh.size == 1:
+    return fn
+  # check_vma=False: pmap's semantics, gradients are per device until `mean` averages them.
+  return jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places `tree` on every device of `mesh` (every process must pass the same values)."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def is_main_process() -> bool:
+  """True on the process that writes logs, metrics, genotypes and figures."""
+  return jax.process_index() == 0

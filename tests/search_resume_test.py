@@ -1,0 +1,184 @@
+"""Search checkpoints: SIGKILL at any point and rerun gives the uninterrupted result; corrupt
+latest checkpoint falls back; a non-finite loss stops with the step named; config changes are
+refused; Ctrl-C saves and stops.
+
+The runs are subprocesses of one tiny config (the session's compilation cache, inherited
+through the environment, makes all but the first nearly free). Faults are injected by the test
+(a SIGKILL the process sends itself after its k-th checkpoint or during an epoch's evaluation;
+files deleted from the newest checkpoint), not by the library.
+"""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import subprocess_env
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcp_jax import checkpoint
+from pcp_jax import search
+
+RUNNER = r'''
+import importlib, os, signal, sys
+from absl import logging
+from pcp_jax import checkpoint, main, search
+logging.set_verbosity(logging.INFO)
+workdir, every, kill_after_saves, kill_at_eval = sys.argv[1], *map(int, sys.argv[2:5])
+config = importlib.import_module('configs.pc_darts').get_config('tiny')
+config.checkpoint.every_steps = every
+if kill_after_saves:
+  save, count = checkpoint.Checkpointer.save, [0]
+  def save_then_die(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    count[0] += 1
+    if count[0] == kill_after_saves:
+      os.kill(os.getpid(), signal.SIGKILL)
+  checkpoint.Checkpointer.save = save_then_die
+if kill_at_eval:
+  evaluate, count = search.evaluate, [0]
+  def die_in_evaluation(*args, **kwargs):
+    count[0] += 1
+    if count[0] == kill_at_eval:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return evaluate(*args, **kwargs)
+  search.evaluate = die_in_evaluation
+main.run(config, workdir)
+'''
+TIMEOUT = 1200
+
+
+def run(workdir, every=1, kill_after_saves=0, kill_at_eval=0):
+  proc = subprocess.run(
+      [sys.executable, '-c', RUNNER, str(workdir), str(every), str(kill_after_saves),
+       str(kill_at_eval)], env=subprocess_env(), capture_output=True, text=True,
+      timeout=TIMEOUT)
+  return proc
+
+
+def result(workdir):
+  with open(os.path.join(workdir, 'genotype.json')) as f:
+    genotype = json.load(f)
+  arch = dict(np.load(os.path.join(workdir, 'arch.npz')))
+  with open(os.path.join(workdir, 'search_metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  losses = [(r['stage'], r['epoch'], r['train_loss'], r['arch_loss'], r['valid_loss'])
+            for r in rows]
+  return genotype, arch, losses
+
+
+def assert_same(a, b):
+  assert a[0] == b[0]
+  assert a[1].keys() == b[1].keys()
+  for k in a[1]:
+    np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=k)
+  assert a[2] == b[2]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """One epoch-chunked run (checkpoints only at epoch ends)."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  proc = run(workdir, every=0)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return result(workdir)
+
+
+@pytest.mark.parametrize('every,kill_after_saves,kill_at_eval', [
+    (1, 3, 0),  # right after the 3rd checkpoint (mid-epoch)
+    (3, 0, 2),  # during the 2nd epoch's evaluation: the steps after the last save are redone
+])
+def test_sigkill_and_rerun_gives_the_uninterrupted_result(
+    uninterrupted, tmp_path, every, kill_after_saves, kill_at_eval):
+  killed = run(tmp_path, every, kill_after_saves, kill_at_eval)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert not os.path.exists(tmp_path / 'genotype.json')
+  assert os.listdir(tmp_path / 'search_checkpoints')
+  resumed = run(tmp_path, every)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resuming the search from checkpoint' in resumed.stderr
+  assert_same(result(tmp_path), uninterrupted)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_finishes_the_same(uninterrupted, tmp_path):
+  first = run(tmp_path, every=2)
+  assert first.returncode == 0, first.stderr[-3000:]
+  ckpt_dir = tmp_path / 'search_checkpoints'
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert len(steps) >= 2
+  # Damage the newest checkpoint's array data; its metadata still reads.
+  for root, _, files in os.walk(ckpt_dir / str(steps[-1]) / 'state'):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  os.remove(tmp_path / 'genotype.json')
+  rerun = run(tmp_path, every=2)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f'Checkpoint {steps[-1]} in' in rerun.stderr and 'trying an older one' in rerun.stderr
+  assert f'Resuming the search from checkpoint {steps[-2]}' in rerun.stderr
+  assert_same(result(tmp_path), uninterrupted)
+
+
+def tiny_config(every):
+  config = importlib.import_module('configs.pc_darts').get_config('tiny')
+  config.checkpoint.every_steps = every
+  return config
+
+
+def fault_on_call(monkeypatch, call, fault):
+  """Makes the search's jitted chunk function apply `fault(state)` before its `call`-th run."""
+  make = search.make_stage_fns
+
+  def make_with_fault(*args, **kwargs):
+    chunk_fn, eval_fn = make(*args, **kwargs)
+    calls = [0]
+
+    def chunk(state, *rest):
+      calls[0] += 1
+      if calls[0] == call:
+        state = fault(state)
+      return chunk_fn(state, *rest)
+    return chunk, eval_fn
+
+  monkeypatch.setattr(search, 'make_stage_fns', make_with_fault)
+
+
+def test_nan_stops_naming_the_step_and_the_kept_checkpoint_resumes(
+    uninterrupted, tmp_path, monkeypatch):
+  nan_weights = lambda s: s.replace(
+      params=jax.tree_util.tree_map(lambda p: p * jnp.nan, s.params))
+  fault_on_call(monkeypatch, 3, nan_weights)  # one step per call: the 3rd step of epoch 1
+  with pytest.raises(FloatingPointError, match=r'stage 1, epoch 1, step 3 of 4.*step 2\)'):
+    search.search(tiny_config(1), str(tmp_path))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints'))
+  assert ckpt.latest_step() == 2 and ckpt.restore_metadata(2)['step'] == 2
+
+  changed = tiny_config(1)
+  changed.search.lr = 0.5
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r'search\.lr: 0\.025 -> 0\.5'):
+    search.search(changed, str(tmp_path))
+
+  monkeypatch.undo()
+  search.search(tiny_config(1), str(tmp_path))  # resumes from the last good checkpoint
+  assert_same(result(tmp_path), uninterrupted)
+
+
+def test_ctrl_c_saves_stops_and_resumes(uninterrupted, tmp_path, monkeypatch):
+  def interrupt(state):
+    os.kill(os.getpid(), signal.SIGINT)  # handled after this chunk of steps
+    return state
+  fault_on_call(monkeypatch, 6, interrupt)  # epoch 2, step 2 (chunks of one step)
+  handler = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt, match='Rerun the same command'):
+    search.search(tiny_config(1), str(tmp_path))
+  assert signal.getsignal(signal.SIGINT) is handler
+  meta = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints')).restore_metadata(6)
+  assert (meta['epoch'], meta['step']) == (1, 2)
+  monkeypatch.undo()
+  search.search(tiny_config(1), str(tmp_path))
+  assert_same(result(tmp_path), uninterrupted)
