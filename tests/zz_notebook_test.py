@@ -1,0 +1,74 @@
+"""Executes launch/colab.ipynb with its tiny settings, as a user would run it, so it cannot rot.
+
+Named to run last: the notebook's tiny configs are the search and train tests' configs, so when
+the test session shares a compilation cache (JAX_COMPILATION_CACHE_DIR) with the kernel, the
+kernel reuses the programs those tests compiled.
+"""
+
+import json
+import os
+
+import nbclient
+import nbformat
+
+from pcp_jax import genotypes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, 'launch', 'colab.ipynb')
+CELL_TIMEOUT_S = 1200  # a cold tiny search compiles for minutes on a busy 2-core CPU
+
+
+def test_notebook_is_stored_without_outputs():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  code = [c for c in nb.cells if c.cell_type == 'code']
+  assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_notebook_runs_the_tiny_pipeline(tmp_path, monkeypatch):
+  # The kernel inherits this environment: it finds the checkout through PYTHONPATH, runs the
+  # tiny configs and writes its runs to a temp dir.
+  run_dir = tmp_path / 'runs'
+  monkeypatch.setenv('PCP_JAX_NOTEBOOK_TINY', '1')
+  monkeypatch.setenv('PCP_JAX_NOTEBOOK_RUN_DIR', str(run_dir))
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+      p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
+                                   resources={'metadata': {'path': str(tmp_path)}})
+  client.execute()  # raises CellExecutionError, with the cell's traceback, if a cell fails
+
+  outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
+  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  assert f'pcp_jax from {ROOT}' in text
+  # normal.png, reduce.png, the FGSM plot and the per-example FGSM curves are shown.
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 4
+
+  genotype = genotypes.load(str(run_dir / 'search' / 'genotype.json'))  # validates it
+  assert {op for op, _ in genotype.normal + genotype.reduce} <= {
+      'max_pool_3x3', 'avg_pool_3x3', 'skip_connect'}  # the tiny search's candidate ops
+  for name in ('normal.png', 'reduce.png'):
+    assert (run_dir / 'search' / name).stat().st_size > 0
+  with open(run_dir / 'train' / 'results.json') as f:
+    results = json.load(f)
+  assert results['genotype'] == genotypes.to_dict(genotype)
+  assert 0.0 <= results['test_accuracy'] <= 1.0
+  with open(run_dir / 'train' / 'fgsm.json') as f:
+    fgsm = json.load(f)
+  assert len(fgsm['accuracy']) == len(fgsm['eps']) > 1
+  assert f"test accuracy {results['test_accuracy']:.3f}" in text
+
+
+def test_notebook_clones_the_repository_when_it_sees_no_checkout(tmp_path, monkeypatch):
+  """The Colab path of the first cell: no checkout in sight, so it clones REPO_URL and installs."""
+  monkeypatch.setenv('PCP_JAX_REPO_URL', ROOT)  # git clones a local repository like a remote one
+  monkeypatch.delenv('PYTHONPATH', raising=False)
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nb.cells = [c for c in nb.cells if c.cell_type == 'code'][:1]
+  client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
+                                   resources={'metadata': {'path': str(tmp_path)}})
+  client.execute()
+  clone = tmp_path / 'pcp_jax_repo'
+  text = ''.join(o.get('text', '') for o in nb.cells[0].outputs if o.output_type == 'stream')
+  assert f'pcp_jax from {clone}' in text, text
+  assert (clone / 'pcp_jax' / 'main.py').is_file() and (clone / 'configs').is_dir()
