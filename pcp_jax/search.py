@@ -9,12 +9,12 @@ step's loss is `ss_factor * BarlowTwins + (1 - ss_factor) * CE`.
 
 import functools
 import json
-import logging
 import math
 import os
 import time
 from typing import Any
 
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp

@@ -59,7 +59,7 @@ def assert_replicas_identical(tree, what):
 def search_config():
   config = importlib.import_module('configs.ss_pcp').get_config('tiny')
   cfg = config.search
-  cfg.initial_ops = ('none', 'max_pool_3x3', 'skip_connect')
+  cfg.initial_ops = ('none', 'avg_pool_3x3', 'skip_connect')
   cfg.channels = 4
   cfg.batch_size = BATCH
   return cfg

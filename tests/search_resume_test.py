@@ -160,7 +160,7 @@ def test_nan_stops_naming_the_step_and_the_kept_checkpoint_resumes(
 
   changed = tiny_config(1)
   changed.search.lr = 0.5
-  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r'search\.lr: 0\.025 -> 0\.5'):
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r'search\.lr: 0\.1 -> 0\.5'):
     search.search(changed, str(tmp_path))
 
   monkeypatch.undo()
