@@ -67,28 +67,34 @@ TRAIN_SET_SIZES = {'cifar10': 50_000, 'cifar100': 50_000, 'fashion_mnist': 60_00
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    'config', os.path.join(_REPO, 'configs', 'pc_darts.py'),
-    'Search config whose stages the search cases time.', lock_config=True)
-config_flags.DEFINE_config_file(
-    'train_config', os.path.join(_REPO, 'configs', 'train_cifar10.py'),
-    'Train config whose evaluation network the train case times.', lock_config=True)
-flags.DEFINE_string('what', 'search,train', 'Comma list of: search, train.')
-flags.DEFINE_string('batch_size', '', "Search batch sizes, comma list; '' = the config's.")
-flags.DEFINE_string('train_batch_size', '', "Train batch sizes, comma list; '' = the config's.")
-flags.DEFINE_string('stages', '1', "Search stages to time: 1-based comma list or 'all'.")
-flags.DEFINE_string('genotype', '', "Train case genotype (name or path); '' = the config's.")
-flags.DEFINE_integer('steps', 5, 'Timed calls per case (the median is reported).')
-flags.DEFINE_integer('warmup', 1, 'Untimed calls after compilation.')
-flags.DEFINE_integer('steps_per_call', 1, 'Steps per jitted call (>1: a lax.scan over them).')
-flags.DEFINE_enum('dtype', 'float32', list(DTYPES),
-                  'Compute dtype of the networks; weights, optimiser and losses stay float32.')
-flags.DEFINE_integer('devices', 1, 'Devices the step runs on, data-parallel (0: all).')
-flags.DEFINE_bool('project', False, 'Also time frozen-architecture (warm-up) steps and project '
-                  'the wall time of the whole configured search.')
-flags.DEFINE_bool('isolate', True, 'Run each case in a fresh subprocess (own peak memory).')
-flags.DEFINE_string('out', 'bench.json', "JSON results path; '' prints only.")
-flags.DEFINE_string('_case', '', 'Internal: run this one case (JSON) and write its result.')
+
+
+def define_flags():
+  """The command line's flags; defined only when run as a program, so that importing this
+  module next to pcp_jax.main (which has its own --config) does not clash."""
+  config_flags.DEFINE_config_file(
+      'config', os.path.join(_REPO, 'configs', 'pc_darts.py'),
+      'Search config whose stages the search cases time.', lock_config=True)
+  config_flags.DEFINE_config_file(
+      'train_config', os.path.join(_REPO, 'configs', 'train_cifar10.py'),
+      'Train config whose evaluation network the train case times.', lock_config=True)
+  flags.DEFINE_string('what', 'search,train', 'Comma list of: search, train.')
+  flags.DEFINE_string('batch_size', '', "Search batch sizes, comma list; '' = the config's.")
+  flags.DEFINE_string('train_batch_size', '',
+                      "Train batch sizes, comma list; '' = the config's.")
+  flags.DEFINE_string('stages', '1', "Search stages to time: 1-based comma list or 'all'.")
+  flags.DEFINE_string('genotype', '', "Train case genotype (name or path); '' = the config's.")
+  flags.DEFINE_integer('steps', 5, 'Timed calls per case (the median is reported).')
+  flags.DEFINE_integer('warmup', 1, 'Untimed calls after compilation.')
+  flags.DEFINE_integer('steps_per_call', 1, 'Steps per jitted call (>1: a lax.scan over them).')
+  flags.DEFINE_enum('dtype', 'float32', list(DTYPES),
+                    'Compute dtype of the networks; weights, optimiser and losses stay float32.')
+  flags.DEFINE_integer('devices', 1, 'Devices the step runs on, data-parallel (0: all).')
+  flags.DEFINE_bool('project', False, 'Also time frozen-architecture (warm-up) steps and '
+                    'project the wall time of the whole configured search.')
+  flags.DEFINE_bool('isolate', True, 'Run each case in a fresh subprocess (own peak memory).')
+  flags.DEFINE_string('out', 'bench.json', "JSON results path; '' prints only.")
+  flags.DEFINE_string('_case', '', 'Internal: run this one case (JSON) and write its result.')
 
 
 # ---------------------------------------------------------------------------
@@ -551,4 +557,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
