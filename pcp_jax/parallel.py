@@ -80,6 +80,18 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+# For programs run once (initialisation): XLA's optimisations would cost far more compile time
+# than they save.
+_ONE_OFF_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
+                             'xla_llvm_disable_expensive_passes': True}
+
+
+def run_once(fn: Callable, *args):
+  """`fn(*args)` jit-compiled without optimisations: much faster than running a large
+  network's init op by op, and cached by the persistent compilation cache."""
+  return jax.jit(fn).lower(*args).compile(_ONE_OFF_COMPILER_OPTIONS)(*args)
+
+
 def is_main_process() -> bool:
   """True on the process that writes logs, metrics, genotypes and figures."""
   return jax.process_index() == 0

@@ -331,30 +331,34 @@ def _cap(images, labels, n):
 def build_stage(cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch, key,
                 num_devices=1):
   """A fresh supernet over the ops still on, its projector, optimisers and initial state."""
-  k_init, k_proj = jax.random.split(key)
   model = supernet.SearchNetwork(
       num_classes=num_classes, channels=cfg.channels, layers=layers,
       partial_k=cfg.partial_k, channel_mode=cfg.channel_mode, use_betas=cfg.use_betas,
       switches_normal=genotypes.switches_to_tuple(switches['normal']),
       switches_reduce=genotypes.switches_to_tuple(switches['reduce']),
       bn_axis_name=parallel.axis_name(num_devices))
-  # Initialised without the device axis (outside a data-parallel step); same variables.
-  variables = supernet.init_variables(model.clone(bn_axis_name=None), k_init, image_shape)
   tx_weights, lr_schedule = weight_optimizer(cfg, epochs, steps_per_epoch)
   tx_arch = arch_optimizer(cfg, cfg.arch_lr)
   tx_projector = arch_optimizer(cfg, cfg.projector_lr)
   projector = heads.Projector(tuple(cfg.projector_sizes),
                               bn_axis_name=parallel.axis_name(num_devices))
-  proj_vars = {}
-  if cfg.ss_factor > 0:
-    features = jnp.zeros((2, cfg.channels * 16), jnp.float32)  # 4 nodes x 4C channels
-    proj_vars = dict(heads.Projector(tuple(cfg.projector_sizes)).init(k_proj, features))
-  state = SearchState(
-      step=jnp.zeros((), jnp.int32), params=variables['params'],
-      batch_stats=variables['batch_stats'], arch=variables['arch'], projector=proj_vars,
-      weight_opt=tx_weights.init(variables['params']),
-      arch_opt=tx_arch.init(variables['arch']),
-      projector_opt=tx_projector.init(proj_vars['params']) if proj_vars else ())
+
+  def init(key):
+    k_init, k_proj = jax.random.split(key)
+    # Initialised without the device axis (outside a data-parallel step); same variables.
+    variables = supernet.init_variables(model.clone(bn_axis_name=None), k_init, image_shape)
+    proj_vars = {}
+    if cfg.ss_factor > 0:
+      features = jnp.zeros((2, cfg.channels * 16), jnp.float32)  # 4 nodes x 4C channels
+      proj_vars = dict(projector.clone(bn_axis_name=None).init(k_proj, features))
+    return SearchState(
+        step=jnp.zeros((), jnp.int32), params=variables['params'],
+        batch_stats=variables['batch_stats'], arch=variables['arch'], projector=proj_vars,
+        weight_opt=tx_weights.init(variables['params']),
+        arch_opt=tx_arch.init(variables['arch']),
+        projector_opt=tx_projector.init(proj_vars['params']) if proj_vars else ())
+
+  state = parallel.run_once(init, key)
   return model, projector, state, lr_schedule, (tx_weights, tx_arch, tx_projector)
 
 

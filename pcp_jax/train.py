@@ -195,16 +195,10 @@ def init_state(model: networks.EvalNetwork, tx: optax.GradientTransformation, ke
                     batch_stats=variables['batch_stats'], opt_state=tx.init(params))
 
 
-# Initialisation runs once: XLA's optimisations would cost far more compile time than they save.
-_ONE_OFF_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
-                             'xla_llvm_disable_expensive_passes': True}
-
-
 def initial_state(model: networks.EvalNetwork, tx: optax.GradientTransformation, key,
                   shape) -> TrainState:
   """`init_state`, compiled without optimisations."""
-  init = jax.jit(functools.partial(init_state, model, tx, shape=shape))
-  return init.lower(key).compile(_ONE_OFF_COMPILER_OPTIONS)(key)
+  return parallel.run_once(functools.partial(init_state, model, tx, shape=shape), key)
 
 
 def _state_template(model, tx, shape) -> TrainState:
