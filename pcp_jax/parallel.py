@@ -5,7 +5,7 @@ keep their device's slice (`local_part`) and average gradients, metrics, BN stat
 Barlow Twins cross-correlation over the named axis `AXIS` with `lax.pmean`. `data_parallel`
 runs such a step under `jax.shard_map` with every input and output replicated, over all the
 devices of all processes (multi-host included); the same step runs unchanged under
-`jax.pmap(..., axis_name=AXIS)` on stacked replicas. Every device ends each step with the same
+`jax.pmap(..., axis_name=AXIS)` on stacked replicas (checked once by hand). Every device ends each step with the same
 weights and architecture weights. With one device none of this is used: the step runs under
 plain `jax.jit` with no collectives.
 

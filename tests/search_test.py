@@ -18,7 +18,9 @@ def load_config(name, arg='tiny'):
   return importlib.import_module(f'configs.{name}').get_config(arg)
 
 
-@pytest.mark.parametrize('name', ['pc_darts', 'p_darts', 'pcp', 'ss_pcp'])
+# pcp's code path is ss_pcp's progressive stages with pc_darts' ss_factor = 0 architecture step,
+# both run here; leaving it out saves CI a 2-stage compile.
+@pytest.mark.parametrize('name', ['pc_darts', 'p_darts', 'ss_pcp'])
 def test_tiny_search_end_to_end(name, tmp_path):
   config = load_config(name)
   workdir = str(tmp_path)
