@@ -2,12 +2,12 @@
 
 The search and train steps take the *global* batch (replicated on every device), augment it,
 keep their device's slice (`local_part`) and average gradients, metrics, BN statistics and the
-Barlow Twins cross-correlation over the named axis `AXIS` with `lax.pmean`. `data_parallel`
-runs such a step under `jax.shard_map` with every input and output replicated, over all the
-devices of all processes (multi-host included); the same step runs unchanged under
-`jax.pmap(..., axis_name=AXIS)` on stacked replicas (checked once by hand). Every device ends each step with the same
-weights and architecture weights. With one device none of this is used: the step runs under
-plain `jax.jit` with no collectives.
+Barlow Twins cross-correlation over the named axis `AXIS` with `lax.pmean`. `data_parallel` runs
+such a step under `jax.shard_map` with every input and output replicated, over all the devices
+of all processes (multi-host included); the same step runs unchanged under `jax.pmap(...,
+axis_name=AXIS)` on stacked replicas (checked once by hand). Every device ends each step with
+the same weights and architecture weights. With one device none of this is used: the step runs
+under plain `jax.jit` with no collectives.
 
 Augmenting the global batch on every device (rather than each device its slice) costs little
 next to the supernet and makes the images, crops and flips independent of the device count;
