@@ -46,6 +46,7 @@ from ml_collections import config_flags
 
 from pcp_jax import data
 from pcp_jax import genotypes
+from pcp_jax import ops
 from pcp_jax import parallel
 from pcp_jax import search
 from pcp_jax import train
@@ -257,7 +258,8 @@ def build_program(case, config):
     switches = stage_switches(config, case['stage'])
     model, projector, state, _, optimizers = search.build_stage(
         cfg, stage.layers, stage.epochs, switches, info.num_classes, shape,
-        search_steps_per_epoch(config, b) or 1, key_init, mesh.size)
+        search_steps_per_epoch(config, b) or 1, key_init, mesh.size,
+        config.get('op_impl', 'auto'))
     jax.block_until_ready(state)
     init_seconds = time.perf_counter() - t0
     chunk_fn, _ = search.make_stage_fns(cfg, model.clone(dtype=dtype), projector, optimizers,
@@ -317,7 +319,8 @@ def build_program(case, config):
     details = dict(layers=config.train.layers, channels=config.train.channels,
                    auxiliary=bool(config.train.auxiliary), genotype=genotype_name,
                    params=_count(state.params))
-  return program._replace(details=dict(details, init_seconds=init_seconds))
+  op_impl = ops.resolve_op_impl(config.get('op_impl', 'auto'))
+  return program._replace(details=dict(details, init_seconds=init_seconds, op_impl=op_impl))
 
 
 def _timed_calls(compiled, carry, args, calls, next_carry):
@@ -474,19 +477,19 @@ def _bytes(n):
 
 def format_table(results):
   """A readable text table of the results."""
-  header = ('case', 'cells', 'ops', 'batch', 'dtype', 'init s', 'compile s', 's/step',
+  header = ('case', 'cells', 'ops', 'batch', 'dtype', 'op impl', 'init s', 'compile s', 's/step',
             'img/s', 'peak mem', 'steps RSS', 'params', 'x vs ref')
   rows, errors = [], []
   for r in results:
     name = f"search stage {r['stage'] + 1}" if r['what'] == 'search' else 'train'
     if 'error' in r:
-      rows.append((name, '', '', str(r['batch_size']), r['dtype'], 'failed'))
+      rows.append((name, '', '', str(r['batch_size']), r['dtype'], '', 'failed'))
       errors.append(f"{name}, batch {r['batch_size']}: {r['error']}")
       continue
     mem = r['peak_device_bytes'] if r['peak_device_bytes'] is not None else r['peak_rss_bytes']
     ratio = r.get('x_vs_reference')
     rows.append((name, str(r['layers']), str(r.get('ops_per_edge', '')), str(r['batch_size']),
-                 r['dtype'], f"{r['init_seconds']:.1f}", f"{r['compile_seconds']:.1f}",
+                 r['dtype'], r.get('op_impl', ''), f"{r['init_seconds']:.1f}", f"{r['compile_seconds']:.1f}",
                  f"{r['seconds_per_step']:.4g}", f"{r['images_per_second']:.1f}", _bytes(mem),
                  _bytes(r['steps_peak_rss_bytes']), f"{r['params']:,}",
                  '' if ratio is None else f'{ratio:.2f}'))

@@ -4,31 +4,245 @@ Search flavour (`affine=False`): batch norms without scale/bias, and every pool 
 a mixed op is followed by such a batch norm. Evaluation flavour (`affine=True`):
 affine batch norms, no batch norm after pools. Padding is explicit so strided
 ops see exactly the pixels PyTorch's symmetric padding gives them.
+
+`op_impl` picks how convolutions and pools are computed. Every choice has the same
+variables (each convolution keeps an `nn.Conv`-shaped kernel under the name Flax would
+give that `nn.Conv`, so checkpoints are interchangeable) and computes the same function
+up to float rounding:
+  'xla': XLA's own ops (`conv_general_dilated`, `reduce_window`), best on GPU and TPU;
+  'cpu': formulations XLA:CPU runs several times faster at DARTS sizes: depthwise
+    convolutions as sums of shifted slices times per-channel weights, 1x1 convolutions
+    as matrix products, max pools as maxima over slices and reshapes. Where a maximum
+    ties, its gradient may go to another of the tied inputs than under 'xla'
+    (both are valid subgradients);
+  'auto': 'cpu' on a CPU backend, 'xla' otherwise, decided when traced.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
+OP_IMPLS = ('auto', 'xla', 'cpu')
+# Under 'cpu', the kernel gradient of a depthwise conv on at most this many channels is
+# the diagonal of a dense conv's kernel gradient: one XLA convolution, which compiles far
+# faster than k*k per-tap reductions and runs as fast at these widths. Wider inputs use
+# the reductions (the dense gradient costs k*k*C*C multiply-adds per pixel).
+DENSE_KERNEL_GRAD_MAX_CHANNELS = 16
+
+
+def resolve_op_impl(impl: str) -> str:
+  """'xla' or 'cpu' for an `op_impl` setting (see the module docstring)."""
+  if impl not in OP_IMPLS:
+    raise ValueError(f'op_impl must be one of {OP_IMPLS}, got {impl!r}.')
+  if impl == 'auto':
+    return 'cpu' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
 
 def batch_norm(train: bool, affine: bool, axis_name: Optional[str], dtype: Dtype,
-               name: Optional[str] = None) -> nn.BatchNorm:
+               name: Optional[str] = None, op_impl: str = 'auto') -> 'BatchNorm':
   # PyTorch momentum 0.1 is Flax momentum 0.9.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      use_scale=affine, use_bias=affine, axis_name=axis_name,
-                      dtype=dtype, name=name)
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                   use_scale=affine, use_bias=affine, axis_name=axis_name,
+                   dtype=dtype, name=name, op_impl=op_impl)
+
+
+class BatchNorm(nn.BatchNorm):
+  """`nn.BatchNorm` (same variables and names); in training under op_impl 'cpu' its
+  normalisation has a hand-written gradient, which XLA:CPU runs and compiles faster."""
+  op_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
+    frozen = nn.merge_param('use_running_average', self.use_running_average,
+                            use_running_average)
+    if (frozen or mask is not None or resolve_op_impl(self.op_impl) == 'xla'
+        or self.axis not in (-1, x.ndim - 1)):
+      return super().__call__(x, use_running_average, mask=mask)
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32),
+                            features)
+    ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32),
+                           features)
+    axis_name = None if self.is_initializing() else self.axis_name
+    y, mean, var = _normalize_train(x.astype(jnp.float32), self.epsilon, axis_name)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    if self.use_scale:
+      y = y * self.param('scale', self.scale_init, features, self.param_dtype)
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, features, self.param_dtype)
+    return y.astype(self.dtype or x.dtype)
+
+
+def _mean_over(x, axis_name):
+  mean = jnp.mean(x, axis=tuple(range(x.ndim - 1)))
+  return mean if axis_name is None else lax.pmean(mean, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _normalize_train(x, epsilon: float, axis_name):
+  """(x - mean) / sqrt(var + epsilon) with the batch's mean and (biased) variance."""
+  return _normalize_train_fwd(x, epsilon, axis_name)[0]
+
+
+def _normalize_train_fwd(x, epsilon, axis_name):
+  mean = _mean_over(x, axis_name)
+  centred = x - mean
+  var = _mean_over(centred * centred, axis_name)
+  inv_std = lax.rsqrt(var + epsilon)
+  count = np.prod(x.shape[:-1]) * (1 if axis_name is None else lax.psum(1, axis_name))
+  return (centred * inv_std, mean, var), (centred, inv_std, count)
+
+
+def _normalize_train_bwd(epsilon, axis_name, residuals, cotangents):
+  centred, inv_std, count = residuals
+  g_y, g_mean, g_var = cotangents
+  x_hat = centred * inv_std
+  g_x = inv_std * (g_y - _mean_over(g_y, axis_name)
+                   - x_hat * _mean_over(g_y * x_hat, axis_name))
+  return (g_x + (g_mean + 2 * g_var * centred) / count,)
+
+
+_normalize_train.defvjp(_normalize_train_fwd, _normalize_train_bwd)
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+  return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pad_hw(x, padding: int, value=0.0):
+  return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                 constant_values=value)
+
+
+def _window(x, top: int, left: int, stride: int, out_hw):
+  """x[:, top::stride, left::stride, :] cut to `out_hw` pixels."""
+  b, _, _, c = x.shape
+  h_out, w_out = out_hw
+  return lax.slice(x, (0, top, left, 0),
+                   (b, top + (h_out - 1) * stride + 1, left + (w_out - 1) * stride + 1, c),
+                   (1, stride, stride, 1))
+
+
+def _weighted_windows(x_padded, kernel, stride: int, dilation: int, out_hw, flip=False):
+  """sum over taps (i, j) of kernel[i, j, 0] times the (i, j) window of `x_padded`."""
+  k = kernel.shape[0]
+  out = None
+  for i in range(k):
+    for j in range(k):
+      ti, tj = (k - 1 - i, k - 1 - j) if flip else (i, j)
+      term = _window(x_padded, ti * dilation, tj * dilation, stride, out_hw) * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+# Depthwise convolution as shifted slices, with a hand-written gradient. Left to autodiff,
+# XLA fuses each of the k*k transposed slices (pads) with the whole forward sum and
+# recomputes it per tap; the barriers make it read materialised arrays instead.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_slices(x, kernel, stride: int, padding: int, dilation: int):
+  return _depthwise_slices_fwd(x, kernel, stride, padding, dilation)[0]
+
+
+def _depthwise_slices_fwd(x, kernel, stride, padding, dilation):
+  k = kernel.shape[0]
+  _, h, w, _ = x.shape
+  x_padded = lax.optimization_barrier(_pad_hw(x, padding))
+  out_hw = (_out_size(h, k, stride, padding, dilation), _out_size(w, k, stride, padding,
+                                                                    dilation))
+  out = _weighted_windows(x_padded, kernel, stride, dilation, out_hw)
+  return out, (x_padded, kernel, (h, w))
+
+
+def _depthwise_slices_bwd(stride, padding, dilation, residuals, g):
+  x_padded, kernel, (h, w) = residuals
+  k, c = kernel.shape[0], kernel.shape[-1]
+  h_out, w_out = g.shape[1:3]
+  if c <= DENSE_KERNEL_GRAD_MAX_CHANNELS:
+    def dense_conv(dense_kernel):
+      return lax.conv_general_dilated(x_padded, dense_kernel, (stride, stride), 'VALID',
+                                      rhs_dilation=(dilation, dilation),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    dense_grad = jax.vjp(dense_conv, jnp.zeros((k, k, c, c), kernel.dtype))[1](g)[0]
+    g_kernel = jnp.diagonal(dense_grad, axis1=2, axis2=3)[:, :, None, :]
+  else:
+    g_kernel = jnp.stack([
+        jnp.sum(_window(x_padded, i * dilation, j * dilation, stride, (h_out, w_out)) * g,
+                axis=(0, 1, 2))
+        for i in range(k) for j in range(k)]).reshape(kernel.shape).astype(kernel.dtype)
+  # The input gradient is a stride-1 correlation of g (strides turned into zeros between
+  # its pixels, then padded) with the flipped kernel, cut to the unpadded input.
+  edge = dilation * (k - 1)
+  config = [(0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)]
+  config[1] = (edge - padding, h + padding - (h_out - 1) * stride - 1, stride - 1)
+  config[2] = (edge - padding, w + padding - (w_out - 1) * stride - 1, stride - 1)
+  g_padded = lax.optimization_barrier(lax.pad(g, jnp.zeros((), g.dtype), config))
+  g_x = _weighted_windows(g_padded, kernel, 1, dilation, (h, w), flip=True)
+  return g_x, g_kernel
+
+
+_depthwise_slices.defvjp(_depthwise_slices_fwd, _depthwise_slices_bwd)
+
+
+def channel_matmul(x, matrix):
+  """x @ matrix over the last axis, as one 2-D product (XLA:CPU runs those much faster
+  than the same 4-D dot or a 1x1 convolution)."""
+  y = x.reshape(-1, x.shape[-1]) @ matrix
+  return y.reshape(x.shape[:-1] + (matrix.shape[-1],))
+
+
+def conv2d(x, kernel, stride: int = 1, padding: int = 0, dilation: int = 1, groups: int = 1,
+           impl: str = 'auto'):
+  """NHWC convolution with an HWIO kernel, as `nn.Conv` computes it (see `op_impl`)."""
+  k, _, c_in_per_group, c_out = kernel.shape
+  c_in = x.shape[-1]
+  if resolve_op_impl(impl) == 'cpu':
+    if groups == c_in == c_out:  # depthwise
+      return _depthwise_slices(x, kernel, stride, padding, dilation)
+    if k == 1 and groups == 1 and padding == 0:  # pointwise
+      return channel_matmul(x[:, ::stride, ::stride, :], kernel[0, 0])
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+      rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups)
+
+
+class Conv(nn.Module):
+  """A bias-free square convolution with the variables of the equivalent `nn.Conv`.
+
+  Named `Conv` so that Flax names its instances as it names `nn.Conv`s (`Conv_0`, ...).
+  """
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  groups: int = 1
+  op_impl: str = 'auto'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (k, k, x.shape[-1] // self.groups, self.features), jnp.float32)
+    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding,
+                  self.dilation, self.groups, self.op_impl)
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,
-         groups: int = 1, dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)),
-                 kernel_dilation=(dilation, dilation), feature_group_count=groups,
-                 use_bias=False, dtype=dtype, name=name)
+         groups: int = 1, dtype: Dtype = jnp.float32, name: Optional[str] = None,
+         op_impl: str = 'auto') -> Conv:
+  return Conv(features, kernel, stride, padding, dilation, groups, op_impl, dtype, name=name)
 
 
 class ReLUConvBN(nn.Module):
@@ -40,12 +254,15 @@ class ReLUConvBN(nn.Module):
   affine: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  op_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     x = nn.relu(x)
-    x = conv(self.features, self.kernel, self.stride, self.padding, dtype=self.dtype)(x)
-    return batch_norm(train, self.affine, self.bn_axis_name, self.dtype)(x)
+    x = conv(self.features, self.kernel, self.stride, self.padding, dtype=self.dtype,
+             op_impl=self.op_impl)(x)
+    return batch_norm(train, self.affine, self.bn_axis_name, self.dtype,
+                      op_impl=self.op_impl)(x)
 
 
 class DilConv(nn.Module):
@@ -58,15 +275,17 @@ class DilConv(nn.Module):
   affine: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  op_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     c_in = x.shape[-1]
     x = nn.relu(x)
     x = conv(c_in, self.kernel, self.stride, self.padding, self.dilation, groups=c_in,
-             dtype=self.dtype)(x)
-    x = conv(self.features, 1, dtype=self.dtype)(x)
-    return batch_norm(train, self.affine, self.bn_axis_name, self.dtype)(x)
+             dtype=self.dtype, op_impl=self.op_impl)(x)
+    x = conv(self.features, 1, dtype=self.dtype, op_impl=self.op_impl)(x)
+    return batch_norm(train, self.affine, self.bn_axis_name, self.dtype,
+                      op_impl=self.op_impl)(x)
 
 
 class SepConv(nn.Module):
@@ -78,11 +297,13 @@ class SepConv(nn.Module):
   affine: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  op_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     c_in = x.shape[-1]
-    common = dict(affine=self.affine, bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+    common = dict(affine=self.affine, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                  op_impl=self.op_impl)
     x = DilConv(c_in, self.kernel, self.stride, self.padding, 1, **common)(x, train)
     return DilConv(self.features, self.kernel, 1, self.padding, 1, **common)(x, train)
 
@@ -93,6 +314,7 @@ class FactorizedReduce(nn.Module):
   affine: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  op_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -100,19 +322,81 @@ class FactorizedReduce(nn.Module):
       raise ValueError(f'FactorizedReduce needs an even channel count, got {self.features}.')
     x = nn.relu(x)
     half = self.features // 2
-    a = conv(half, 1, stride=2, dtype=self.dtype)(x)
-    b = conv(half, 1, stride=2, dtype=self.dtype)(x[:, 1:, 1:, :])
+    a = conv(half, 1, stride=2, dtype=self.dtype, op_impl=self.op_impl)(x)
+    b = conv(half, 1, stride=2, dtype=self.dtype, op_impl=self.op_impl)(x[:, 1:, 1:, :])
     x = jnp.concatenate([a, b], axis=-1)
-    return batch_norm(train, self.affine, self.bn_axis_name, self.dtype)(x)
+    return batch_norm(train, self.affine, self.bn_axis_name, self.dtype,
+                      op_impl=self.op_impl)(x)
 
 
-def max_pool_3x3(x, stride: int):
-  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+def max_pool_3x3(x, stride: int, impl: str = 'auto'):
+  if resolve_op_impl(impl) == 'xla':
+    return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+  return _max_pool_slices(x, 3, stride, 1)
 
 
-def avg_pool_3x3(x, stride: int):
-  return nn.avg_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                     count_include_pad=False)
+# Max pooling as a maximum over shifted slices. Its gradient goes, like XLA's
+# select-and-scatter, to the first maximum of each window in row-major order, so both
+# implementations agree even where values tie (e.g. flat image borders).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_slices(x, kernel: int, stride: int, padding: int):
+  return _max_pool_slices_fwd(x, kernel, stride, padding)[0]
+
+
+def _max_pool_slices_fwd(x, kernel, stride, padding):
+  _, h, w, _ = x.shape
+  x_padded = lax.optimization_barrier(_pad_hw(x, padding, -jnp.inf))
+  out_hw = (_out_size(h, kernel, stride, padding), _out_size(w, kernel, stride, padding))
+  out = None
+  for i in range(kernel):
+    for j in range(kernel):
+      window = _window(x_padded, i, j, stride, out_hw)
+      out = window if out is None else jnp.maximum(out, window)
+  return out, (x_padded, out, (h, w))
+
+
+def _max_pool_slices_bwd(kernel, stride, padding, residuals, g):
+  x_padded, out, (h, w) = residuals
+  taps = [(i, j) for i in range(kernel) for j in range(kernel)]
+  first = jnp.full(out.shape, len(taps), jnp.int32)
+  for t in reversed(range(len(taps))):
+    window = _window(x_padded, taps[t][0], taps[t][1], stride, out.shape[1:3])
+    first = jnp.where(window == out, t, first)
+  # Spread g back through the windows as the depthwise gradient does: strides become
+  # holes (tap -1, matching none), then each input pixel gathers from the k*k outputs
+  # whose window covers it, keeping those that chose it.
+  edge = kernel - 1
+  config = [(0, 0, 0), (edge - padding, h + padding - (out.shape[1] - 1) * stride - 1,
+                        stride - 1),
+            (edge - padding, w + padding - (out.shape[2] - 1) * stride - 1, stride - 1),
+            (0, 0, 0)]
+  g_spread = lax.optimization_barrier(lax.pad(g, jnp.zeros((), g.dtype), config))
+  first_spread = lax.optimization_barrier(lax.pad(first, jnp.int32(-1), config))
+  g_x = None
+  for t, (i, j) in enumerate(taps):
+    top, left = edge - i, edge - j
+    chosen = _window(first_spread, top, left, 1, (h, w)) == t
+    term = jnp.where(chosen, _window(g_spread, top, left, 1, (h, w)), 0)
+    g_x = term if g_x is None else g_x + term
+  return (g_x,)
+
+
+_max_pool_slices.defvjp(_max_pool_slices_fwd, _max_pool_slices_bwd)
+
+
+def avg_pool_3x3(x, stride: int, impl: str = 'auto'):
+  """3x3 average over the pixels inside the image (padding not counted)."""
+  if resolve_op_impl(impl) == 'xla':
+    return nn.avg_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+                       count_include_pad=False)
+  _, h, w, c = x.shape
+  inside = np.pad(np.ones((h, w), np.float32), 1)
+  out_hw = (_out_size(h, 3, stride, 1), _out_size(w, 3, stride, 1))
+  counts = sum(inside[i:i + (out_hw[0] - 1) * stride + 1:stride,
+                      j:j + (out_hw[1] - 1) * stride + 1:stride]
+               for i in range(3) for j in range(3))
+  sums = _depthwise_slices(x, jnp.ones((3, 3, 1, c), x.dtype), stride, 1, 1)
+  return sums * (1.0 / counts)[:, :, None].astype(x.dtype)
 
 
 def zeros_like_strided(x, stride: int):
@@ -127,24 +411,28 @@ class Pool(nn.Module):
   bn_after: bool = False
   bn_axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  op_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    x = (max_pool_3x3 if self.kind == 'max' else avg_pool_3x3)(x, self.stride)
+    if self.kind == 'max':
+      x = max_pool_3x3(x, self.stride, self.op_impl)
+    else:
+      x = avg_pool_3x3(x, self.stride, self.op_impl)
     if self.bn_after:
-      x = batch_norm(train, False, self.bn_axis_name, self.dtype)(x)
+      x = batch_norm(train, False, self.bn_axis_name, self.dtype, op_impl=self.op_impl)(x)
     return x
 
 
 def make_op(name: str, features: int, stride: int, affine: bool,
             bn_axis_name: Optional[str] = None, dtype: Dtype = jnp.float32,
-            module_name: Optional[str] = None):
+            module_name: Optional[str] = None, op_impl: str = 'auto'):
   """One of the PRIMITIVES as a callable `op(x, train)`; `None` for `none` and identity.
 
   `none` and stride-1 `skip_connect` have no parameters; callers handle them
   directly (zeros cost nothing, identities are free), which is why they map to None.
   """
-  common = dict(bn_axis_name=bn_axis_name, dtype=dtype, name=module_name)
+  common = dict(bn_axis_name=bn_axis_name, dtype=dtype, name=module_name, op_impl=op_impl)
   if name in ('none',) or (name == 'skip_connect' and stride == 1):
     return None
   if name == 'skip_connect':
@@ -178,8 +466,10 @@ def channel_shuffle(x_nhwc, groups: int):
   return jnp.swapaxes(x, -1, -2).reshape(b, h, w, c)
 
 
-def max_pool_2x2(x):
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+def max_pool_2x2(x, impl: str = 'auto'):
+  if resolve_op_impl(impl) == 'xla':
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+  return _max_pool_slices(x, 2, 2, 0)
 
 
 def drop_path(key, x, rate):

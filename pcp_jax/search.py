@@ -329,14 +329,14 @@ def _cap(images, labels, n):
 
 
 def build_stage(cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch, key,
-                num_devices=1):
+                num_devices=1, op_impl='auto'):
   """A fresh supernet over the ops still on, its projector, optimisers and initial state."""
   model = supernet.SearchNetwork(
       num_classes=num_classes, channels=cfg.channels, layers=layers,
       partial_k=cfg.partial_k, channel_mode=cfg.channel_mode, use_betas=cfg.use_betas,
       switches_normal=genotypes.switches_to_tuple(switches['normal']),
       switches_reduce=genotypes.switches_to_tuple(switches['reduce']),
-      bn_axis_name=parallel.axis_name(num_devices))
+      bn_axis_name=parallel.axis_name(num_devices), op_impl=op_impl)
   tx_weights, lr_schedule = weight_optimizer(cfg, epochs, steps_per_epoch)
   tx_arch = arch_optimizer(cfg, cfg.arch_lr)
   tx_projector = arch_optimizer(cfg, cfg.projector_lr)
@@ -383,7 +383,8 @@ def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std):
 # Checkpoints and resumption.
 
 # Config fields that may differ between a run and its resumption (everything else must match).
-_FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'modes', 'data.dir', 'data.download')
+_FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
+                   'data.download')
 
 
 def run_fingerprint(config) -> dict:
@@ -480,7 +481,8 @@ def search(config, workdir):
       stage = cfg.stages[s]
       k_init = jax.random.split(jax.random.fold_in(root, s), 4)[0]
       setups[key] = build_stage(cfg, stage.layers, stage.epochs, switches, info.num_classes,
-                                image_shape, steps, k_init, mesh.size)
+                                image_shape, steps, k_init, mesh.size,
+                                config.get('op_impl', 'auto'))
     return setups[key]
 
   def template(meta):

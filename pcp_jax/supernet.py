@@ -49,16 +49,23 @@ class PartialChannelMixedOp(nn.Module):
   train: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  op_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, weights, perm=None, skip_keep_mask=None, skip_keep_prob=None):
     """perm: this edge's channel permutation (`random` mode); skip_keep_mask/prob: dropout."""
     c = x.shape[-1]
     c_part = c // self.partial_k
+    # Under op_impl 'cpu' the sampled channels move by products with one-hot matrices:
+    # XLA:CPU runs those several times faster than gathers and their scatter gradients.
+    one_hot_moves = ops.resolve_op_impl(self.op_impl) == 'cpu'
     if self.partial_k == 1:
       x_part = x
     elif self.channel_mode == 'shuffle':
       x_part = x[..., :c_part]
+    elif one_hot_moves:
+      chosen = jax.nn.one_hot(perm[:c_part], c, dtype=x.dtype)  # (c_part, c)
+      x_part = ops.channel_matmul(x, chosen.T)
     else:
       x_part = jnp.take(x, perm[:c_part], axis=-1)
 
@@ -67,7 +74,8 @@ class PartialChannelMixedOp(nn.Module):
       if name == 'none':
         continue  # contributes exactly zero
       op = ops.make_op(name, c_part, self.stride, affine=False,
-                       bn_axis_name=self.bn_axis_name, dtype=self.dtype, module_name=name)
+                       bn_axis_name=self.bn_axis_name, dtype=self.dtype, module_name=name,
+                       op_impl=self.op_impl)
       y = ops.apply_op(name, op, x_part, self.stride, self.train)
       if name == 'skip_connect' and self.stride == 1 and skip_keep_mask is not None:
         y = jnp.where(skip_keep_mask, y / skip_keep_prob, 0).astype(y.dtype)
@@ -78,10 +86,12 @@ class PartialChannelMixedOp(nn.Module):
 
     if self.partial_k == 1:
       return out
-    bypass = x if self.stride == 1 else ops.max_pool_2x2(x)
+    bypass = x if self.stride == 1 else ops.max_pool_2x2(x, self.op_impl)
     if self.channel_mode == 'shuffle':
       merged = jnp.concatenate([out, bypass[..., c_part:]], axis=-1)
       return ops.channel_shuffle(merged, self.partial_k)
+    if one_hot_moves:
+      return bypass * (1 - jnp.sum(chosen, axis=0)) + ops.channel_matmul(out, chosen)
     merged = jnp.concatenate([out, jnp.take(bypass, perm[c_part:], axis=-1)], axis=-1)
     return jnp.take(merged, jnp.argsort(perm), axis=-1)
 
@@ -97,10 +107,12 @@ class SearchCell(nn.Module):
   train: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  op_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, s0, s1, weights, edge_weights=None, skip_drop_rate=None):
-    common = dict(affine=False, bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+    common = dict(affine=False, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                  op_impl=self.op_impl)
     if self.reduction_prev:
       s0 = ops.FactorizedReduce(self.channels, **common, name='preprocess0')(s0, self.train)
     else:
@@ -127,7 +139,8 @@ class SearchCell(nn.Module):
         stride = 2 if self.reduction and j < 2 else 1
         y = PartialChannelMixedOp(
             self.edge_op_names[edge], stride, self.partial_k, self.channel_mode,
-            self.train, self.bn_axis_name, self.dtype, name=f'edge{edge}')(
+            self.train, self.bn_axis_name, self.dtype, self.op_impl,
+            name=f'edge{edge}')(
                 h, weights[edge], None if perms is None else perms[edge],
                 None if masks is None else masks[edge], keep)
         if edge_weights is not None:
@@ -155,6 +168,7 @@ class SearchNetwork(nn.Module):
   stem_multiplier: int = 3
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  op_impl: str = 'auto'  # see ops.OP_IMPLS
 
   def _check(self):
     if self.channel_mode not in CHANNEL_MODES:
@@ -166,6 +180,7 @@ class SearchNetwork(nn.Module):
           f'got {self.partial_k}.')
     if self.layers < 3:
       raise ValueError(f'search.layers must be >= 3 (two reduction cells), got {self.layers}.')
+    ops.resolve_op_impl(self.op_impl)
 
   @nn.compact
   def __call__(self, x, train: bool = True, skip_drop_rate=None):
@@ -192,9 +207,11 @@ class SearchNetwork(nn.Module):
 
     x = x.astype(self.dtype)
     c_stem = self.stem_multiplier * self.channels
-    x = ops.conv(c_stem, 3, padding=1, dtype=self.dtype, name='stem_conv')(x)
+    x = ops.conv(c_stem, 3, padding=1, dtype=self.dtype, name='stem_conv',
+                 op_impl=self.op_impl)(x)
     # The reference search network's stem BN is affine, unlike the cells'.
-    x = ops.batch_norm(train, True, self.bn_axis_name, self.dtype, name='stem_bn')(x)
+    x = ops.batch_norm(train, True, self.bn_axis_name, self.dtype, name='stem_bn',
+                       op_impl=self.op_impl)(x)
     s0 = s1 = x
     c = self.channels
     reduction_prev = False
@@ -205,7 +222,7 @@ class SearchNetwork(nn.Module):
       cell = SearchCell(c, reduction, reduction_prev,
                         ops_reduce if reduction else ops_normal,
                         self.partial_k, self.channel_mode, train, self.bn_axis_name,
-                        self.dtype, name=f'cell{i}')
+                        self.dtype, self.op_impl, name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, w_reduce if reduction else w_normal,
                         ew_reduce if reduction else ew_normal, skip_drop_rate)
       reduction_prev = reduction

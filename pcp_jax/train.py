@@ -152,7 +152,8 @@ def create_model(config: ml_collections.ConfigDict, genotype: genotypes.Genotype
   return networks.EvalNetwork(genotype, num_classes=info.num_classes,
                               channels=config.train.channels, layers=config.train.layers,
                               auxiliary=config.train.auxiliary,
-                              bn_axis_name=parallel.axis_name(num_devices))
+                              bn_axis_name=parallel.axis_name(num_devices),
+                              op_impl=config.get('op_impl', 'auto'))
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict,

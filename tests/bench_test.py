@@ -60,6 +60,7 @@ def test_tiny_search_and_train_through_the_command_line(tmp_path):
     assert 0 < case['compile_peak_rss_bytes'] <= case['peak_rss_bytes']
     assert case['platform'] == 'cpu' and case['device_count'] >= 1
     assert case['jax_version'] == jax.__version__
+    assert case['op_impl'] == 'cpu'  # 'auto' on a CPU backend
     assert case['x_vs_reference'] is None  # not the reference's network
     assert all(np.isfinite(v) for v in case['final_metrics'].values())
 

@@ -1,0 +1,238 @@
+"""The ops: every `op_impl` has the same variables and computes the same function.
+
+'xla' (XLA's convolution and reduce-window ops) is the simple reference; 'cpu' is the
+fast path. Outputs and gradients (w.r.t. inputs and parameters) must agree within float
+tolerance for every op, stride and flavour, and for whole networks.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcp_jax import genotypes
+from pcp_jax import networks
+from pcp_jax import ops
+from pcp_jax import supernet
+
+IMPLS = ('xla', 'cpu')
+
+
+def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
+  """Leaf-wise closeness, the tolerance scaled by each leaf's largest magnitude."""
+  leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+  leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+  assert tree_a == tree_b and len(leaves_a) == len(leaves_b)
+  for (path, x), y in zip(leaves_a, leaves_b):
+    x, y = np.asarray(x), np.asarray(y)
+    scale = max(float(np.max(np.abs(x), initial=0.0)), 1.0)
+    np.testing.assert_allclose(y, x, rtol=rtol, atol=atol * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_op_impl_is_validated_and_auto_follows_the_backend(monkeypatch):
+  with pytest.raises(ValueError, match="op_impl must be one of .*'xla'.*got 'fast'"):
+    ops.resolve_op_impl('fast')
+  x = jnp.zeros((1, 8, 8, 3))
+  with pytest.raises(ValueError, match='op_impl'):
+    supernet.SearchNetwork(channels=4, layers=3, op_impl='conv').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match='op_impl'):
+    networks.EvalNetwork(genotypes.REFERENCE_GENOTYPES['PDARTS'], channels=4, layers=3,
+                         op_impl='shifts').init(jax.random.PRNGKey(0), x)
+  assert ops.resolve_op_impl('xla') == 'xla' and ops.resolve_op_impl('cpu') == 'cpu'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert ops.resolve_op_impl('auto') == 'cpu'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert ops.resolve_op_impl('auto') == 'xla'
+
+
+@pytest.mark.parametrize('kernel,groups,stride,padding', [
+    (3, 1, 1, 1), (1, 1, 2, 0), (3, 5, 1, 1), (5, 5, 2, 2)])
+def test_conv_has_the_variables_of_the_equivalent_nn_conv(kernel, groups, stride, padding):
+  # Same names, shapes and initial values: checkpoints load across implementations and
+  # from before ops.Conv existed.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 5))
+  reference = nn.Conv(5, (kernel, kernel), strides=stride, padding=padding,
+                      feature_group_count=groups, use_bias=False)
+  variables = reference.init(jax.random.PRNGKey(1), x)
+  for impl in IMPLS:
+    ours = ops.conv(5, kernel, stride, padding, groups=groups, op_impl=impl)
+    mine = ours.init(jax.random.PRNGKey(1), x)
+    assert jax.tree_util.tree_structure(mine) == jax.tree_util.tree_structure(variables)
+    np.testing.assert_array_equal(mine['params']['kernel'], variables['params']['kernel'])
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def grads_of(fn, *args):
+  """(value, grads w.r.t. every argument) of sum(sin(fn(*args)) * fixed weights)."""
+  out_shape = jax.eval_shape(fn, *args).shape
+  weights = jax.random.normal(jax.random.PRNGKey(42), out_shape)
+  loss = lambda *a: jnp.sum(jnp.sin(fn(*a)) * weights)
+  return jax.value_and_grad(loss, argnums=tuple(range(len(args))))(*args)
+
+
+def all_cases(cases, impl):
+  """grads_of every (fn(impl), args) case, all in one compiled program."""
+  return jax.jit(lambda: [grads_of(fn(impl), *args) for fn, args in cases])()
+
+
+DEPTHWISE_CASES = [  # shape, kernel, stride, padding, dilation
+    ((2, 8, 8, 3), 3, 1, 1, 1), ((2, 8, 8, 3), 5, 1, 2, 1), ((2, 8, 8, 3), 3, 1, 2, 2),
+    ((2, 9, 9, 3), 5, 2, 4, 2), ((2, 7, 10, 3), 3, 2, 1, 1), ((2, 6, 6, 2), 3, 1, 0, 1)]
+
+
+@pytest.mark.parametrize('dense_limit', [16, 0], ids=['dense_kernel_grad', 'per_tap'])
+def test_depthwise_conv_values_and_gradients_agree(dense_limit, monkeypatch):
+  monkeypatch.setattr(ops, 'DENSE_KERNEL_GRAD_MAX_CHANNELS', dense_limit)
+  cases = []
+  for i, (shape, kernel, stride, padding, dilation) in enumerate(DEPTHWISE_CASES):
+    x = jax.random.normal(jax.random.PRNGKey(i), shape)
+    w = jax.random.normal(jax.random.PRNGKey(100 + i), (kernel, kernel, 1, shape[-1]))
+    fn = lambda impl, s=stride, p=padding, d=dilation, g=shape[-1]: (
+        lambda x, w: ops.conv2d(x, w, s, p, d, groups=g, impl=impl))
+    cases.append((fn, (x, w)))
+  assert_trees_close(*[all_cases(cases, impl) for impl in IMPLS])
+
+
+def test_pointwise_conv_values_and_gradients_agree():
+  cases = []
+  for shape, stride in [((2, 8, 8, 6), 1), ((2, 9, 7, 6), 2)]:
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    w = jax.random.normal(jax.random.PRNGKey(1), (1, 1, shape[-1], 4))
+    cases.append((lambda impl, s=stride: lambda x, w: ops.conv2d(x, w, s, impl=impl), (x, w)))
+  assert_trees_close(*[all_cases(cases, impl) for impl in IMPLS])
+
+
+def tied(shape):
+  """Inputs with many exact ties (a flat corner and coarse steps), as flat images give."""
+  x = jnp.round(2 * jax.random.normal(jax.random.PRNGKey(0), shape)) / 2
+  return x.at[:, :4, :4, :].set(0.5)
+
+
+def test_pools_agree_including_gradients_at_ties():
+  cases, is_max = [], []
+  for shape in [(2, 8, 8, 3), (2, 7, 9, 3)]:
+    for x in (jax.random.normal(jax.random.PRNGKey(0), shape), tied(shape)):
+      for stride in (1, 2):
+        for pool in (ops.max_pool_3x3, ops.avg_pool_3x3):
+          cases.append((lambda impl, p=pool, s=stride: lambda x: p(x, s, impl), (x,)))
+          is_max.append(pool is ops.max_pool_3x3)
+      cases.append((lambda impl: lambda x: ops.max_pool_2x2(x, impl), (x,)))
+      is_max.append(True)
+  reference, fast = [all_cases(cases, impl) for impl in IMPLS]
+  assert_trees_close(reference, fast)
+  # The gradient of a max goes to one of the tied inputs, the same one in both.
+  for max_pool, (_, (g_xla,)), (_, (g_cpu,)) in zip(is_max, reference, fast):
+    if max_pool:
+      np.testing.assert_array_equal(g_xla != 0, g_cpu != 0)
+
+
+def op_results(names_strides, affine, channels, impl):
+  """Variables and (value, output, new batch stats, grads) of each op under `impl`."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, channels))
+  built = [ops.make_op(name, channels, stride, affine=affine, op_impl=impl)
+           for name, stride in names_strides]
+  variables = jax.jit(lambda k: [op.init(k, x, True) for op in built])(jax.random.PRNGKey(1))
+
+  def one(op, v):
+    out_shape = jax.eval_shape(lambda: op.apply(v, x, True, mutable=['batch_stats'])[0]).shape
+    weights = jax.random.normal(jax.random.PRNGKey(2), out_shape)
+
+    def loss(x, params):
+      y, state = op.apply(dict(v, params=params), x, True, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(y) * weights), (y, state)
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, v.get('params', {}))
+
+  return variables, jax.jit(lambda: [one(op, v) for op, v in zip(built, variables)])()
+
+
+@pytest.mark.parametrize('affine', [False, True], ids=['search', 'eval'])
+def test_every_op_agrees_across_impls(affine):
+  # Stride-1 skip_connect is the identity in every implementation (make_op gives None).
+  names_strides = [(name, stride) for name in genotypes.PRIMITIVES if name != 'none'
+                   for stride in (1, 2) if (name, stride) != ('skip_connect', 1)]
+  reference_vars, reference = op_results(names_strides, affine, 6, 'xla')
+  variables, result = op_results(names_strides, affine, 6, 'cpu')
+  assert_trees_close(reference_vars, variables, rtol=0, atol=0)
+  assert_trees_close(reference, result)
+
+
+def one_op_per_edge(offset):
+  """(14, 8) switches, one op per edge, every primitive on some edge."""
+  switches = np.zeros((14, 8), bool)
+  for e in range(14):
+    switches[e, (e + offset) % 8] = True
+  return genotypes.switches_to_tuple(switches)
+
+
+def cell_results(cell, inputs, call_args, key):
+  """Initial variables and (value, grads w.r.t. params and inputs) of a cell under train."""
+  rngs = {'channels': key, 'dropout': key, 'drop_path': key}
+  variables = jax.jit(lambda k: cell.init(dict(rngs, params=k), *inputs, *call_args))(key)
+
+  def loss(params, inputs):
+    out, state = cell.apply(dict(variables, params=params), *inputs, *call_args, rngs=rngs,
+                            mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(out)), state
+
+  return variables, jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      variables['params'], inputs)
+
+
+@pytest.mark.parametrize('channel_mode', ['random', 'shuffle'])
+def test_search_cell_agrees_across_impls(channel_mode):
+  # A reduction cell after a reduction: stride-2 and stride-1 edges, the factorized-reduce
+  # preprocessing, partial channels, edge weights and skip-connect dropout.
+  inputs = (jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 6)),
+            jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 6)))
+  op_names = supernet.edge_ops(one_op_per_edge(3))
+  weights = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), (14, 1)), axis=-1)
+  edge_weights = jax.random.uniform(jax.random.PRNGKey(3), (14,))
+  results = []
+  for impl in IMPLS:
+    cell = supernet.SearchCell(8, True, True, op_names, partial_k=2, channel_mode=channel_mode,
+                               op_impl=impl)
+    results.append(cell_results(cell, inputs, (weights, edge_weights, 0.3),
+                                jax.random.PRNGKey(4)))
+  (vars_a, out_a), (vars_b, out_b) = results
+  assert_trees_close(vars_a, vars_b, rtol=0, atol=0)
+  assert_trees_close(out_a, out_b, rtol=2e-4, atol=2e-5)
+
+
+def test_eval_cell_agrees_across_impls():
+  inputs = (jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 6)),
+            jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 6)))
+  results = []
+  for impl in IMPLS:
+    cell = networks.EvalCell(genotypes.REFERENCE_GENOTYPES['PDARTS'], 8, True, True,
+                             op_impl=impl)
+    results.append(cell_results(cell, inputs, (True, 0.2), jax.random.PRNGKey(4)))
+  (vars_a, out_a), (vars_b, out_b) = results
+  assert_trees_close(vars_a, vars_b, rtol=0, atol=0)
+  assert_trees_close(out_a, out_b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize('affine', [False, True])
+def test_batch_norm_agrees_across_impls_including_across_devices(affine):
+  # A vmapped axis stands in for the data-parallel device axis: statistics are means over
+  # all devices, and each device differentiates its own loss, as in a data-parallel step.
+  x = 3 * jax.random.normal(jax.random.PRNGKey(0), (2, 4, 5, 5, 3)) + 1
+  weights = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  results = []
+  for impl in IMPLS:
+    bn = ops.batch_norm(True, affine, 'devices', jnp.float32, op_impl=impl)
+    variables = bn.init(jax.random.PRNGKey(2), x[0])
+    variables = jax.tree_util.tree_map(lambda v: v + 0.5, variables)  # non-trivial scale/bias
+
+    def device_loss(x, weights, params, bn=bn, variables=variables):
+      y, state = bn.apply(dict(variables, params=params), x, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(y) * weights), (y, state)
+
+    step = jax.value_and_grad(device_loss, argnums=(0, 2), has_aux=True)
+    results.append(jax.jit(jax.vmap(step, in_axes=(0, 0, None), axis_name='devices'))(
+        x, weights, variables.get('params', {})))
+  assert_trees_close(*results)
+  y = results[1][0][1][0]
+  np.testing.assert_allclose(np.mean(y, axis=(0, 1, 2, 3)), 0.5 if affine else 0, atol=1e-5)
