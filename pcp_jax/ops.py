@@ -200,6 +200,16 @@ def channel_matmul(x, matrix):
   return y.reshape(x.shape[:-1] + (matrix.shape[-1],))
 
 
+def block_diagonal(matrix, groups: int):
+  """The (c_in, c_out) matrix of a grouped 1x1 convolution's (c_in / groups, c_out) kernel."""
+  if groups == 1:
+    return matrix
+  c_in, c_out = matrix.shape[0] * groups, matrix.shape[1]
+  blocks = matrix.reshape(matrix.shape[0], groups, c_out // groups)
+  dense = jnp.einsum('igo,gh->giho', blocks, jnp.eye(groups, dtype=matrix.dtype))
+  return dense.reshape(c_in, c_out)
+
+
 def conv2d(x, kernel, stride: int = 1, padding: int = 0, dilation: int = 1, groups: int = 1,
            impl: str = 'auto'):
   """NHWC convolution with an HWIO kernel, as `nn.Conv` computes it (see `op_impl`)."""
@@ -208,8 +218,8 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0, dilation: int = 1, grou
   if resolve_op_impl(impl) == 'cpu':
     if groups == c_in == c_out:  # depthwise
       return _depthwise_slices(x, kernel, stride, padding, dilation)
-    if k == 1 and groups == 1 and padding == 0:  # pointwise
-      return channel_matmul(x[:, ::stride, ::stride, :], kernel[0, 0])
+    if k == 1 and padding == 0:  # pointwise, maybe grouped
+      return channel_matmul(x[:, ::stride, ::stride, :], block_diagonal(kernel[0, 0], groups))
   return lax.conv_general_dilated(
       x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
       rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
@@ -276,6 +286,7 @@ class DilConv(nn.Module):
   bn_axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
   op_impl: str = 'auto'
+  blocks: int = 1  # independent channel blocks (see make_op)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -283,7 +294,7 @@ class DilConv(nn.Module):
     x = nn.relu(x)
     x = conv(c_in, self.kernel, self.stride, self.padding, self.dilation, groups=c_in,
              dtype=self.dtype, op_impl=self.op_impl)(x)
-    x = conv(self.features, 1, dtype=self.dtype, op_impl=self.op_impl)(x)
+    x = conv(self.features, 1, groups=self.blocks, dtype=self.dtype, op_impl=self.op_impl)(x)
     return batch_norm(train, self.affine, self.bn_axis_name, self.dtype,
                       op_impl=self.op_impl)(x)
 
@@ -298,12 +309,13 @@ class SepConv(nn.Module):
   bn_axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
   op_impl: str = 'auto'
+  blocks: int = 1  # independent channel blocks (see make_op)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     c_in = x.shape[-1]
     common = dict(affine=self.affine, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                  op_impl=self.op_impl)
+                  op_impl=self.op_impl, blocks=self.blocks)
     x = DilConv(c_in, self.kernel, self.stride, self.padding, 1, **common)(x, train)
     return DilConv(self.features, self.kernel, 1, self.padding, 1, **common)(x, train)
 
@@ -315,16 +327,23 @@ class FactorizedReduce(nn.Module):
   bn_axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
   op_impl: str = 'auto'
+  blocks: int = 1  # independent channel blocks (see make_op)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    if self.features % 2:
-      raise ValueError(f'FactorizedReduce needs an even channel count, got {self.features}.')
+    n = self.blocks
+    if self.features % (2 * n):
+      raise ValueError(f'FactorizedReduce needs an even channel count per block, got '
+                       f'{self.features} channels in {n} block(s).')
     x = nn.relu(x)
     half = self.features // 2
-    a = conv(half, 1, stride=2, dtype=self.dtype, op_impl=self.op_impl)(x)
-    b = conv(half, 1, stride=2, dtype=self.dtype, op_impl=self.op_impl)(x[:, 1:, 1:, :])
-    x = jnp.concatenate([a, b], axis=-1)
+    common = dict(stride=2, groups=n, dtype=self.dtype, op_impl=self.op_impl)
+    a = conv(half, 1, **common)(x)
+    b = conv(half, 1, **common)(x[:, 1:, 1:, :])
+    # Per block: its half of a, then its half of b.
+    x = jnp.concatenate([a.reshape(a.shape[:-1] + (n, half // n)),
+                         b.reshape(b.shape[:-1] + (n, half // n))], axis=-1)
+    x = x.reshape(a.shape[:-1] + (self.features,))
     return batch_norm(train, self.affine, self.bn_axis_name, self.dtype,
                       op_impl=self.op_impl)(x)
 
@@ -426,27 +445,31 @@ class Pool(nn.Module):
 
 def make_op(name: str, features: int, stride: int, affine: bool,
             bn_axis_name: Optional[str] = None, dtype: Dtype = jnp.float32,
-            module_name: Optional[str] = None, op_impl: str = 'auto'):
+            module_name: Optional[str] = None, op_impl: str = 'auto', blocks: int = 1):
   """One of the PRIMITIVES as a callable `op(x, train)`; `None` for `none` and identity.
 
   `none` and stride-1 `skip_connect` have no parameters; callers handle them
   directly (zeros cost nothing, identities are free), which is why they map to None.
+  `blocks` > 1 applies `blocks` independent copies of the op at once to `blocks` equal
+  channel blocks of the input (`features` counts all of them): the search cell's edges
+  computed together. Per-channel parts (depthwise convolutions, pools, batch norms without
+  affine weights) need nothing for that; 1x1 convolutions become grouped ones.
   """
   common = dict(bn_axis_name=bn_axis_name, dtype=dtype, name=module_name, op_impl=op_impl)
   if name in ('none',) or (name == 'skip_connect' and stride == 1):
     return None
   if name == 'skip_connect':
-    return FactorizedReduce(features, affine=affine, **common)
+    return FactorizedReduce(features, affine=affine, blocks=blocks, **common)
   if name in ('max_pool_3x3', 'avg_pool_3x3'):
     return Pool(name[:3], stride, bn_after=not affine, **common)
   if name == 'sep_conv_3x3':
-    return SepConv(features, 3, stride, 1, affine=affine, **common)
+    return SepConv(features, 3, stride, 1, affine=affine, blocks=blocks, **common)
   if name == 'sep_conv_5x5':
-    return SepConv(features, 5, stride, 2, affine=affine, **common)
+    return SepConv(features, 5, stride, 2, affine=affine, blocks=blocks, **common)
   if name == 'dil_conv_3x3':
-    return DilConv(features, 3, stride, 2, 2, affine=affine, **common)
+    return DilConv(features, 3, stride, 2, 2, affine=affine, blocks=blocks, **common)
   if name == 'dil_conv_5x5':
-    return DilConv(features, 5, stride, 4, 2, affine=affine, **common)
+    return DilConv(features, 5, stride, 4, 2, affine=affine, blocks=blocks, **common)
   raise ValueError(f'unknown operation {name!r}.')
 
 

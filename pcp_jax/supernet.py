@@ -35,14 +35,21 @@ def node_softmax(betas):
 
 
 class PartialChannelMixedOp(nn.Module):
-  """A weighted sum of candidate ops applied to 1/K of the channels of one edge.
+  """The mixed ops of one or more edges: each a weighted sum of candidate ops applied to 1/K
+  of its input's channels, computed together.
+
+  The edges' sampled channels are concatenated and every candidate op runs once over the
+  channel blocks of the edges that have it (`ops.make_op(blocks=...)`: per-channel parts as
+  they are, 1x1 convolutions grouped), so a cell is a few large ops rather than 14 x ops
+  small ones, which XLA traces, compiles and runs faster. Every edge keeps its own weights
+  and computes what it would alone.
 
   `random` mode takes the first C/K channels of a random permutation (a fixed-size
   gather, so shapes stay static) and puts the result back at the same positions;
   `shuffle` mode takes the first C/K channels and applies the reference channel
   shuffle. Bypassed channels are kept (max-pooled 2x2 on stride-2 edges).
   """
-  op_names: Tuple[str, ...]
+  op_names: Tuple[Tuple[str, ...], ...]  # each edge's ops
   stride: int
   partial_k: int = 4
   channel_mode: str = 'random'
@@ -52,48 +59,95 @@ class PartialChannelMixedOp(nn.Module):
   op_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, weights, perm=None, skip_keep_mask=None, skip_keep_prob=None):
-    """perm: this edge's channel permutation (`random` mode); skip_keep_mask/prob: dropout."""
-    c = x.shape[-1]
+  def __call__(self, xs, weights, perms=None, skip_keep_masks=None, skip_keep_prob=None):
+    """Each edge's output.
+
+    xs: each edge's input (edges reading the same input come together and pass the same
+    array); weights: (edges, ops) op weights; perms: (edges, C) channel permutations
+    (`random` mode); skip_keep_masks: (edges, B, H', W', C/K) skip-connect dropout masks.
+    """
+    n, c = len(xs), xs[0].shape[-1]
     c_part = c // self.partial_k
+    partial, random = self.partial_k > 1, self.channel_mode == 'random'
     # Under op_impl 'cpu' the sampled channels move by products with one-hot matrices:
     # XLA:CPU runs those several times faster than gathers and their scatter gradients.
-    one_hot_moves = ops.resolve_op_impl(self.op_impl) == 'cpu'
-    if self.partial_k == 1:
-      x_part = x
-    elif self.channel_mode == 'shuffle':
-      x_part = x[..., :c_part]
-    elif one_hot_moves:
-      chosen = jax.nn.one_hot(perm[:c_part], c, dtype=x.dtype)  # (c_part, c)
-      x_part = ops.channel_matmul(x, chosen.T)
-    else:
-      x_part = jnp.take(x, perm[:c_part], axis=-1)
+    one_hot = partial and random and ops.resolve_op_impl(self.op_impl) == 'cpu'
+    runs = []  # (input, its edges)
+    for e, x in enumerate(xs):
+      if runs and runs[-1][0] is x:
+        runs[-1][1].append(e)
+      else:
+        runs.append((x, [e]))
+    chosen = [None] * n
+    parts = []
+    for x, edges in runs:
+      if not partial:
+        parts += [x] * len(edges)
+      elif not random:
+        parts += [x[..., :c_part]] * len(edges)
+      elif one_hot:
+        for e in edges:
+          chosen[e] = jax.nn.one_hot(perms[e, :c_part], c, dtype=x.dtype)  # (c_part, c)
+        parts.append(ops.channel_matmul(x, jnp.concatenate([chosen[e] for e in edges]).T))
+      else:
+        parts.append(jnp.take(x, perms[np.asarray(edges), :c_part].reshape(-1), axis=-1))
+    x_all = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+    def block(y, i):
+      return y[..., i * c_part:(i + 1) * c_part]
 
     out = None
-    for name, w in zip(self.op_names, weights):
-      if name == 'none':
-        continue  # contributes exactly zero
-      op = ops.make_op(name, c_part, self.stride, affine=False,
+    for name in genotypes.PRIMITIVES:
+      members = [e for e in range(n) if name in self.op_names[e]]
+      if not members or name == 'none':
+        continue  # `none` contributes exactly zero
+      x_in = x_all if len(members) == n else jnp.concatenate(
+          [block(x_all, e) for e in members], axis=-1)
+      op = ops.make_op(name, len(members) * c_part, self.stride, affine=False,
                        bn_axis_name=self.bn_axis_name, dtype=self.dtype, module_name=name,
-                       op_impl=self.op_impl)
-      y = ops.apply_op(name, op, x_part, self.stride, self.train)
-      if name == 'skip_connect' and self.stride == 1 and skip_keep_mask is not None:
-        y = jnp.where(skip_keep_mask, y / skip_keep_prob, 0).astype(y.dtype)
-      y = w.astype(y.dtype) * y
+                       op_impl=self.op_impl, blocks=len(members))
+      y = ops.apply_op(name, op, x_in, self.stride, self.train)
+      if name == 'skip_connect' and self.stride == 1 and skip_keep_masks is not None:
+        mask = jnp.moveaxis(skip_keep_masks[np.asarray(members)], 0, -2).reshape(y.shape)
+        y = jnp.where(mask, y / skip_keep_prob, 0).astype(y.dtype)
+      w = weights[np.asarray(members),
+                  np.asarray([self.op_names[e].index(name) for e in members])]
+      y = y * jnp.repeat(w, c_part).astype(y.dtype)
+      if len(members) < n:
+        zeros = jnp.zeros(y.shape[:-1] + (c_part,), y.dtype)
+        y = jnp.concatenate([block(y, members.index(e)) if e in members else zeros
+                             for e in range(n)], axis=-1)
       out = y if out is None else out + y
     if out is None:
-      out = ops.zeros_like_strided(x_part, self.stride)
+      out = ops.zeros_like_strided(x_all, self.stride)
+    if not partial:
+      return [block(out, e) for e in range(n)]
 
-    if self.partial_k == 1:
-      return out
-    bypass = x if self.stride == 1 else ops.max_pool_2x2(x, self.op_impl)
-    if self.channel_mode == 'shuffle':
-      merged = jnp.concatenate([out, bypass[..., c_part:]], axis=-1)
-      return ops.channel_shuffle(merged, self.partial_k)
-    if one_hot_moves:
-      return bypass * (1 - jnp.sum(chosen, axis=0)) + ops.channel_matmul(out, chosen)
-    merged = jnp.concatenate([out, jnp.take(bypass, perm[c_part:], axis=-1)], axis=-1)
-    return jnp.take(merged, jnp.argsort(perm), axis=-1)
+    results = []
+    for x, edges in runs:
+      bypass = x if self.stride == 1 else ops.max_pool_2x2(x, self.op_impl)
+      for e in edges:
+        if not random:
+          merged = jnp.concatenate([block(out, e), bypass[..., c_part:]], axis=-1)
+          results.append(ops.channel_shuffle(merged, self.partial_k))
+        elif one_hot:
+          results.append(bypass * (1 - jnp.sum(chosen[e], axis=0))
+                         + ops.channel_matmul(block(out, e), chosen[e]))
+        else:
+          merged = jnp.concatenate(
+              [block(out, e), jnp.take(bypass, perms[e, c_part:], axis=-1)], axis=-1)
+          results.append(jnp.take(merged, jnp.argsort(perms[e]), axis=-1))
+    return results
+
+
+# The edges of a cell by the state they read: edge e of node j reads state i
+# (0, 1: the cell inputs; 2 + k: node k). Edges reading the same state, or either input,
+# are computed together; after a group, the next node is complete.
+EDGES = tuple((i, j) for j in range(genotypes.STEPS) for i in range(2 + j))
+EDGE_GROUPS = tuple(
+    tuple(e for i in sources for e, (src, _) in enumerate(EDGES) if src == i)
+    for sources in [(0, 1)] + [(2 + k,) for k in range(genotypes.STEPS - 1)])
+GROUP_NAMES = ('from_inputs',) + tuple(f'from_node{k}' for k in range(genotypes.STEPS - 1))
 
 
 class SearchCell(nn.Module):
@@ -132,22 +186,23 @@ class SearchCell(nn.Module):
       keep = 1.0 - skip_drop_rate
       masks = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
     states = [s0, s1]
-    edge = 0
-    for _ in range(genotypes.STEPS):
-      node = None
-      for j, h in enumerate(states):
-        stride = 2 if self.reduction and j < 2 else 1
-        y = PartialChannelMixedOp(
-            self.edge_op_names[edge], stride, self.partial_k, self.channel_mode,
-            self.train, self.bn_axis_name, self.dtype, self.op_impl,
-            name=f'edge{edge}')(
-                h, weights[edge], None if perms is None else perms[edge],
-                None if masks is None else masks[edge], keep)
+    nodes = [None] * genotypes.STEPS
+    for group, name in zip(EDGE_GROUPS, GROUP_NAMES):
+      index = np.asarray(group)
+      stride = 2 if self.reduction and EDGES[group[0]][0] < 2 else 1
+      outs = PartialChannelMixedOp(
+          tuple(self.edge_op_names[e] for e in group), stride, self.partial_k,
+          self.channel_mode, self.train, self.bn_axis_name, self.dtype, self.op_impl,
+          name=name)(
+              [states[EDGES[e][0]] for e in group], weights[index],
+              None if perms is None else perms[index],
+              None if masks is None else masks[index], keep)
+      for e, y in zip(group, outs):
         if edge_weights is not None:
-          y = edge_weights[edge].astype(y.dtype) * y
-        node = y if node is None else node + y
-        edge += 1
-      states.append(node)
+          y = edge_weights[e].astype(y.dtype) * y
+        j = EDGES[e][1]
+        nodes[j] = y if nodes[j] is None else nodes[j] + y
+      states.append(nodes[len(states) - 2])
     return jnp.concatenate(states[2:], axis=-1)
 
 

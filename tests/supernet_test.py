@@ -62,8 +62,26 @@ def test_arch_init_is_small_gaussian():
   assert not np.allclose(betas, np.asarray(variables['arch']['betas_normal']))
 
 
-def mixed_op(op_names, stride=1, k=4, mode='random'):
-  return supernet.PartialChannelMixedOp(tuple(op_names), stride, k, mode)
+class mixed_op:  # pylint: disable=invalid-name
+  """One edge's mixed op, called as the edge alone would be (PartialChannelMixedOp takes
+  lists of edges)."""
+
+  def __init__(self, op_names, stride=1, k=4, mode='random'):
+    self.module = supernet.PartialChannelMixedOp((tuple(op_names),), stride, k, mode)
+
+  @staticmethod
+  def _edge_args(x, w, perm=None, mask=None, keep=None):
+    return ([x], w[None], None if perm is None else perm[None],
+            None if mask is None else mask[None], keep)
+
+  def init(self, key, *args):
+    return self.module.init(key, *self._edge_args(*args))
+
+  def apply(self, variables, *args, mutable=False):
+    if mutable:
+      outs, state = self.module.apply(variables, *self._edge_args(*args), mutable=mutable)
+      return outs[0], state
+    return self.module.apply(variables, *self._edge_args(*args))[0]
 
 
 def test_random_channels_bypassed_untouched_and_keyed():
@@ -171,3 +189,43 @@ def test_channel_shuffle_matches_reshape_definition():
   x = jnp.arange(2 * 8).reshape(1, 1, 2, 8)
   y = ops.channel_shuffle(x, 4)
   assert y[0, 0, 0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+@pytest.mark.parametrize('stride,mode,k', [(1, 'random', 2), (2, 'random', 2), (2, 'shuffle', 2),
+                                           (1, 'random', 1)])
+def test_edges_computed_together_equal_each_edge_alone(stride, mode, k):
+  # Three edges, two reading the same input, with different op sets (as in later P-DARTS
+  # stages): the group's variables, cut into per-edge blocks along their last axis, make
+  # each edge alone compute the same output and batch statistics.
+  op_names = (('none', 'max_pool_3x3', 'skip_connect', 'sep_conv_3x3'),
+              ('avg_pool_3x3', 'skip_connect', 'dil_conv_3x3', 'sep_conv_3x3'),
+              ('none', 'max_pool_3x3', 'dil_conv_3x3', 'dil_conv_5x5'))
+  x_a = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 8))
+  x_b = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 8))
+  xs = [x_a, x_a, x_b]
+  weights = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), (3, 4)), axis=-1)
+  perms = jnp.argsort(jax.random.uniform(jax.random.PRNGKey(3), (3, 8)), axis=-1)
+  masks = jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (3, 2, 8 // stride, 8 // stride, 8 // k))
+  group = supernet.PartialChannelMixedOp(op_names, stride, k, mode)
+  args = (weights, perms, masks, 0.7)
+  variables = jax.jit(lambda key: group.init(key, xs, *args))(jax.random.PRNGKey(5))
+  outs, state = jax.jit(lambda v: group.apply(v, xs, *args, mutable=['batch_stats']))(variables)
+
+  def edge_slice(tree, name, e):
+    members = [i for i in range(3) if name in op_names[i]]
+    n, i = len(members), members.index(e)
+    return jax.tree_util.tree_map(
+        lambda a: a[..., i * a.shape[-1] // n:(i + 1) * a.shape[-1] // n], tree)
+
+  for e in range(3):
+    alone = supernet.PartialChannelMixedOp((op_names[e],), stride, k, mode)
+    mine = {c: {name: edge_slice(variables[c][name], name, e)
+                for name in op_names[e] if name in variables[c]} for c in variables}
+    out, edge_state = alone.apply(mine, [xs[e]], weights[e:e + 1], perms[e:e + 1],
+                                  masks[e:e + 1], 0.7, mutable=['batch_stats'])
+    np.testing.assert_allclose(out[0], outs[e], rtol=1e-5, atol=1e-5)
+    for name, stats in edge_state['batch_stats'].items():
+      expected = edge_slice(state['batch_stats'][name], name, e)
+      jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                             stats, expected)
+  assert not np.allclose(outs[0], outs[1])  # same input, different edges
