@@ -35,8 +35,8 @@ def base_search_config() -> ml_collections.ConfigDict:
   config.modes = 'search'
   config.method = 'PCP-DARTS'
   config.num_devices = 0  # data-parallel over this many devices; 0 = all (of all processes)
-  # How convolutions and pools are computed (pcp_jax/ops.py): 'auto' (= 'cpu' on a CPU
-  # backend, 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (shifted slices and
+  # How convolutions and pools are computed (README, "Op implementations"): 'auto' (= 'cpu'
+  # on a CPU backend, 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (shifted slices and
   # matrix products, several times faster under XLA:CPU). Same variables, same function.
   config.op_impl = 'auto'
 

@@ -20,8 +20,8 @@ def base_train_config() -> ml_collections.ConfigDict:
   # Modes run in order by main.py / train.run_pipeline.
   config.modes = 'train,test,fgsm'
   config.num_devices = 0  # data-parallel over this many devices; 0 = all (of all processes)
-  # How convolutions and pools are computed (pcp_jax/ops.py): 'auto' (= 'cpu' on a CPU
-  # backend, 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (shifted slices and
+  # How convolutions and pools are computed (README, "Op implementations"): 'auto' (= 'cpu'
+  # on a CPU backend, 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (shifted slices and
   # matrix products, several times faster under XLA:CPU). Same variables, same function.
   config.op_impl = 'auto'
 

@@ -489,7 +489,8 @@ def format_table(results):
     mem = r['peak_device_bytes'] if r['peak_device_bytes'] is not None else r['peak_rss_bytes']
     ratio = r.get('x_vs_reference')
     rows.append((name, str(r['layers']), str(r.get('ops_per_edge', '')), str(r['batch_size']),
-                 r['dtype'], r.get('op_impl', ''), f"{r['init_seconds']:.1f}", f"{r['compile_seconds']:.1f}",
+                 r['dtype'], r.get('op_impl', ''), f"{r['init_seconds']:.1f}",
+                 f"{r['compile_seconds']:.1f}",
                  f"{r['seconds_per_step']:.4g}", f"{r['images_per_second']:.1f}", _bytes(mem),
                  _bytes(r['steps_peak_rss_bytes']), f"{r['params']:,}",
                  '' if ratio is None else f'{ratio:.2f}'))
