@@ -59,7 +59,8 @@ def test_drop_path_only_in_training_and_keyed():
   np.testing.assert_array_equal(a, train_logits(jax.random.PRNGKey(2), 0.5))
   no_drop = train_logits(jax.random.PRNGKey(2), 0.0)
   assert not np.allclose(a, no_drop)
-  eval_plain = model.apply(variables, x, train=False)[0]
-  eval_rate = model.apply(variables, x, train=False, drop_path_rate=0.5,
-                          rngs={'drop_path': jax.random.PRNGKey(2)})[0]
+  eval_plain, eval_rate = jax.jit(lambda: (
+      model.apply(variables, x, train=False)[0],
+      model.apply(variables, x, train=False, drop_path_rate=0.5,
+                  rngs={'drop_path': jax.random.PRNGKey(2)})[0]))()
   np.testing.assert_array_equal(eval_plain, eval_rate)

@@ -89,38 +89,41 @@ def uninterrupted(tmp_path_factory):
   return result(workdir)
 
 
-@pytest.mark.parametrize('every,kill_after_saves,kill_at_eval', [
-    (1, 3, 0),  # right after the 3rd checkpoint (mid-epoch)
-    (3, 0, 2),  # during the 2nd epoch's evaluation: the steps after the last save are redone
-])
-def test_sigkill_and_rerun_gives_the_uninterrupted_result(
-    uninterrupted, tmp_path, every, kill_after_saves, kill_at_eval):
-  killed = run(tmp_path, every, kill_after_saves, kill_at_eval)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert not os.path.exists(tmp_path / 'genotype.json')
-  assert os.listdir(tmp_path / 'search_checkpoints')
-  resumed = run(tmp_path, every)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'Resuming the search from checkpoint' in resumed.stderr
-  assert_same(result(tmp_path), uninterrupted)
-
-
-def test_corrupt_latest_checkpoint_falls_back_and_finishes_the_same(uninterrupted, tmp_path):
-  first = run(tmp_path, every=2)
-  assert first.returncode == 0, first.stderr[-3000:]
-  ckpt_dir = tmp_path / 'search_checkpoints'
+def damage_newest_checkpoint(ckpt_dir):
+  """Overwrites the newest checkpoint's array data (its metadata still reads); its step and
+  the one before."""
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   assert len(steps) >= 2
-  # Damage the newest checkpoint's array data; its metadata still reads.
   for root, _, files in os.walk(ckpt_dir / str(steps[-1]) / 'state'):
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
-  os.remove(tmp_path / 'genotype.json')
-  rerun = run(tmp_path, every=2)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f'Checkpoint {steps[-1]} in' in rerun.stderr and 'trying an older one' in rerun.stderr
-  assert f'Resuming the search from checkpoint {steps[-2]}' in rerun.stderr
+  return steps[-1], steps[-2]
+
+
+@pytest.mark.parametrize('every,kill_after_saves,kill_at_eval,corrupt', [
+    # Right after the 3rd checkpoint (mid-epoch), which is then damaged: the rerun falls
+    # back to the 2nd.
+    (1, 3, 0, True),
+    # During the 2nd epoch's evaluation: the steps after the last save are redone.
+    (3, 0, 2, False),
+])
+def test_sigkill_and_rerun_gives_the_uninterrupted_result(
+    uninterrupted, tmp_path, every, kill_after_saves, kill_at_eval, corrupt):
+  killed = run(tmp_path, every, kill_after_saves, kill_at_eval)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert not os.path.exists(tmp_path / 'genotype.json')
+  assert os.listdir(tmp_path / 'search_checkpoints')
+  if corrupt:
+    damaged, previous = damage_newest_checkpoint(tmp_path / 'search_checkpoints')
+  resumed = run(tmp_path, every)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  if corrupt:
+    assert f'Checkpoint {damaged} in' in resumed.stderr
+    assert 'trying an older one' in resumed.stderr
+    assert f'Resuming the search from checkpoint {previous}' in resumed.stderr
+  else:
+    assert 'Resuming the search from checkpoint' in resumed.stderr
   assert_same(result(tmp_path), uninterrupted)
 
 

@@ -229,3 +229,19 @@ def test_edges_computed_together_equal_each_edge_alone(stride, mode, k):
       jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                              stats, expected)
   assert not np.allclose(outs[0], outs[1])  # same input, different edges
+
+
+def test_darts_style_network_has_no_betas_and_all_channels():
+  # P-DARTS' supernet: K = 1 (every channel through the ops), no edge normalisation.
+  model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3, partial_k=1,
+                                 use_betas=False, switches_normal=only('none', 'skip_connect'),
+                                 switches_reduce=only('max_pool_3x3', 'skip_connect'))
+  variables, (logits, features) = jax.eval_shape(
+      lambda k: (lambda v: (v, model.apply(v, jnp.zeros((2, 8, 8, 3)), rngs={'dropout': k},
+                                           mutable=['batch_stats'])[0]))(
+          supernet.init_variables(model, k, (8, 8, 3))), jax.random.PRNGKey(0))
+  assert set(variables['arch']) == {'alphas_normal', 'alphas_reduce'}
+  assert logits.shape == (2, 10) and features.shape == (2, 16 * 4)
+  # The stride-2 skip_connect of the reduction cell sees all 8 channels of its input.
+  kernel = variables['params']['cell1']['from_inputs']['skip_connect']['Conv_0']['kernel']
+  assert kernel.shape == (1, 1, 8, 8 * 8 // 2)
