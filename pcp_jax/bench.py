@@ -162,6 +162,7 @@ def make_cases(search_config, train_config, *, what='search,train', batch_size='
                 for s in stage_list]
   if 'train' in kinds:
     genotypes.get(genotype or train_config.genotype)  # fail early on an unknown genotype
+    ops.resolve_op_impl(train_config.get('op_impl', 'auto'))
     sizes = parse_int_list(train_batch_size or train_config.train.batch_size,
                            'train_batch_size')
     for b in sizes:
@@ -249,6 +250,7 @@ def build_program(case, config):
   key_init, key_run = jax.random.split(jax.random.PRNGKey(case['seed']))
   shape = image_shape(config)
   info = data.DATASETS[config.data.dataset]
+  op_impl = config.get('op_impl', 'auto')
   t0 = time.perf_counter()
   if case['what'] == 'search':
     parallel.check_batch(b, mesh.size, '--batch_size')
@@ -258,8 +260,7 @@ def build_program(case, config):
     switches = stage_switches(config, case['stage'])
     model, projector, state, _, optimizers = search.build_stage(
         cfg, stage.layers, stage.epochs, switches, info.num_classes, shape,
-        search_steps_per_epoch(config, b) or 1, key_init, mesh.size,
-        config.get('op_impl', 'auto'))
+        search_steps_per_epoch(config, b) or 1, key_init, mesh.size, op_impl)
     jax.block_until_ready(state)
     init_seconds = time.perf_counter() - t0
     chunk_fn, _ = search.make_stage_fns(cfg, model.clone(dtype=dtype), projector, optimizers,
@@ -319,8 +320,8 @@ def build_program(case, config):
     details = dict(layers=config.train.layers, channels=config.train.channels,
                    auxiliary=bool(config.train.auxiliary), genotype=genotype_name,
                    params=_count(state.params))
-  op_impl = ops.resolve_op_impl(config.get('op_impl', 'auto'))
-  return program._replace(details=dict(details, init_seconds=init_seconds, op_impl=op_impl))
+  return program._replace(details=dict(details, init_seconds=init_seconds,
+                                        op_impl=ops.resolve_op_impl(op_impl)))
 
 
 def _timed_calls(compiled, carry, args, calls, next_carry):

@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from pcp_jax import ops
 from pcp_jax import search
 from pcp_jax import train
 
@@ -95,6 +96,7 @@ def run(config, workdir):
   if unknown or not modes:
     raise ValueError(f'config.modes must be a comma list of {sorted(MODES)}, '
                      f'got {config.modes!r}.')
+  ops.resolve_op_impl(config.get('op_impl', 'auto'))  # a bad value fails before any work
   for mode in modes:
     MODES[mode](config, workdir)
 

@@ -11,10 +11,10 @@ give that `nn.Conv`, so checkpoints are interchangeable) and computes the same f
 up to float rounding:
   'xla': XLA's own ops (`conv_general_dilated`, `reduce_window`), best on GPU and TPU;
   'cpu': formulations XLA:CPU runs several times faster at DARTS sizes: depthwise
-    convolutions as sums of shifted slices times per-channel weights, 1x1 convolutions
-    as matrix products, max pools as maxima over slices and reshapes. Where a maximum
-    ties, its gradient may go to another of the tied inputs than under 'xla'
-    (both are valid subgradients);
+    convolutions as sums of shifted slices times per-channel weights (hand-written
+    gradient), 1x1 convolutions (grouped too) as 2-D matrix products, pools as maxima or
+    sums over slices, training-mode batch norm with a hand-written gradient. A max pool's
+    gradient goes to the first maximum of each window, as under 'xla';
   'auto': 'cpu' on a CPU backend, 'xla' otherwise, decided when traced.
 """
 
@@ -40,7 +40,7 @@ DENSE_KERNEL_GRAD_MAX_CHANNELS = 16
 def resolve_op_impl(impl: str) -> str:
   """'xla' or 'cpu' for an `op_impl` setting (see the module docstring)."""
   if impl not in OP_IMPLS:
-    raise ValueError(f'op_impl must be one of {OP_IMPLS}, got {impl!r}.')
+    raise ValueError(f'op_impl must be one of {OP_IMPLS}, got {impl!r} (config.op_impl).')
   if impl == 'auto':
     return 'cpu' if jax.default_backend() == 'cpu' else 'xla'
   return impl

@@ -27,6 +27,7 @@ from pcp_jax import data as data_lib
 from pcp_jax import genotypes
 from pcp_jax import heads
 from pcp_jax import losses
+from pcp_jax import ops
 from pcp_jax import parallel
 from pcp_jax import reports
 from pcp_jax import supernet
@@ -282,6 +283,7 @@ def evaluate(eval_fn, variables, images, labels, batch_size, key):
 def check_config(config):
   """Validates the search config, naming the option and the allowed values."""
   cfg = config.search
+  ops.resolve_op_impl(config.get('op_impl', 'auto'))
   if not 0.0 <= cfg.ss_factor <= 1.0:
     raise ValueError(f'search.ss_factor must be in [0, 1], got {cfg.ss_factor}.')
   if cfg.channel_mode not in supernet.CHANNEL_MODES:

@@ -41,8 +41,8 @@ class PartialChannelMixedOp(nn.Module):
   The edges' sampled channels are concatenated and every candidate op runs once over the
   channel blocks of the edges that have it (`ops.make_op(blocks=...)`: per-channel parts as
   they are, 1x1 convolutions grouped), so a cell is a few large ops rather than 14 x ops
-  small ones, which XLA traces, compiles and runs faster. Every edge keeps its own weights
-  and computes what it would alone.
+  small ones, which XLA traces and compiles faster. Every edge keeps its own weights and
+  computes what it would alone.
 
   `random` mode takes the first C/K channels of a random permutation (a fixed-size
   gather, so shapes stay static) and puts the result back at the same positions;

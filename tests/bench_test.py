@@ -100,10 +100,16 @@ def test_a_bad_option_fails_with_its_name():
     (dict(stages='4'), 'the search config has 3 stage(s)'),
     (dict(project=True), '--project needs every stage'),
     (dict(what='train', genotype='NO_SUCH_GENOTYPE'), 'NO_SUCH_GENOTYPE'),
+    (dict(what='train', train_op_impl='fast'), "op_impl must be one of"),
+    (dict(what='search', search_op_impl='fast'), "op_impl must be one of"),
 ])
 def test_bad_options_raise_clear_errors(options, message):
+  options = dict(options)
+  search_config, train_config = pcp.get_config(), train_cifar10.get_config()
+  search_config.op_impl = options.pop('search_op_impl', 'auto')
+  train_config.op_impl = options.pop('train_op_impl', 'auto')
   with pytest.raises(ValueError) as error:
-    bench.make_cases(pcp.get_config(), train_cifar10.get_config(), **options)
+    bench.make_cases(search_config, train_config, **options)
   assert message in str(error.value)
 
 

@@ -139,6 +139,12 @@ def test_config_errors_name_the_option():
   with pytest.raises(ValueError, match='search.channel_mode'):
     search.check_config(config)
   config.search.channel_mode = 'random'
+  config.op_impl = 'fast'
+  with pytest.raises(ValueError, match=r"op_impl must be one of .*got 'fast' \(config.op_impl\)"):
+    search.check_config(config)
+  with pytest.raises(ValueError, match=r'config\.op_impl'):
+    main.run(config, '/nonexistent')  # before any work (the workdir does not exist)
+  config.op_impl = 'auto'
   config.modes = 'search,dance'
   with pytest.raises(ValueError, match='config.modes'):
     main.run(config, '/nonexistent')
