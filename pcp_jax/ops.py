@@ -30,11 +30,6 @@ import numpy as np
 Dtype = Any
 
 OP_IMPLS = ('auto', 'xla', 'cpu')
-# Under 'cpu', the kernel gradient of a depthwise conv on at most this many channels is
-# the diagonal of a dense conv's kernel gradient: one XLA convolution, which compiles far
-# faster than k*k per-tap reductions and runs as fast at these widths. Wider inputs use
-# the reductions (the dense gradient costs k*k*C*C multiply-adds per pixel).
-DENSE_KERNEL_GRAD_MAX_CHANNELS = 16
 
 
 def resolve_op_impl(impl: str) -> str:
@@ -163,22 +158,39 @@ def _depthwise_slices_fwd(x, kernel, stride, padding, dilation):
   return out, (x_padded, kernel, (h, w))
 
 
+def _depthwise_kernel_grad(x_padded, g, k: int, stride: int, dilation: int):
+  """The (k, k, 1, C) kernel gradient of a depthwise conv of `x_padded` (VALID) given the
+  output gradient `g`, as k batched matrix products over channels.
+
+  kernel[i, j, c] = sum over n, h, w of x_padded[n, h*s + i*d, w*s + j*d, c] g[n, h, w, c].
+  For each kernel row i, one product over (n, h) gives every (input column v, output column
+  w) pair of each channel; tap j sums its band v = w*s + j*d. XLA:CPU runs these several
+  times faster than k*k reductions or a kernel-gradient convolution (which it computes as a
+  dense C x C one, or hands to a library that is slow at this layout).
+  """
+  n, h_out, w_out, c = g.shape
+  w_padded = x_padded.shape[2]
+  band = np.zeros((w_padded, w_out, k), np.float32)
+  for j in range(k):
+    band[j * dilation + np.arange(w_out) * stride, np.arange(w_out), j] = 1
+  band = jnp.asarray(band, g.dtype)
+  x_t = jnp.transpose(x_padded, (3, 0, 1, 2))  # (C, N, H', W')
+  g_t = jnp.transpose(g, (3, 0, 1, 2)).reshape(c, n * h_out, w_out)
+  rows = []
+  for i in range(k):
+    x_rows = lax.slice(x_t, (0, 0, i * dilation, 0),
+                       (c, n, i * dilation + (h_out - 1) * stride + 1, w_padded),
+                       (1, 1, stride, 1)).reshape(c, n * h_out, w_padded)
+    pairs = jnp.einsum('cpv,cpw->cvw', x_rows, g_t)
+    rows.append(jnp.einsum('cvw,vwj->jc', pairs, band))
+  return jnp.stack(rows)[:, :, None, :]
+
+
 def _depthwise_slices_bwd(stride, padding, dilation, residuals, g):
   x_padded, kernel, (h, w) = residuals
   k, c = kernel.shape[0], kernel.shape[-1]
   h_out, w_out = g.shape[1:3]
-  if c <= DENSE_KERNEL_GRAD_MAX_CHANNELS:
-    def dense_conv(dense_kernel):
-      return lax.conv_general_dilated(x_padded, dense_kernel, (stride, stride), 'VALID',
-                                      rhs_dilation=(dilation, dilation),
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    dense_grad = jax.vjp(dense_conv, jnp.zeros((k, k, c, c), kernel.dtype))[1](g)[0]
-    g_kernel = jnp.diagonal(dense_grad, axis1=2, axis2=3)[:, :, None, :]
-  else:
-    g_kernel = jnp.stack([
-        jnp.sum(_window(x_padded, i * dilation, j * dilation, stride, (h_out, w_out)) * g,
-                axis=(0, 1, 2))
-        for i in range(k) for j in range(k)]).reshape(kernel.shape).astype(kernel.dtype)
+  g_kernel = _depthwise_kernel_grad(x_padded, g, k, stride, dilation).astype(kernel.dtype)
   # The input gradient is a stride-1 correlation of g (strides turned into zeros between
   # its pixels, then padded) with the flipped kernel, cut to the unpadded input.
   edge = dilation * (k - 1)

@@ -83,9 +83,7 @@ DEPTHWISE_CASES = [  # shape, kernel, stride, padding, dilation
     ((2, 9, 9, 3), 5, 2, 4, 2), ((2, 7, 10, 3), 3, 2, 1, 1), ((2, 6, 6, 2), 3, 1, 0, 1)]
 
 
-@pytest.mark.parametrize('dense_limit', [16, 0], ids=['dense_kernel_grad', 'per_tap'])
-def test_depthwise_conv_values_and_gradients_agree(dense_limit, monkeypatch):
-  monkeypatch.setattr(ops, 'DENSE_KERNEL_GRAD_MAX_CHANNELS', dense_limit)
+def test_depthwise_conv_values_and_gradients_agree():
   cases = []
   for i, (shape, kernel, stride, padding, dilation) in enumerate(DEPTHWISE_CASES):
     x = jax.random.normal(jax.random.PRNGKey(i), shape)
