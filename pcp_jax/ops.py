@@ -160,7 +160,7 @@ def _depthwise_slices_fwd(x, kernel, stride, padding, dilation):
 
 def _depthwise_kernel_grad(x_padded, g, k: int, stride: int, dilation: int):
   """The (k, k, 1, C) kernel gradient of a depthwise conv of `x_padded` (VALID) given the
-  output gradient `g`, as k batched matrix products over channels.
+  output gradient `g`, as a matrix product batched over kernel rows and channels.
 
   kernel[i, j, c] = sum over n, h, w of x_padded[n, h*s + i*d, w*s + j*d, c] g[n, h, w, c].
   For each kernel row i, a product over (n, h) gives every (input column v, output column w)
@@ -188,7 +188,7 @@ def _depthwise_kernel_grad(x_padded, g, k: int, stride: int, dilation: int):
 
 def _depthwise_slices_bwd(stride, padding, dilation, residuals, g):
   x_padded, kernel, (h, w) = residuals
-  k, c = kernel.shape[0], kernel.shape[-1]
+  k = kernel.shape[0]
   h_out, w_out = g.shape[1:3]
   g_kernel = _depthwise_kernel_grad(x_padded, g, k, stride, dilation).astype(kernel.dtype)
   # The input gradient is a stride-1 correlation of g (strides turned into zeros between
