@@ -23,7 +23,9 @@ before pools, skip and none), the costliest choice, so later stages are timed at
 bound.
 """
 
+import contextlib
 import copy
+import fcntl
 import functools
 import json
 import os
@@ -94,6 +96,8 @@ def define_flags():
   flags.DEFINE_bool('project', False, 'Also time frozen-architecture (warm-up) steps and '
                     'project the wall time of the whole configured search.')
   flags.DEFINE_bool('isolate', True, 'Run each case in a fresh subprocess (own peak memory).')
+  flags.DEFINE_integer('jobs', 1, 'Case subprocesses at a time: they initialise and compile '
+                       'concurrently, and run their timed steps one at a time.')
   flags.DEFINE_string('out', 'bench.json', "JSON results path; '' prints only.")
   flags.DEFINE_string('_case', '', 'Internal: run this one case (JSON) and write its result.')
 
@@ -378,35 +382,44 @@ def run_case(case, config):
 
   `config` is the search config for a search case and the train config for a train case.
   """
-  program = build_program(case, config)
-  details = program.details
-  logging.info('Initialised in %.1f s (%d parameters); compiling.', details['init_seconds'],
-               details['params'])
-  args = program.call_args(True)
-  t0 = time.perf_counter()
-  lowered = program.jitted.lower(*program.carry, *args)
-  lower_seconds = time.perf_counter() - t0
-  compiled = lowered.compile()
-  compile_seconds = time.perf_counter() - t0
+  with timing_lock(case.get('timing_lock'), exclusive=False):
+    program = build_program(case, config)
+    details = program.details
+    logging.info('Initialised in %.1f s (%d parameters); compiling.', details['init_seconds'],
+                 details['params'])
+    args = program.call_args(True)
+    t0 = time.perf_counter()
+    lowered = program.jitted.lower(*program.carry, *args)
+    lower_seconds = time.perf_counter() - t0
+    compiled = lowered.compile()
+    compile_seconds = time.perf_counter() - t0
   logging.info('Compiled in %.1f s (%.1f s tracing and lowering); running.', compile_seconds,
                lower_seconds)
   # Resetting the kernel's peak count also resets getrusage's: read the peak so far first.
   rss_until_compiled = peak_memory()[0]
   steps_rss_measured = reset_peak_rss()
-  carry, _, _ = _timed_calls(compiled, program.carry, args, case['warmup'], program.next_carry)
-  carry, seconds, outputs = _timed_calls(compiled, carry, args, case['steps'],
-                                         program.next_carry)
+  with timing_lock(case.get('timing_lock')):
+    timed_from = time.time()
+    carry, _, _ = _timed_calls(compiled, program.carry, args, case['warmup'],
+                               program.next_carry)
+    carry, seconds, outputs = _timed_calls(compiled, carry, args, case['steps'],
+                                           program.next_carry)
+    k = case['steps_per_call']
+    # Read before the frozen-architecture calls below, which take (donate) these buffers.
+    final_metrics = program.metrics(outputs, (case['warmup'] + case['steps']) * k)
+    frozen = None
+    if case['what'] == 'search' and case.get('project'):
+      # The warm-up epochs skip the architecture step (same compiled program, update_arch off).
+      _, frozen, _ = _timed_calls(compiled, carry, program.call_args(False), case['steps'],
+                                  program.next_carry)
+    timed_until = time.time()
   logging.info('Seconds per call: %s', ', '.join(f'{s:.3f}' for s in seconds))
-  k = case['steps_per_call']
   per_step = statistics.median(seconds) / k
   result = dict(case, **details, compile_seconds=compile_seconds, lower_seconds=lower_seconds,
                 seconds_per_step=per_step, call_seconds=seconds,
                 images_per_second=case['batch_size'] / per_step,
-                final_metrics=program.metrics(outputs, (case['warmup'] + case['steps']) * k))
-  if case['what'] == 'search' and case.get('project'):
-    # The warm-up epochs skip the architecture step (same compiled program, update_arch off).
-    _, frozen, _ = _timed_calls(compiled, carry, program.call_args(False), case['steps'],
-                                program.next_carry)
+                final_metrics=final_metrics, timed_from=timed_from, timed_until=timed_until)
+  if frozen is not None:
     result['seconds_per_step_frozen_arch'] = statistics.median(frozen) / k
   device = jax.local_devices()[0]
   steps_rss = peak_rss_since_reset() if steps_rss_measured else None
@@ -426,17 +439,61 @@ def run_case(case, config):
 # Running the cases, the projection and the report.
 
 
-def run_isolated(case, argv):
-  """Runs a case in a fresh `python -m pcp_jax.bench` process with the same flags."""
+@contextlib.contextmanager
+def timing_lock(path, exclusive=True):
+  """Holds a lock on the file `path` (none if empty). Concurrent case processes (`--jobs`)
+  build and compile under a shared lock and time their steps under an exclusive one: the
+  timed steps run alone, with no other case's steps or compilation beside them."""
+  if not path:
+    yield
+    return
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_isolated(cases, argv, jobs=1):
+  """Runs each case in a fresh `python -m pcp_jax.bench` process with the same flags, `jobs`
+  processes at a time; returns the results in the order of `cases`.
+
+  With several jobs the processes share a lock file (`timing_lock`: each times its steps
+  alone) and, on a GPU, do not preallocate device memory (each would take 75% of it).
+  """
+  env = dict(os.environ)
+  if jobs > 1:
+    env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'result.json')
-    command = [sys.executable, '-m', 'pcp_jax.bench', *argv,
-               '--_case=' + json.dumps(dict(case, result_path=path))]
-    rc = subprocess.run(command, check=False).returncode
-    if rc or not os.path.isfile(path):
-      return dict(case, error=f'the case process exited with code {rc} (see its log above)')
-    with open(path) as f:
-      return json.load(f)
+    lock = os.path.join(tmp, 'timing.lock') if jobs > 1 else ''
+    paths = [os.path.join(tmp, f'result{i}.json') for i in range(len(cases))]
+    running, codes = {}, {}
+
+    def reap(until_below):
+      while len(running) >= until_below:
+        for i, proc in list(running.items()):
+          if proc.poll() is not None:
+            codes[i] = running.pop(i).returncode
+        if len(running) >= until_below:
+          time.sleep(0.2)
+
+    for i, case in enumerate(cases):
+      reap(jobs)
+      logging.info('Case: %s', case)
+      command = [sys.executable, '-m', 'pcp_jax.bench', *argv, '--_case=' + json.dumps(
+          dict(case, result_path=paths[i], timing_lock=lock))]
+      running[i] = subprocess.Popen(command, env=env)
+    reap(1)
+    results = []
+    for i, case in enumerate(cases):
+      if codes[i] or not os.path.isfile(paths[i]):
+        results.append(dict(case, error=f'the case process exited with code {codes[i]} '
+                                         '(see its log above)'))
+        continue
+      with open(paths[i]) as f:
+        results.append(json.load(f))
+    return results
 
 
 def project_search(search_config, results):
@@ -513,13 +570,16 @@ def format_projections(projections):
   return '\n'.join(lines)
 
 
-def benchmark(search_config, train_config, cases, argv=None):
-  """Runs the cases (each in a subprocess with `argv` as its flags, else in this process)."""
+def benchmark(search_config, train_config, cases, argv=None, jobs=1):
+  """Runs the cases (each in a subprocess with `argv` as its flags, `jobs` at a time; else
+  one after the other in this process)."""
+  if argv is not None:
+    return run_isolated(cases, argv, jobs)
   results = []
   for case in cases:
     logging.info('Case: %s', case)
     config = search_config if case['what'] == 'search' else train_config
-    results.append(run_isolated(case, argv) if argv is not None else run_case(case, config))
+    results.append(run_case(case, config))
   return results
 
 
@@ -543,8 +603,13 @@ def main(argv):
         project=FLAGS.project)
   except ValueError as e:
     raise app.UsageError(str(e))
+  if FLAGS.jobs < 1:
+    raise app.UsageError(f'--jobs must be >= 1, got {FLAGS.jobs}.')
+  if FLAGS.jobs > 1 and not FLAGS.isolate:
+    raise app.UsageError(f'--jobs={FLAGS.jobs} needs --isolate (cases in their own '
+                         'processes); --noisolate runs one case at a time.')
   results = benchmark(FLAGS.config, FLAGS.train_config, cases,
-                      argv=sys.argv[1:] if FLAGS.isolate else None)
+                      argv=sys.argv[1:] if FLAGS.isolate else None, jobs=FLAGS.jobs)
   projections = project_search(FLAGS.config, results) if FLAGS.project else []
   print(format_table(results))
   if projections:

@@ -1,5 +1,6 @@
 """The benchmark: a tiny run through the command line, the report's fields, option errors."""
 
+import fcntl
 import json
 import os
 import statistics
@@ -43,11 +44,15 @@ def test_tiny_search_and_train_through_the_command_line(tmp_path):
   proc = run_bench('--config=configs/pc_darts.py:tiny',
                    '--train_config=configs/train_cifar10.py:tiny', '--genotype=DARTS_V2',
                    '--what=search,train', '--batch_size=8', '--train_batch_size=8',
-                   '--steps=2', '--warmup=0', '--steps_per_call=2', '--project', f'--out={out}')
+                   '--steps=2', '--warmup=0', '--steps_per_call=2', '--project', '--jobs=2',
+                   f'--out={out}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'search stage 1' in proc.stdout and 'Projected search at batch 8' in proc.stdout
   report = json.loads(out.read_text())
-  search_case, train_case = report['cases']
+  search_case, train_case = report['cases']  # in the order of the cases, not of finishing
+  assert search_case['what'] == 'search' and train_case['what'] == 'train'
+  first, second = sorted((c['timed_from'], c['timed_until']) for c in report['cases'])
+  assert first[0] < first[1] <= second[0] < second[1]  # two processes, timed one at a time
   config = pc_darts.get_config('tiny')
   for case in (search_case, train_case):
     assert case['batch_size'] == 8 and case['steps_per_call'] == 2
@@ -84,6 +89,33 @@ def test_a_bad_option_fails_with_its_name():
   proc = run_bench('--what=search,eval')
   assert proc.returncode != 0
   assert "--what must be a comma list of ['search', 'train'], got 'search,eval'" in proc.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--jobs=0',), '--jobs must be >= 1, got 0'),
+    (('--jobs=2', '--noisolate'), '--jobs=2 needs --isolate'),
+])
+def test_bad_jobs_fail_with_the_option_named(args, message):
+  proc = run_bench('--what=search', *args)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+
+
+def test_timing_lock_is_exclusive_across_open_files(tmp_path):
+  path = str(tmp_path / 'timing.lock')
+  with open(path, 'a') as other:
+    with bench.timing_lock(path):
+      with pytest.raises(BlockingIOError):  # held: another open file cannot take it
+        fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on leaving
+    fcntl.flock(other, fcntl.LOCK_UN)
+    with bench.timing_lock(path, exclusive=False):  # compiling: shared with other compiles,
+      fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+      fcntl.flock(other, fcntl.LOCK_UN)
+      with pytest.raises(BlockingIOError):  # but no case times its steps meanwhile
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  with bench.timing_lock(''):  # no lock file (one job): nothing to hold or create
+    assert os.listdir(tmp_path) == ['timing.lock']
 
 
 @pytest.mark.parametrize('options, message', [
