@@ -8,7 +8,8 @@ time (`jit(...).lower(...).compile()`, timed apart from execution), the median t
 over `--steps` timed calls after `--warmup` untimed ones (each call followed by
 `jax.block_until_ready`), images per second, peak memory and the parameter count. Every case
 runs in a fresh subprocess by default, so that its peak memory (the process's peak RSS on CPU,
-`peak_bytes_in_use` of the device on GPU, both process-lifetime peaks) is its own.
+`peak_bytes_in_use` of the device on GPU, both process-lifetime peaks) is its own; `--jobs`
+such processes build and compile side by side, and each times its steps alone.
 
 Inputs are random uint8 images of the dataset's shape already on the device (timing does not
 depend on pixel values, and no dataset is needed). The search step is the architecture step
@@ -478,13 +479,17 @@ def run_isolated(cases, argv, jobs=1):
         if len(running) >= until_below:
           time.sleep(0.2)
 
-    for i, case in enumerate(cases):
-      reap(jobs)
-      logging.info('Case: %s', case)
-      command = [sys.executable, '-m', 'pcp_jax.bench', *argv, '--_case=' + json.dumps(
-          dict(case, result_path=paths[i], timing_lock=lock))]
-      running[i] = subprocess.Popen(command, env=env)
-    reap(1)
+    try:
+      for i, case in enumerate(cases):
+        reap(jobs)
+        logging.info('Case: %s', case)
+        command = [sys.executable, '-m', 'pcp_jax.bench', *argv, '--_case=' + json.dumps(
+            dict(case, result_path=paths[i], timing_lock=lock))]
+        running[i] = subprocess.Popen(command, env=env)
+      reap(1)
+    finally:  # interrupted: no case process outlives this one
+      for proc in running.values():
+        proc.kill()
     results = []
     for i, case in enumerate(cases):
       if codes[i] or not os.path.isfile(paths[i]):
