@@ -12,9 +12,10 @@ up to float rounding:
   'xla': XLA's own ops (`conv_general_dilated`, `reduce_window`), best on GPU and TPU;
   'cpu': formulations XLA:CPU runs several times faster at DARTS sizes: depthwise
     convolutions as sums of shifted slices times per-channel weights (hand-written
-    gradient), 1x1 convolutions (grouped too) as 2-D matrix products, pools as maxima or
-    sums over slices, training-mode batch norm with a hand-written gradient. A max pool's
-    gradient goes to the first maximum of each window, as under 'xla';
+    gradient), 1x1 convolutions (grouped too) as 2-D matrix products, other dense
+    convolutions (the stems) as one product of stacked shifted windows (im2col), pools
+    as maxima or sums over slices, training-mode batch norm with a hand-written gradient.
+    A max pool's gradient goes to the first maximum of each window, as under 'xla';
   'auto': 'cpu' on a CPU backend, 'xla' otherwise, decided when traced.
 """
 
@@ -232,10 +233,27 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0, dilation: int = 1, grou
       return _depthwise_slices(x, kernel, stride, padding, dilation)
     if k == 1 and padding == 0:  # pointwise, maybe grouped
       return channel_matmul(x[:, ::stride, ::stride, :], block_diagonal(kernel[0, 0], groups))
+    if groups == 1:  # dense (the stems, the auxiliary head's 2x2)
+      return _dense_patches(x, kernel, stride, padding, dilation)
   return lax.conv_general_dilated(
       x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
       rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       feature_group_count=groups)
+
+
+def _dense_patches(x, kernel, stride: int, padding: int, dilation: int):
+  """A dense convolution as one 2-D product of the input's k*k shifted windows (im2col)
+  and the kernel. XLA:CPU computes the kernel gradient of a convolution with few input
+  channels (a stem's 3) many times slower than the product's (a matrix product too)."""
+  k, _, c_in, c_out = kernel.shape
+  _, h, w, _ = x.shape
+  out_hw = (_out_size(h, k, stride, padding, dilation), _out_size(w, k, stride, padding,
+                                                                    dilation))
+  x_padded = _pad_hw(x, padding)
+  patches = jnp.concatenate(
+      [_window(x_padded, i * dilation, j * dilation, stride, out_hw)
+       for i in range(k) for j in range(k)], axis=-1)  # (N, H', W', k*k*c_in), HWI order
+  return channel_matmul(patches, kernel.reshape(k * k * c_in, c_out))
 
 
 class Conv(nn.Module):

@@ -103,6 +103,20 @@ def test_pointwise_conv_values_and_gradients_agree():
   assert_trees_close(*[all_cases(cases, impl) for impl in IMPLS])
 
 
+def test_dense_conv_values_and_gradients_agree():
+  # The stems (3 input channels, 3x3) and the auxiliary head's 2x2; strided and dilated too.
+  cases = []
+  for i, (shape, kernel, c_out, stride, padding, dilation) in enumerate([
+      ((2, 8, 8, 3), 3, 6, 1, 1, 1), ((2, 9, 7, 3), 3, 4, 2, 1, 1),
+      ((2, 2, 2, 5), 2, 7, 1, 0, 1), ((2, 8, 8, 2), 3, 3, 1, 2, 2)]):
+    x = jax.random.normal(jax.random.PRNGKey(i), shape)
+    w = jax.random.normal(jax.random.PRNGKey(100 + i), (kernel, kernel, shape[-1], c_out))
+    fn = lambda impl, s=stride, p=padding, d=dilation: (
+        lambda x, w: ops.conv2d(x, w, s, p, d, impl=impl))
+    cases.append((fn, (x, w)))
+  assert_trees_close(*[all_cases(cases, impl) for impl in IMPLS])
+
+
 def tied(shape):
   """Inputs with many exact ties (a flat corner and coarse steps), as flat images give."""
   x = jnp.round(2 * jax.random.normal(jax.random.PRNGKey(0), shape)) / 2
