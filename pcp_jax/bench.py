@@ -49,6 +49,7 @@ from ml_collections import config_flags
 
 from pcp_jax import data
 from pcp_jax import genotypes
+from pcp_jax import hugepages
 from pcp_jax import ops
 from pcp_jax import parallel
 from pcp_jax import search
@@ -617,12 +618,15 @@ def main(argv):
                       argv=sys.argv[1:] if FLAGS.isolate else None, jobs=FLAGS.jobs)
   projections = project_search(FLAGS.config, results) if FLAGS.project else []
   print(format_table(results))
+  if jax.default_backend() == 'cpu':
+    print(hugepages.status().capitalize())
   if projections:
     print(format_projections(projections))
   report = dict(argv=sys.argv[1:], reference=REFERENCE, cases=results,
                 projections=projections,
                 search_config=FLAGS.config.to_dict() if 'search' in FLAGS.what else None,
-                compilation_cache_dir=jax.config.jax_compilation_cache_dir)
+                compilation_cache_dir=jax.config.jax_compilation_cache_dir,
+                host_memory=hugepages.status())
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:
       json.dump(report, f, indent=1, default=str)
@@ -632,5 +636,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hugepages.reexec()  # glibc reads its huge-page tunable only at start-up; case processes inherit it
   define_flags()
   app.run(main)

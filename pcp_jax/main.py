@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from pcp_jax import hugepages
 from pcp_jax import ops
 from pcp_jax import search
 from pcp_jax import train
@@ -110,8 +111,11 @@ def main(argv):
   logging.info('JAX process %d of %d; local devices: %s; %d devices in all; compilation cache: %s',
                jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count(),
                jax.config.jax_compilation_cache_dir)
+  if jax.default_backend() == 'cpu':
+    logging.info('%s', hugepages.status())
   run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  hugepages.reexec()  # glibc reads its huge-page tunable only at start-up
   app.run(main)

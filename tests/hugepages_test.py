@@ -1,0 +1,81 @@
+"""Huge pages for XLA:CPU buffers: when the entry points re-run themselves, and that it works."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pcp_jax import hugepages
+
+GLIBC = (2, 36)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_environment_adds_the_tunable_only_where_it_changes_something():
+  env = hugepages.environment({'HOME': '/h'}, 'madvise', GLIBC)
+  assert env == {'HOME': '/h', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  # Other tunables are kept.
+  env = hugepages.environment({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, 'madvise', GLIBC)
+  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  # The user's own setting wins (and is what stops a second re-run).
+  assert hugepages.environment({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'madvise',
+                               GLIBC) is None
+  assert hugepages.environment({'PCP_JAX_HUGE_PAGES': '0'}, 'madvise', GLIBC) is None
+  assert hugepages.environment({'PCP_JAX_HUGE_PAGES': '1'}, 'madvise', GLIBC) is not None
+  for mode in ('always', 'never', None):
+    assert hugepages.environment({}, mode, GLIBC) is None
+  assert hugepages.environment({}, 'madvise', (2, 34)) is None
+  assert hugepages.environment({}, 'madvise', None) is None
+
+
+def test_a_bad_switch_names_the_variable():
+  with pytest.raises(ValueError, match=r"PCP_JAX_HUGE_PAGES must be 1 .* or 0, got 'yes'"):
+    hugepages.environment({'PCP_JAX_HUGE_PAGES': 'yes'}, 'madvise', GLIBC)
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+  path = tmp_path / 'enabled'
+  path.write_text('always [madvise] never\n')
+  assert hugepages.thp_mode(str(path)) == 'madvise'
+  assert hugepages.thp_mode(str(tmp_path / 'missing')) is None
+
+
+# A child that re-runs itself as the entry points do, then touches 64 MiB from malloc and
+# reports its environment and how much of its memory is on huge pages.
+CHILD = r"""
+import ctypes, os, re, sys
+from pcp_jax import hugepages
+hugepages.reexec()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+size = 64 << 20
+pointer = libc.malloc(size)
+ctypes.memset(pointer, 1, size)
+with open('/proc/self/smaps_rollup') as f:
+  huge_kb = int(re.search(r'AnonHugePages:\s+(\d+)', f.read()).group(1))
+print(sys.argv[1:], os.environ.get('GLIBC_TUNABLES'), huge_kb)
+"""
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith('linux') and os.path.exists('/proc/self/smaps_rollup')
+         and (hugepages.glibc_version() or (0, 0)) >= hugepages.MIN_GLIBC
+         and hugepages.thp_mode() == 'madvise'),
+    reason='needs Linux, glibc >= 2.35 and transparent huge pages on madvise')
+def test_reexec_puts_large_allocations_on_huge_pages():
+  def run(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('GLIBC_TUNABLES', hugepages.SWITCH)}
+    env.update(extra, PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, '-c', CHILD, 'arg'], env=env, check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    args, tunables, huge_kb = re.fullmatch(r"(\[.*\]) (\S+) (\d+)\n", out).groups()
+    assert args == "['arg']"  # the command line survives the re-run
+    return tunables, int(huge_kb)
+
+  tunables, huge_kb = run()
+  assert tunables == 'glibc.malloc.hugetlb=1' and huge_kb >= 32 << 10
+  tunables, huge_kb = run(PCP_JAX_HUGE_PAGES='0')
+  assert tunables == 'None' and huge_kb < 32 << 10
