@@ -619,7 +619,8 @@ def main(argv):
   projections = project_search(FLAGS.config, results) if FLAGS.project else []
   print(format_table(results))
   if jax.default_backend() == 'cpu':
-    print(hugepages.status().capitalize())
+    status = hugepages.status()
+    print(status[0].upper() + status[1:])
   if projections:
     print(format_projections(projections))
   report = dict(argv=sys.argv[1:], reference=REFERENCE, cases=results,

@@ -79,3 +79,11 @@ def test_reexec_puts_large_allocations_on_huge_pages():
   assert tunables == 'glibc.malloc.hugetlb=1' and huge_kb >= 32 << 10
   tunables, huge_kb = run(PCP_JAX_HUGE_PAGES='0')
   assert tunables == 'None' and huge_kb < 32 << 10
+
+
+def test_status_says_whether_this_process_asked_for_huge_pages(monkeypatch):
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
+  assert hugepages.status().startswith('huge pages for host buffers: on ')
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=0')
+  assert hugepages.status().startswith('huge pages for host buffers: off ')
+  assert 'PCP_JAX_HUGE_PAGES=0 turns them off' in hugepages.status()
