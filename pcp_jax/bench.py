@@ -637,6 +637,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  hugepages.reexec()  # glibc reads its huge-page tunable only at start-up; case processes inherit it
+  hugepages.reexec()  # glibc reads its huge-page tunable at start-up; case processes inherit it
   define_flags()
   app.run(main)

@@ -61,7 +61,10 @@ def reexec() -> None:
   docstring); returns where nothing would change. Call it first thing in `__main__`."""
   if not sys.platform.startswith('linux'):
     return
-  env = environment(os.environ, thp_mode(), glibc_version())
+  try:
+    env = environment(os.environ, thp_mode(), glibc_version())
+  except ValueError as e:
+    raise SystemExit(f'Error: {e}') from None
   if env is None:
     return
   sys.stdout.flush()

@@ -35,6 +35,18 @@ def test_a_bad_switch_names_the_variable():
     hugepages.environment({'PCP_JAX_HUGE_PAGES': 'yes'}, 'madvise', GLIBC)
 
 
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='re-runs only on Linux')
+def test_an_entry_point_with_a_bad_switch_stops_with_the_message_alone():
+  env = dict(os.environ, PCP_JAX_HUGE_PAGES='yes', PYTHONPATH=REPO)
+  code = 'from pcp_jax import hugepages; hugepages.reexec()'
+  done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                        timeout=60)
+  assert done.returncode == 1
+  assert done.stderr.strip() == (
+      "Error: PCP_JAX_HUGE_PAGES must be 1 (huge pages for XLA:CPU buffers, the default) or 0, "
+      "got 'yes'.")
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   path = tmp_path / 'enabled'
   path.write_text('always [madvise] never\n')
