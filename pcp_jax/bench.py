@@ -618,16 +618,16 @@ def main(argv):
                       argv=sys.argv[1:] if FLAGS.isolate else None, jobs=FLAGS.jobs)
   projections = project_search(FLAGS.config, results) if FLAGS.project else []
   print(format_table(results))
+  host_memory = hugepages.status()
   if jax.default_backend() == 'cpu':
-    status = hugepages.status()
-    print(status[0].upper() + status[1:])
+    print(host_memory[0].upper() + host_memory[1:])
   if projections:
     print(format_projections(projections))
   report = dict(argv=sys.argv[1:], reference=REFERENCE, cases=results,
                 projections=projections,
                 search_config=FLAGS.config.to_dict() if 'search' in FLAGS.what else None,
                 compilation_cache_dir=jax.config.jax_compilation_cache_dir,
-                host_memory=hugepages.status())
+                host_memory=host_memory)
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:
       json.dump(report, f, indent=1, default=str)

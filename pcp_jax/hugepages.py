@@ -39,6 +39,15 @@ def glibc_version() -> Optional[tuple]:
   return (int(numbers.group(1)), int(numbers.group(2))) if name == 'glibc' and numbers else None
 
 
+def _tunable(environ: Mapping[str, str]) -> Optional[str]:
+  """The value of glibc.malloc.hugetlb in `environ`'s GLIBC_TUNABLES, None if not there."""
+  for entry in environ.get('GLIBC_TUNABLES', '').split(':'):
+    name, _, value = entry.partition('=')
+    if name == TUNABLE:
+      return value
+  return None
+
+
 def environment(environ: Mapping[str, str], mode: Optional[str],
                 glibc: Optional[tuple]) -> Optional[dict]:
   """The environment to re-run with for huge pages, or None when that would change nothing:
@@ -50,9 +59,9 @@ def environment(environ: Mapping[str, str], mode: Optional[str],
                      f'got {environ[SWITCH]!r}.')
   if switch == '0' or glibc is None or glibc < MIN_GLIBC or mode != 'madvise':
     return None
-  tunables = [t for t in environ.get('GLIBC_TUNABLES', '').split(':') if t]
-  if any(t.split('=')[0] == TUNABLE for t in tunables):
+  if _tunable(environ) is not None:
     return None
+  tunables = [t for t in environ.get('GLIBC_TUNABLES', '').split(':') if t]
   return dict(environ, GLIBC_TUNABLES=':'.join(tunables + [TUNABLE + '=1']))
 
 
@@ -74,7 +83,7 @@ def reexec() -> None:
 
 def status() -> str:
   """A line for the logs: whether this process runs with huge pages asked for."""
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
-  on = any(t == TUNABLE + '=1' for t in tunables.split(':'))
+  on = _tunable(os.environ) == '1'
   return (f'huge pages for host buffers: {"on" if on else "off"} (transparent huge pages: '
-          f'{thp_mode() or "unknown"}; GLIBC_TUNABLES={tunables!r}; {SWITCH}=0 turns them off)')
+          f'{thp_mode() or "unknown"}; GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}; '
+          f'{SWITCH}=0 turns them off)')

@@ -115,6 +115,11 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int =
   return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _out_hw(x, kernel: int, stride: int, padding: int, dilation: int = 1):
+  """(height, width) of a k x k window op's output on the NHWC `x`."""
+  return tuple(_out_size(n, kernel, stride, padding, dilation) for n in x.shape[1:3])
+
+
 def _pad_hw(x, padding: int, value=0.0):
   return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
                  constant_values=value)
@@ -153,8 +158,7 @@ def _depthwise_slices_fwd(x, kernel, stride, padding, dilation):
   k = kernel.shape[0]
   _, h, w, _ = x.shape
   x_padded = lax.optimization_barrier(_pad_hw(x, padding))
-  out_hw = (_out_size(h, k, stride, padding, dilation), _out_size(w, k, stride, padding,
-                                                                    dilation))
+  out_hw = _out_hw(x, k, stride, padding, dilation)
   out = _weighted_windows(x_padded, kernel, stride, dilation, out_hw)
   return out, (x_padded, kernel, (h, w))
 
@@ -246,9 +250,7 @@ def _dense_patches(x, kernel, stride: int, padding: int, dilation: int):
   and the kernel. XLA:CPU computes the kernel gradient of a convolution with few input
   channels (a stem's 3) many times slower than the product's (a matrix product too)."""
   k, _, c_in, c_out = kernel.shape
-  _, h, w, _ = x.shape
-  out_hw = (_out_size(h, k, stride, padding, dilation), _out_size(w, k, stride, padding,
-                                                                    dilation))
+  out_hw = _out_hw(x, k, stride, padding, dilation)
   x_padded = _pad_hw(x, padding)
   patches = jnp.concatenate(
       [_window(x_padded, i * dilation, j * dilation, stride, out_hw)
@@ -395,7 +397,7 @@ def _max_pool_slices(x, kernel: int, stride: int, padding: int):
 def _max_pool_slices_fwd(x, kernel, stride, padding):
   _, h, w, _ = x.shape
   x_padded = lax.optimization_barrier(_pad_hw(x, padding, -jnp.inf))
-  out_hw = (_out_size(h, kernel, stride, padding), _out_size(w, kernel, stride, padding))
+  out_hw = _out_hw(x, kernel, stride, padding)
   out = None
   for i in range(kernel):
     for j in range(kernel):
@@ -440,7 +442,7 @@ def avg_pool_3x3(x, stride: int, impl: str = 'auto'):
                        count_include_pad=False)
   _, h, w, c = x.shape
   inside = np.pad(np.ones((h, w), np.float32), 1)
-  out_hw = (_out_size(h, 3, stride, 1), _out_size(w, 3, stride, 1))
+  out_hw = _out_hw(x, 3, stride, 1)
   counts = sum(inside[i:i + (out_hw[0] - 1) * stride + 1:stride,
                       j:j + (out_hw[1] - 1) * stride + 1:stride]
                for i in range(3) for j in range(3))
