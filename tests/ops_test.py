@@ -180,17 +180,22 @@ def one_op_per_edge(offset):
 
 
 def cell_results(cell, inputs, call_args, key):
-  """Initial variables and (value, grads w.r.t. params and inputs) of a cell under train."""
+  """Initial variables and (value, grads w.r.t. params, inputs and the array call
+  arguments: op and edge weights) of a cell under train."""
   rngs = {'channels': key, 'dropout': key, 'drop_path': key}
   variables = jax.jit(lambda k: cell.init(dict(rngs, params=k), *inputs, *call_args))(key)
+  arrays = [i for i, a in enumerate(call_args) if isinstance(a, jax.Array)]
 
-  def loss(params, inputs):
-    out, state = cell.apply(dict(variables, params=params), *inputs, *call_args, rngs=rngs,
+  def loss(params, inputs, array_args):
+    args = list(call_args)
+    for i, a in zip(arrays, array_args):
+      args[i] = a
+    out, state = cell.apply(dict(variables, params=params), *inputs, *args, rngs=rngs,
                             mutable=['batch_stats'])
     return jnp.sum(jnp.sin(out)), state
 
-  return variables, jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-      variables['params'], inputs)
+  return variables, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      variables['params'], inputs, [call_args[i] for i in arrays])
 
 
 @pytest.mark.parametrize('channel_mode', ['random', 'shuffle'])
