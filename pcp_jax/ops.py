@@ -12,7 +12,7 @@ up to float rounding:
   'xla': XLA's own ops (`conv_general_dilated`, `reduce_window`), best on GPU and TPU;
   'cpu': formulations XLA:CPU runs several times faster at DARTS sizes: depthwise
     convolutions as sums of shifted slices times per-channel weights (hand-written
-    gradient), 1x1 convolutions (grouped too) as 2-D matrix products, other dense
+    gradient, its kernel part by FFTs), 1x1 convolutions (grouped too) as 2-D matrix products, other dense
     convolutions (the stems) as one product of stacked shifted windows (im2col), pools
     as maxima or sums over slices, training-mode batch norm with a hand-written gradient.
     A max pool's gradient goes to the first maximum of each window, as under 'xla';
@@ -156,46 +156,68 @@ def _depthwise_slices(x, kernel, stride: int, padding: int, dilation: int):
 
 def _depthwise_slices_fwd(x, kernel, stride, padding, dilation):
   k = kernel.shape[0]
-  _, h, w, _ = x.shape
   x_padded = lax.optimization_barrier(_pad_hw(x, padding))
   out_hw = _out_hw(x, k, stride, padding, dilation)
   out = _weighted_windows(x_padded, kernel, stride, dilation, out_hw)
-  return out, (x_padded, kernel, (h, w))
+  return out, (x, kernel)
 
 
-def _depthwise_kernel_grad(x_padded, g, k: int, stride: int, dilation: int):
-  """The (k, k, 1, C) kernel gradient of a depthwise conv of `x_padded` (VALID) given the
-  output gradient `g`, as a matrix product batched over kernel rows and channels.
+def _fft_length(size: int, size_out: int, k: int, stride: int, padding: int,
+                dilation: int) -> int:
+  """The shortest FFT length (a product of 2s, 3s and 5s, which FFTs do fast) over which
+  the circular correlation of an axis of x (zero-extended) with its output gradient (on the
+  input grid) equals, at every kernel tap, the convolution's linear one."""
+  last_out = (size_out - 1) * stride  # the gradient spans input positions 0..last_out
+  # Tap a reads x at t + a - padding for gradient position t: no index may wrap past the
+  # end onto x, nor below 0 onto x either.
+  n = max(last_out + (k - 1) * dilation - padding + 1, size + padding, last_out + 1)
+  while not _smooth(n):
+    n += 1
+  return n
 
-  kernel[i, j, c] = sum over n, h, w of x_padded[n, h*s + i*d, w*s + j*d, c] g[n, h, w, c].
-  For each kernel row i, a product over (n, h) gives every (input column v, output column w)
-  pair of each channel; tap j sums its band v = w*s + j*d. (One product for all rows keeps
-  the program small: it compiles faster than k separate ones.) XLA:CPU runs these several
-  times faster than k*k reductions or a kernel-gradient convolution (which it computes as a
-  dense C x C one, or hands to a library that is slow at this layout).
+
+def _smooth(n: int) -> bool:
+  for f in (2, 3, 5):
+    while n % f == 0:
+      n //= f
+  return n == 1
+
+
+def _depthwise_kernel_grad(x, g, k: int, stride: int, padding: int, dilation: int):
+  """The (k, k, 1, C) kernel gradient of a depthwise conv of the (unpadded) `x` given the
+  output gradient `g`, by FFTs.
+
+  kernel[i, j, c] = sum over n, h, w of x_padded[n, h*s + i*d, w*s + j*d, c] g[n, h, w, c]:
+  per channel, the cross-correlation of x with g (spread to the input grid, zeros between
+  strided pixels) at the k*k tap offsets, summed over the batch. Its spectrum is the batch
+  sum of X * conj(G); one inverse FFT per channel gives every offset. XLA:CPU runs this
+  several times faster than k*k reductions, a product batched over kernel rows, or its
+  kernel-gradient convolution (which it computes as a dense C x C one). The transform of x
+  is the same for every op reading x at these sizes: XLA computes it once for them all.
   """
-  n, h_out, w_out, c = g.shape
-  w_padded = x_padded.shape[2]
-  band = np.zeros((w_padded, w_out, k), np.float32)
-  for j in range(k):
-    band[j * dilation + np.arange(w_out) * stride, np.arange(w_out), j] = 1
-  band = jnp.asarray(band, g.dtype)
-  x_t = jnp.transpose(x_padded, (3, 0, 1, 2))  # (C, N, H', W')
-  g_t = jnp.transpose(g, (3, 0, 1, 2)).reshape(c, n * h_out, w_out)
-  x_rows = jnp.stack([  # (k, C, N * H_out, W'): the input rows each kernel row meets
-      lax.slice(x_t, (0, 0, i * dilation, 0),
-                (c, n, i * dilation + (h_out - 1) * stride + 1, w_padded),
-                (1, 1, stride, 1)).reshape(c, n * h_out, w_padded)
-      for i in range(k)])
-  pairs = jnp.einsum('icpv,cpw->icvw', x_rows, g_t)
-  return jnp.einsum('icvw,vwj->ijc', pairs, band)[:, :, None, :]
+  _, h, w, _ = x.shape
+  h_out, w_out = g.shape[1:3]
+  lengths = [_fft_length(n_in, n_out, k, stride, padding, dilation)
+             for n_in, n_out in ((h, h_out), (w, w_out))]
+  x_t = jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2))  # (N, C, H, W)
+  x_t = jnp.pad(x_t, ((0, 0), (0, 0), (0, lengths[0] - h), (0, lengths[1] - w)))
+  g_t = jnp.transpose(g.astype(jnp.float32), (0, 3, 1, 2))
+  spread = [(0, 0, 0), (0, 0, 0)] + [(0, length - (n_out - 1) * stride - 1, stride - 1)
+                                     for length, n_out in zip(lengths, (h_out, w_out))]
+  g_t = lax.pad(g_t, jnp.zeros((), jnp.float32), spread)
+  spectrum = jnp.sum(jnp.fft.rfft2(x_t) * jnp.conj(jnp.fft.rfft2(g_t)), axis=0)
+  corr = jnp.fft.irfft2(spectrum, s=lengths)  # (C, L_h, L_w): corr[c, m, m'] at offset m
+  rows, cols = [(np.arange(k) * dilation - padding) % length for length in lengths]
+  taps = corr[:, rows[:, None], cols[None, :]]  # (C, k, k)
+  return jnp.transpose(taps, (1, 2, 0))[:, :, None, :]
 
 
 def _depthwise_slices_bwd(stride, padding, dilation, residuals, g):
-  x_padded, kernel, (h, w) = residuals
+  x, kernel = residuals
   k = kernel.shape[0]
+  h, w = x.shape[1:3]
   h_out, w_out = g.shape[1:3]
-  g_kernel = _depthwise_kernel_grad(x_padded, g, k, stride, dilation).astype(kernel.dtype)
+  g_kernel = _depthwise_kernel_grad(x, g, k, stride, padding, dilation).astype(kernel.dtype)
   # The input gradient is a stride-1 correlation of g (strides turned into zeros between
   # its pixels, then padded) with the flipped kernel, cut to the unpadded input.
   edge = dilation * (k - 1)
