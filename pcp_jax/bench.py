@@ -270,7 +270,8 @@ def build_program(case, config):
     jax.block_until_ready(state)
     init_seconds = time.perf_counter() - t0
     chunk_fn, _ = search.make_stage_fns(cfg, model.clone(dtype=dtype), projector, optimizers,
-                                        mesh, info.mean, info.std)
+                                        mesh, info.mean, info.std,
+                                        skip_dropout=stage.skip_dropout > 0)
     n = b * k
     images = parallel.replicate(
         {s: _random_images(rng, n, shape) for s in ('train', 'valid')}, mesh)

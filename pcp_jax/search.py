@@ -182,7 +182,7 @@ def weight_step(state: SearchState, images, labels, key, skip_rate, *, model, tx
 
 def search_step(state: SearchState, batch, key, skip_rate, update_arch, *, model, projector,
                 tx_weights, tx_arch, tx_projector, ss_factor, bt_lambda, mean, std,
-                num_devices=1):
+                num_devices=1, skip_dropout=True):
   """One first-order search step: an architecture step, then a weight step.
 
   Args:
@@ -193,8 +193,13 @@ def search_step(state: SearchState, batch, key, skip_rate, update_arch, *, model
     skip_rate: skip-connect dropout rate (traced scalar).
     update_arch: traced bool; False during the warm-up (architecture frozen).
     num_devices: > 1 inside a data-parallel step over `parallel.AXIS`.
+    skip_dropout: static; False compiles the step without skip-connect dropout (`skip_rate`
+      ignored), for stages whose rate is 0: the same function as rate 0, without drawing
+      the masks.
   """
   k_arch, k_weight = jax.random.split(key)
+  if not skip_dropout:
+    skip_rate = None
 
   def do_arch_step(state):
     return arch_step(state, batch['valid_images'], batch['valid_labels'], k_arch, skip_rate,
@@ -364,17 +369,19 @@ def build_stage(cfg, layers, epochs, switches, num_classes, image_shape, steps_p
   return model, projector, state, lr_schedule, (tx_weights, tx_arch, tx_projector)
 
 
-def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std):
+def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std, skip_dropout=True):
   """(chunk_fn, eval_fn): the jitted data-parallel `run_steps` of a stage and its evaluation.
 
   chunk_fn(state, sums, images, labels, order, key, skip_rate, update_arch, start, stop)
-  donates `state` and `sums`; all arguments are replicated over `mesh`.
+  donates `state` and `sums`; all arguments are replicated over `mesh`. `skip_dropout`
+  False (a stage whose skip-dropout rate is 0) leaves the masks out (see `search_step`).
   """
   tx_weights, tx_arch, tx_projector = optimizers
   step_fn = functools.partial(
       search_step, model=model, projector=projector, tx_weights=tx_weights, tx_arch=tx_arch,
       tx_projector=tx_projector, ss_factor=float(cfg.ss_factor),
-      bt_lambda=float(cfg.bt_lambda), mean=mean, std=std, num_devices=mesh.size)
+      bt_lambda=float(cfg.bt_lambda), mean=mean, std=std, num_devices=mesh.size,
+      skip_dropout=bool(skip_dropout))
   chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=cfg.batch_size)
   chunk_fn = jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1))
   eval_fn = jax.jit(functools.partial(evaluate_batch, model=model, mean=mean, std=std))
@@ -540,7 +547,8 @@ def search(config, workdir):
       if resuming:
         state, restored_state = restored_state, None
       state = parallel.replicate(state, mesh)
-      chunk_fn, eval_fn = make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std)
+      chunk_fn, eval_fn = make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std,
+                                         skip_dropout=stage.skip_dropout > 0)
       n_ops = int(switches['normal'][0].sum())
       logging.info('Stage %d/%d: %d cells, %d ops per edge, %d epochs (%d warm-up).',
                    s + 1, len(cfg.stages), stage.layers, n_ops, stage.epochs,

@@ -64,7 +64,9 @@ class PartialChannelMixedOp(nn.Module):
 
     xs: each edge's input (edges reading the same input come together and pass the same
     array); weights: (edges, ops) op weights; perms: (edges, C) channel permutations
-    (`random` mode); skip_keep_masks: (edges, B, H', W', C/K) skip-connect dropout masks.
+    (`random` mode); skip_keep_masks: skip-connect dropout masks (B, H', W', C/K) of the
+    edges that have skip_connect, in edge order (stride 1 only: on stride-2 edges
+    skip_connect is a FactorizedReduce, which dropout leaves alone).
     """
     n, c = len(xs), xs[0].shape[-1]
     c_part = c // self.partial_k
@@ -108,7 +110,7 @@ class PartialChannelMixedOp(nn.Module):
                        op_impl=self.op_impl, blocks=len(members))
       y = ops.apply_op(name, op, x_in, self.stride, self.train)
       if name == 'skip_connect' and self.stride == 1 and skip_keep_masks is not None:
-        mask = jnp.moveaxis(skip_keep_masks[np.asarray(members)], 0, -2).reshape(y.shape)
+        mask = jnp.moveaxis(skip_keep_masks, 0, -2).reshape(y.shape)
         y = jnp.where(mask, y / skip_keep_prob, 0).astype(y.dtype)
       w = weights[np.asarray(members),
                   np.asarray([self.op_names[e].index(name) for e in members])]
@@ -178,10 +180,15 @@ class SearchCell(nn.Module):
     if self.partial_k > 1 and self.channel_mode == 'random':
       noise = jax.random.uniform(self.make_rng('channels'), (genotypes.NUM_EDGES, self.channels))
       perms = jnp.argsort(noise, axis=-1)
-    if skip_drop_rate is not None and any('skip_connect' in n for n in self.edge_op_names):
+    # Skip-connect dropout acts on identities: the stride-1 edges that have skip_connect.
+    def stride_of(e):
+      return 2 if self.reduction and EDGES[e][0] < 2 else 1
+    dropped = [e for e in range(genotypes.NUM_EDGES)
+               if 'skip_connect' in self.edge_op_names[e] and stride_of(e) == 1]
+    if skip_drop_rate is not None and dropped:
       b, h, w, _ = s1.shape
-      stride = 2 if self.reduction else 1
-      shape = (genotypes.NUM_EDGES, b, -(-h // stride), -(-w // stride),
+      stride = 2 if self.reduction else 1  # every identity's output has the cell's size
+      shape = (len(dropped), b, -(-h // stride), -(-w // stride),
                self.channels // self.partial_k)
       keep = 1.0 - skip_drop_rate
       masks = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
@@ -189,14 +196,15 @@ class SearchCell(nn.Module):
     nodes = [None] * genotypes.STEPS
     for group, name in zip(EDGE_GROUPS, GROUP_NAMES):
       index = np.asarray(group)
-      stride = 2 if self.reduction and EDGES[group[0]][0] < 2 else 1
+      stride = stride_of(group[0])
+      rows = [dropped.index(e) for e in group if e in dropped]
       outs = PartialChannelMixedOp(
           tuple(self.edge_op_names[e] for e in group), stride, self.partial_k,
           self.channel_mode, self.train, self.bn_axis_name, self.dtype, self.op_impl,
           name=name)(
               [states[EDGES[e][0]] for e in group], weights[index],
               None if perms is None else perms[index],
-              None if masks is None else masks[index], keep)
+              None if masks is None or not rows else masks[np.asarray(rows)], keep)
       for e, y in zip(group, outs):
         if edge_weights is not None:
           y = edge_weights[e].astype(y.dtype) * y

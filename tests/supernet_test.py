@@ -177,6 +177,36 @@ def test_skip_dropout_touches_only_identities():
   np.testing.assert_array_equal(a, b)
 
 
+def test_skip_dropout_rate_zero_is_no_dropout_and_acts_on_identities_only():
+  # search_step leaves the masks out of stages whose rate is 0 (skip_dropout=False): that
+  # must be the same function as drawing them at rate 0. At a high rate only the stride-1
+  # skip_connects change: a network whose reduction cells have skip_connect on their
+  # stride-2 edges alone (FactorizedReduce) and whose normal cells lack it is untouched.
+  model = supernet.SearchNetwork(num_classes=5, channels=4, layers=3, partial_k=2,
+                                 switches_normal=only('max_pool_3x3', 'skip_connect'),
+                                 switches_reduce=only('avg_pool_3x3', 'skip_connect'))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  variables = supernet.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+  rngs = {'channels': jax.random.PRNGKey(2), 'dropout': jax.random.PRNGKey(3)}
+
+  def logits(rate, model=model):
+    return model.apply(variables, x, skip_drop_rate=rate, rngs=rngs,
+                       mutable=['batch_stats'])[0][0]
+
+  np.testing.assert_array_equal(logits(None), logits(0.0))
+  assert not np.allclose(logits(None), logits(0.9))  # the normal cells' identities drop
+  # Reduction cells: skip_connect on the stride-2 edges only (the node-to-node edges, stride
+  # 1, have a max pool instead); normal cells: no skip_connect.
+  switches = np.zeros((14, len(genotypes.PRIMITIVES)), bool)
+  switches[:, genotypes.PRIMITIVES.index('avg_pool_3x3')] = True
+  for e, (src, _) in enumerate(supernet.EDGES):
+    switches[e, genotypes.PRIMITIVES.index('skip_connect' if src < 2 else 'max_pool_3x3')] = True
+  no_skip = model.clone(switches_normal=only('max_pool_3x3', 'avg_pool_3x3'),
+                        switches_reduce=genotypes.switches_to_tuple(switches))
+  variables = supernet.init_variables(no_skip, jax.random.PRNGKey(0), (8, 8, 3))
+  np.testing.assert_array_equal(logits(None, no_skip), logits(0.9, no_skip))
+
+
 def test_bad_settings_give_clear_errors():
   x = jnp.zeros((1, 8, 8, 3))
   with pytest.raises(ValueError, match='search.channel_mode'):
@@ -205,7 +235,8 @@ def test_edges_computed_together_equal_each_edge_alone(stride, mode, k):
   xs = [x_a, x_a, x_b]
   weights = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), (3, 4)), axis=-1)
   perms = jnp.argsort(jax.random.uniform(jax.random.PRNGKey(3), (3, 8)), axis=-1)
-  masks = jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (3, 2, 8 // stride, 8 // stride, 8 // k))
+  # Masks for the edges with skip_connect (0 and 1), in edge order.
+  masks = jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (2, 2, 8 // stride, 8 // stride, 8 // k))
   group = supernet.PartialChannelMixedOp(op_names, stride, k, mode)
   args = (weights, perms, masks, 0.7)
   variables = jax.jit(lambda key: group.init(key, xs, *args))(jax.random.PRNGKey(5))
@@ -222,7 +253,8 @@ def test_edges_computed_together_equal_each_edge_alone(stride, mode, k):
     mine = {c: {name: edge_slice(variables[c][name], name, e)
                 for name in op_names[e] if name in variables[c]} for c in variables}
     out, edge_state = alone.apply(mine, [xs[e]], weights[e:e + 1], perms[e:e + 1],
-                                  masks[e:e + 1], 0.7, mutable=['batch_stats'])
+                                  masks[e:e + 1] if e < 2 else None, 0.7,
+                                  mutable=['batch_stats'])
     np.testing.assert_allclose(out[0], outs[e], rtol=1e-5, atol=1e-5)
     for name, stats in edge_state['batch_stats'].items():
       expected = edge_slice(state['batch_stats'][name], name, e)
