@@ -25,6 +25,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from pcp_jax import hugepages
+
 AXIS = 'batch'
 
 
@@ -89,7 +91,45 @@ _ONE_OFF_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
 def run_once(fn: Callable, *args):
   """`fn(*args)` jit-compiled without optimisations: much faster than running a large
   network's init op by op, and cached by the persistent compilation cache."""
-  return jax.jit(fn).lower(*args).compile(_ONE_OFF_COMPILER_OPTIONS)(*args)
+  out = jax.jit(fn).lower(*args).compile(_ONE_OFF_COMPILER_OPTIONS)(*args)
+  hugepages.trim_heap()
+  return out
+
+
+# XLA:CPU's memory-optimised scheduler: a 3-cell search step at batch 64 needs 932 MB of
+# scratch instead of the default (concurrency-optimised) 1057 MB, at the same speed.
+_CPU_COMPILER_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+
+
+def compiler_options():
+  """The options `compile_ahead` compiles a loop's step with on the default backend."""
+  return dict(_CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
+
+
+def compile_ahead(jitted: Callable, *args):
+  """`jitted` (a `jax.jit` function) compiled for `args` (with `compiler_options()`) before
+  anything runs it, then the compiler's freed memory handed back to the system
+  (`hugepages.trim_heap`), so that the program's buffers do not come on top of it: on a CPU
+  the peak host memory of a 3-cell search step at batch 64 drops from 3.7 to 2.3 GB. The
+  result takes arguments of exactly these shapes, types and shardings."""
+  compiled = jitted.lower(*args).compile(compiler_options() or None)
+  hugepages.trim_heap()
+  return compiled
+
+
+class CompiledOnFirstCall:
+  """Calls the `jax.jit` function `jitted` through `compile_ahead(jitted, *first_call_args)`:
+  for a loop's step, whose every call has the same argument shapes. `lower` is `jitted`'s."""
+
+  def __init__(self, jitted: Callable):
+    self.jitted = jitted
+    self.lower = jitted.lower
+    self._compiled = None
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      self._compiled = compile_ahead(self.jitted, *args)
+    return self._compiled(*args)
 
 
 def is_main_process() -> bool:

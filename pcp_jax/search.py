@@ -373,7 +373,9 @@ def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std, skip_drop
   """(chunk_fn, eval_fn): the jitted data-parallel `run_steps` of a stage and its evaluation.
 
   chunk_fn(state, sums, images, labels, order, key, skip_rate, update_arch, start, stop)
-  donates `state` and `sums`; all arguments are replicated over `mesh`. `skip_dropout`
+  donates `state` and `sums`; all arguments are replicated over `mesh`; both are compiled at
+  their first call (`parallel.CompiledOnFirstCall`), so later calls must pass the same
+  shapes, types and shardings. `skip_dropout`
   False (a stage whose skip-dropout rate is 0) leaves the masks out (see `search_step`).
   """
   tx_weights, tx_arch, tx_projector = optimizers
@@ -385,7 +387,8 @@ def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std, skip_drop
   chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=cfg.batch_size)
   chunk_fn = jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1))
   eval_fn = jax.jit(functools.partial(evaluate_batch, model=model, mean=mean, std=std))
-  return chunk_fn, eval_fn
+  # Compiled ahead of their first runs, the compiler's leftovers trimmed (host memory).
+  return parallel.CompiledOnFirstCall(chunk_fn), parallel.CompiledOnFirstCall(eval_fn)
 
 
 # ---------------------------------------------------------------------------

@@ -99,3 +99,35 @@ def test_status_says_whether_this_process_asked_for_huge_pages(monkeypatch):
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=0')
   assert hugepages.status().startswith('huge pages for host buffers: off ')
   assert 'PCP_JAX_HUGE_PAGES=0 turns them off' in hugepages.status()
+
+
+TRIM_SCRIPT = r'''
+import ctypes, sys
+from pcp_jax import hugepages
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def rss():
+  with open('/proc/self/status') as f:
+    return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) // 1024
+
+chunks = [libc.malloc(64 * 1024) for _ in range(4000)]  # 250 MiB of heap, below mmap size
+for c in chunks:
+  ctypes.memset(c, 1, 64 * 1024)
+keep = libc.malloc(64)  # holds the heap's top: freeing the rest cannot shrink it by itself
+for c in chunks:
+  libc.free(c)
+before = rss()
+done = hugepages.trim_heap()
+print(done, before, rss())
+'''
+
+
+@pytest.mark.skipif(hugepages.glibc_version() is None, reason='malloc_trim is glibc')
+def test_trim_heap_hands_freed_heap_memory_back():
+  out = subprocess.run([sys.executable, '-c', TRIM_SCRIPT], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO), check=True, timeout=120)
+  done, before, after = out.stdout.split()
+  assert done == 'True'
+  assert int(before) - int(after) > 150, out.stdout  # MiB: most of the 250 freed
