@@ -83,10 +83,14 @@ def run_search(num_devices):
   images, labels, order = search_data()
   put = functools.partial(parallel.replicate, mesh=mesh)
   initial_arch = jax.device_get(state.arch)
-  state, sums, bad = chunk_fn(put(state), put(search.zero_sums()), put(images), put(labels),
-                              put(order), jax.random.PRNGKey(1), jnp.float32(0.0),
-                              jnp.bool_(True), jnp.int32(0), jnp.int32(STEPS))
-  assert int(bad) == -1, 'non-finite loss'
+  # Two chunks, the second fed the first's outputs, as the search loop does: the chunk
+  # function is compiled ahead at its first call and must take its own outputs back.
+  state, sums = put(state), put(search.zero_sums())
+  args = (put(images), put(labels), put(order), jax.random.PRNGKey(1), jnp.float32(0.0),
+          jnp.bool_(True))
+  for start, stop in ((0, STEPS // 2), (STEPS // 2, STEPS)):
+    state, sums, bad = chunk_fn(state, sums, *args, jnp.int32(start), jnp.int32(stop))
+    assert int(bad) == -1, 'non-finite loss'
   moved = jax.tree_util.tree_map(lambda a, b: np.abs(a - b).max(), initial_arch,
                                  jax.device_get(state.arch))
   assert min(jax.tree_util.tree_leaves(moved)) > 0, f'architecture weights did not move {moved}'
@@ -102,10 +106,13 @@ def run_train(num_devices):
   model = train.create_model(config, genotypes.get('PC_DARTS_cifar'), info, num_devices)
   tx = train.make_optimizer(config.train, STEPS)
   state = parallel.replicate(train.initial_state(model, tx, jax.random.key(2), TRAIN_SHAPE), mesh)
-  step_fn = train._jit_train_step(config, model, tx, info, mesh)  # pylint: disable=protected-access
+  # Compiled ahead at its first call, as the train loop runs it.
+  step_fn = parallel.CompiledOnFirstCall(
+      train._jit_train_step(config, model, tx, info, mesh))  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (STEPS, BATCH) + TRAIN_SHAPE, dtype=np.uint8)
-  labels = rng.integers(0, 10, (STEPS, BATCH), dtype=np.int32)
+  images = parallel.replicate(
+      rng.integers(0, 256, (STEPS, BATCH) + TRAIN_SHAPE, dtype=np.uint8), mesh)
+  labels = parallel.replicate(rng.integers(0, 10, (STEPS, BATCH), dtype=np.int32), mesh)
   for i in range(STEPS):
     state, metrics = step_fn(state, images[i], labels[i], jax.random.key(3), None)
   return state, metrics
