@@ -375,8 +375,8 @@ def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std, skip_drop
   chunk_fn(state, sums, images, labels, order, key, skip_rate, update_arch, start, stop)
   donates `state` and `sums`; all arguments are replicated over `mesh`; both are compiled at
   their first call (`parallel.CompiledOnFirstCall`), so later calls must pass the same
-  shapes, types and shardings. `skip_dropout`
-  False (a stage whose skip-dropout rate is 0) leaves the masks out (see `search_step`).
+  shapes, types and shardings. `skip_dropout` False (a stage whose skip-dropout rate is 0)
+  leaves the masks out (see `search_step`).
   """
   tx_weights, tx_arch, tx_projector = optimizers
   step_fn = functools.partial(
