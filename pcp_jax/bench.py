@@ -394,9 +394,8 @@ def run_case(case, config):
     t0 = time.perf_counter()
     lowered = program.jitted.lower(*program.carry, *args)
     lower_seconds = time.perf_counter() - t0
-    compiled = lowered.compile(parallel.compiler_options() or None)  # as `compile_ahead`
+    compiled = parallel.compile_lowered(lowered)  # as the loops compile (heap trimmed too)
     compile_seconds = time.perf_counter() - t0
-    hugepages.trim_heap()  # as the loops do (`parallel.compile_ahead`)
   logging.info('Compiled in %.1f s (%.1f s tracing and lowering); running.', compile_seconds,
                lower_seconds)
   # Resetting the kernel's peak count also resets getrusage's: read the peak so far first.

@@ -99,7 +99,7 @@ def trim_heap() -> bool:
 
   Compiling a large program leaves gigabytes of freed heap memory resident (a 3-cell search
   step at batch 64: 2.55 GB resident after compiling, 1.16 GB after trimming), and every call's
-  scratch buffer then comes on top of it. `parallel.compile_ahead` trims after compiling.
+  scratch buffer then comes on top of it. `parallel.compile_lowered` trims after compiling.
   """
   if glibc_version() is None:
     return False
