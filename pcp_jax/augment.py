@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
-def to_float(images_uint8: jax.Array) -> jax.Array:
-  """Converts uint8 images to float32 in [0, 1]."""
-  return jnp.asarray(images_uint8, jnp.float32) / 255.0
+def to_float(images_uint8: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Converts uint8 images to floats in [0, 1] (float32 unless `dtype` says otherwise)."""
+  return jnp.asarray(images_uint8, dtype) / 255.0
 
 
 def normalize(x: jax.Array, mean: Sequence[float],

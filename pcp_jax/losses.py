@@ -7,13 +7,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pcp_jax import ops
+
 # BatchNorm's epsilon: Barlow Twins normalises the embeddings with an affine-free BatchNorm.
 _BN_EPSILON = 1e-5
 
 
 def cross_entropy(logits, labels):
-  """Mean softmax cross-entropy over the batch with integer labels, in float32."""
-  logits = logits.astype(jnp.float32)
+  """Mean softmax cross-entropy over the batch with integer labels, in float32 or wider."""
+  logits = ops.upcast(logits)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -39,7 +41,7 @@ def barlow_twins_loss(z_a, z_b, lambd: float = 0.0051, axis_name: Optional[str] 
   """Barlow Twins redundancy-reduction loss of two (batch, dim) embeddings of the same images.
 
   Args:
-    z_a, z_b: projector outputs of the two views, shape (B, D); computed in float32.
+    z_a, z_b: projector outputs of the two views, shape (B, D); computed in float32 or wider.
     lambd: weight of the off-diagonal terms (0.0051 was tuned for D=8192; scale it for a
       smaller D, since the loss grows with D).
     axis_name: the mapped axis of a data-parallel step (pmap / shard_map / vmap). The
@@ -54,8 +56,8 @@ def barlow_twins_loss(z_a, z_b, lambd: float = 0.0051, axis_name: Optional[str] 
     raise ValueError(
         f'barlow_twins_loss needs two (batch, dim) arrays of one shape, got {z_a.shape} '
         f'and {z_b.shape}.')
-  z_a = _normalize_along_batch(z_a.astype(jnp.float32), axis_name)
-  z_b = _normalize_along_batch(z_b.astype(jnp.float32), axis_name)
+  z_a = _normalize_along_batch(ops.upcast(z_a), axis_name)
+  z_b = _normalize_along_batch(ops.upcast(z_b), axis_name)
   # HIGHEST: accelerators may otherwise run float32 matmuls in TF32/bf16, and the diagonal
   # terms (1 - C_ii)^2 are small differences of numbers close to 1.
   c = jnp.matmul(z_a.T, z_b, precision=jax.lax.Precision.HIGHEST) / z_a.shape[0]

@@ -73,7 +73,7 @@ class AuxiliaryHead(nn.Module):
     x = ops.conv(768, kernel, dtype=self.dtype, op_impl=self.op_impl)(x)
     x = nn.relu(ops.batch_norm(train, True, self.bn_axis_name, self.dtype,
                                 op_impl=self.op_impl)(x))
-    x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    x = ops.upcast(x.reshape(x.shape[0], -1))
     return nn.Dense(self.num_classes)(x)
 
 
@@ -118,7 +118,7 @@ class EvalNetwork(nn.Module):
       if i == reductions[1] and self.auxiliary and (train or self.is_initializing()):
         aux_logits = AuxiliaryHead(self.num_classes, self.bn_axis_name, self.dtype,
                                    self.op_impl, name='auxiliary_head')(s1, train)
-    features = jnp.mean(s1, axis=(1, 2)).astype(jnp.float32)
+    features = ops.upcast(jnp.mean(s1, axis=(1, 2)))
     logits = nn.Dense(self.num_classes, name='classifier')(features)
     return logits, (aux_logits if train else None)
 

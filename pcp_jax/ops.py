@@ -43,6 +43,18 @@ def resolve_op_impl(impl: str) -> str:
   return impl
 
 
+def compute_dtype(dtype: Dtype):
+  """The float type of losses, normalisation statistics and augmentation for a model that
+  computes in `dtype`: float32, or float64 for a float64 model (reference runs under
+  `jax.enable_x64`); never narrower than float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def upcast(x):
+  """`x` in `compute_dtype(x.dtype)`: bfloat16 and float16 to float32, float64 kept."""
+  return x.astype(compute_dtype(x.dtype))
+
+
 def batch_norm(train: bool, affine: bool, axis_name: Optional[str], dtype: Dtype,
                name: Optional[str] = None, op_impl: str = 'auto') -> 'BatchNorm':
   # PyTorch momentum 0.1 is Flax momentum 0.9.
@@ -69,7 +81,7 @@ class BatchNorm(nn.BatchNorm):
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32),
                            features)
     axis_name = None if self.is_initializing() else self.axis_name
-    y, mean, var = _normalize_train(x.astype(jnp.float32), self.epsilon, axis_name)
+    y, mean, var = _normalize_train(upcast(x), self.epsilon, axis_name)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

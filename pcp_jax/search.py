@@ -87,8 +87,12 @@ def skip_dropout_rate(rate, epoch, epochs, warmup_epochs):
 # The step.
 
 
-def _augment(key, images_uint8, mean, std):
-  x = augment.random_crop_flip(key, augment.to_float(images_uint8))
+def _to_float(model, images_uint8):
+  return augment.to_float(images_uint8, ops.compute_dtype(model.dtype))
+
+
+def _augment(model, key, images_uint8, mean, std):
+  x = augment.random_crop_flip(key, _to_float(model, images_uint8))
   return augment.normalize(x, mean, std)
 
 
@@ -115,9 +119,9 @@ def arch_step(state: SearchState, images, labels, key, skip_rate, *, model, proj
   k_aug, k_ce, k_views = jax.random.split(key, 3)
   local = functools.partial(parallel.local_part, num_devices=num_devices)
   labels = local(labels)
-  x = local(_augment(k_aug, images, mean, std))
+  x = local(_augment(model, k_aug, images, mean, std))
   if ss_factor > 0:
-    view_a, view_b = augment.barlow_twins_views(k_views, augment.to_float(images))
+    view_a, view_b = augment.barlow_twins_views(k_views, _to_float(model, images))
     xs = jnp.stack([x, local(augment.normalize(view_a, mean, std)),
                     local(augment.normalize(view_b, mean, std))])
 
@@ -164,7 +168,7 @@ def weight_step(state: SearchState, images, labels, key, skip_rate, *, model, tx
                 mean, std, num_devices=1):
   """Weight step on a training batch: CE, updates only 'params' (and BN statistics)."""
   k_aug, k_fwd = jax.random.split(key)
-  x = parallel.local_part(_augment(k_aug, images, mean, std), num_devices)
+  x = parallel.local_part(_augment(model, k_aug, images, mean, std), num_devices)
   labels = parallel.local_part(labels, num_devices)
 
   def loss_fn(params):
@@ -262,7 +266,7 @@ def evaluate_batch(variables, images, labels, mask, key, *, model, mean, std):
   """Summed CE and correct count of a (padded) batch, BN in eval mode (running statistics)."""
   x = augment.normalize(augment.to_float(images), mean, std)
   logits, _ = model.apply(variables, x, train=False, rngs={'channels': key})
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  ce = optax.softmax_cross_entropy_with_integer_labels(ops.upcast(logits), labels)
   correct = (jnp.argmax(logits, -1) == labels)
   return jnp.sum(ce * mask), jnp.sum(correct * mask)
 

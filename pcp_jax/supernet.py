@@ -289,7 +289,7 @@ class SearchNetwork(nn.Module):
       s0, s1 = s1, cell(s0, s1, w_reduce if reduction else w_normal,
                         ew_reduce if reduction else ew_normal, skip_drop_rate)
       reduction_prev = reduction
-    features = jnp.mean(s1, axis=(1, 2)).astype(jnp.float32)
+    features = ops.upcast(jnp.mean(s1, axis=(1, 2)))
     logits = nn.Dense(self.num_classes, name='classifier')(features)
     return logits, features
 

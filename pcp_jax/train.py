@@ -28,6 +28,7 @@ from pcp_jax import data
 from pcp_jax import genotypes
 from pcp_jax import losses
 from pcp_jax import networks
+from pcp_jax import ops
 from pcp_jax import parallel
 
 OPTIMIZERS = ('adam', 'sgd')
@@ -223,7 +224,8 @@ def train_step(state: TrainState, images, labels, key, drop_path_rate, *, model,
   `images`/`labels` are the global batch and each device trains on its slice.
   """
   crop_key, cutout_key, drop_key = jax.random.split(jax.random.fold_in(key, state.step), 3)
-  x = augment.random_crop_flip(crop_key, augment.to_float(images), padding=4)
+  x = augment.to_float(images, ops.compute_dtype(model.dtype))
+  x = augment.random_crop_flip(crop_key, x, padding=4)
   x = augment.normalize(x, mean, std)
   if cutout_length:
     x = augment.cutout(cutout_key, x, cutout_length)
@@ -257,7 +259,7 @@ def eval_step(state: TrainState, images, labels, mask, *, model, mean, std):
   logits, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
                           train=False)
   per_example = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
+      ops.upcast(logits), labels)
   correct = (jnp.argmax(logits, axis=-1) == labels) & (mask > 0)
   return {'loss_sum': jnp.sum(per_example * mask), 'correct': jnp.sum(correct, dtype=jnp.int32)}
 

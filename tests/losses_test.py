@@ -22,6 +22,21 @@ def numpy_barlow_twins(z_a, z_b, lambd):
   return np.sum((1 - np.diag(c)) ** 2) + lambd * np.sum(off_diagonal ** 2)
 
 
+def test_losses_compute_in_float32_or_wider():
+  # bfloat16 inputs are upcast; a float64 model (reference runs) keeps float64 throughout.
+  logits = np.array([[2.0, 0.0, -1.0], [0.1, 0.3, 0.2]], np.float32)
+  labels = np.array([0, 2])
+  z_a, z_b = random_views(0, batch=8, dim=4)
+  assert losses.cross_entropy(jnp.asarray(logits, jnp.bfloat16), labels).dtype == jnp.float32
+  assert losses.barlow_twins_loss(jnp.asarray(z_a, jnp.bfloat16),
+                                  jnp.asarray(z_b, jnp.bfloat16)).dtype == jnp.float32
+  with jax.enable_x64():
+    ce = losses.cross_entropy(jnp.asarray(logits, jnp.float64), labels)
+    bt = losses.barlow_twins_loss(jnp.asarray(z_a, jnp.float64), jnp.asarray(z_b, jnp.float64))
+    assert ce.dtype == bt.dtype == jnp.float64
+    np.testing.assert_allclose(bt, numpy_barlow_twins(z_a, z_b, 0.0051), rtol=1e-12)
+
+
 def random_views(seed, batch=32, dim=6):
   rng = np.random.default_rng(seed)
   z_a = rng.normal(size=(batch, dim)).astype(np.float32)

@@ -1,12 +1,19 @@
 """Run by multidevice_test.py in its own process with 2 forced CPU devices.
 
 Checks, for a small supernet search step and the evaluation-network train step:
-  1. after several data-parallel steps every device holds identical weights, architecture
-     weights, BN statistics, projector and optimiser states (bitwise);
-  2. a 2-device step equals a 1-device step on the same global batch (float tolerance): with
-     skip-connect dropout and drop-path off, the images, crops, flips and partial-channel
-     samples do not depend on the device count and BN statistics, gradients and the Barlow
-     Twins cross-correlation are averaged over the global batch, so every quantity matches;
+  1. after several data-parallel float32 steps (as runs compute) every device holds
+     identical weights, architecture weights, BN statistics, projector and optimiser states
+     (bitwise);
+  2. 2-device steps equal 1-device steps on the same global batch: with skip-connect
+     dropout and drop-path off, the images, crops, flips and partial-channel samples do not
+     depend on the device count and BN statistics, gradients and the Barlow Twins
+     cross-correlation are averaged over the global batch, so every quantity matches.
+     Compared in float64 (`jax.enable_x64`, a float64 model and state, XLA's own ops), where
+     a different summation order moves results by ~1e-16 relative: in float32 it moves ReLU
+     inputs within ~1e-7 of zero across the kink, switching their gradients on or off, and a
+     few steps of a tiny random network can then differ by 1e-3, so a float32 comparison can
+     pass on one CPU and fail on another. A device-dependent quantity (a per-device crop key,
+     say) moves results by far more than the float64 tolerance.
 Prints OK and exits 0 when all hold; raises otherwise.
 """
 
@@ -40,10 +47,28 @@ def leaves(tree):
   return jax.tree_util.tree_leaves(jax.device_get(tree))
 
 
-def assert_close(a, b, what, rtol=2e-4, atol=2e-5):
+def assert_close(a, b, what, rtol=1e-9, atol=1e-12):
+  """Float64 results of one computation on 1 and 2 devices agree to summation-order noise."""
+  worst = 0.0
   for x, y in zip(leaves(a), leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                               rtol=rtol, atol=atol, err_msg=what)
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype, (what, x.dtype, y.dtype)
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=what)
+    if x.dtype.kind == 'f' and x.size:
+      worst = max(worst, float(np.max(np.abs(x - y) / (np.abs(y) + atol / rtol))))
+  log(f'{what}: largest relative difference {worst:.1e}')
+
+
+def assert_float64(tree, what):
+  """The run really computed in float64: no float32 left in its state."""
+  kinds = {leaf.dtype for leaf in leaves(tree) if np.asarray(leaf).dtype.kind == 'f'}
+  assert kinds == {np.dtype(np.float64)}, (what, kinds)
+
+
+def to_float64(tree):
+  """Every float32 leaf of `tree` as float64 (a model's state for a float64 run)."""
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, tree)
 
 
 def assert_replicas_identical(tree, what):
@@ -72,20 +97,24 @@ def search_data():
   return images, labels, order
 
 
-def run_search(num_devices):
+def run_search(num_devices, float64=False):
   cfg = search_config()
   switches = {c: np.asarray([[op in cfg.initial_ops for op in genotypes.PRIMITIVES]] * 14)
               for c in ('normal', 'reduce')}
   mesh = parallel.make_mesh(num_devices)
   model, projector, state, _, optimizers = search.build_stage(
-      cfg, 3, 2, switches, 10, SHAPE, STEPS, jax.random.PRNGKey(0), num_devices)
+      cfg, 3, 2, switches, 10, SHAPE, STEPS, jax.random.PRNGKey(0), num_devices,
+      op_impl='xla' if float64 else 'auto')
+  sums = search.zero_sums()
+  if float64:
+    model, state, sums = model.clone(dtype=jnp.float64), to_float64(state), to_float64(sums)
   chunk_fn, _ = search.make_stage_fns(cfg, model, projector, optimizers, mesh, MEAN, STD)
   images, labels, order = search_data()
   put = functools.partial(parallel.replicate, mesh=mesh)
   initial_arch = jax.device_get(state.arch)
   # Two chunks, the second fed the first's outputs, as the search loop does: the chunk
   # function is compiled ahead at its first call and must take its own outputs back.
-  state, sums = put(state), put(search.zero_sums())
+  state, sums = put(state), put(sums)
   args = (put(images), put(labels), put(order), jax.random.PRNGKey(1), jnp.float32(0.0),
           jnp.bool_(True))
   for start, stop in ((0, STEPS // 2), (STEPS // 2, STEPS)):
@@ -97,15 +126,20 @@ def run_search(num_devices):
   return state, sums
 
 
-def run_train(num_devices):
+def run_train(num_devices, float64=False):
   # SGD: Adam would turn float-noise gradients of ~0 into full-size steps.
   config = importlib.import_module('configs.train_cifar10').get_config('tiny,sgd')
   config.train.layers, config.train.channels = 3, 4
+  if float64:
+    config.op_impl = 'xla'  # the 'cpu' kernels compute in float32
   info = data.DatasetInfo('random', 10, TRAIN_SHAPE[0], TRAIN_SHAPE[2], MEAN, STD)
   mesh = parallel.make_mesh(num_devices)
   model = train.create_model(config, genotypes.get('PC_DARTS_cifar'), info, num_devices)
   tx = train.make_optimizer(config.train, STEPS)
-  state = parallel.replicate(train.initial_state(model, tx, jax.random.key(2), TRAIN_SHAPE), mesh)
+  state = train.initial_state(model, tx, jax.random.key(2), TRAIN_SHAPE)
+  if float64:
+    model, state = model.clone(dtype=jnp.float64), to_float64(state)
+  state = parallel.replicate(state, mesh)
   # Compiled ahead at its first call, as the train loop runs it.
   step_fn = parallel.CompiledOnFirstCall(
       train._jit_train_step(config, model, tx, info, mesh))  # pylint: disable=protected-access
@@ -125,19 +159,27 @@ def log(what, start=[time.time()]):  # pylint: disable=dangerous-default-value
 def main():
   assert jax.device_count() == 2, jax.devices()
   state2, sums2 = run_search(2)
-  log('search, 2 devices')
+  log('search, 2 devices, float32')
   assert_replicas_identical((state2, sums2), 'search replicas differ')
-  state1, sums1 = run_search(1)
-  log('search, 1 device')
-  assert_close(sums1, sums2, 'search metrics: 1 vs 2 devices')
-  assert_close(state1, state2, 'search state: 1 vs 2 devices')
   t2, m2 = run_train(2)
-  log('train, 2 devices')
+  log('train, 2 devices, float32')
   assert_replicas_identical(t2, 'train replicas differ')
-  t1, m1 = run_train(1)
-  log('train, 1 device')
-  assert_close(m1, m2, 'train metrics: 1 vs 2 devices')
-  assert_close(t1, t2, 'train state: 1 vs 2 devices')
+  with jax.enable_x64():
+    state2, sums2 = run_search(2, float64=True)
+    log('search, 2 devices, float64')
+    assert_replicas_identical((state2, sums2), 'search replicas differ (float64)')
+    state1, sums1 = run_search(1, float64=True)
+    log('search, 1 device, float64')
+    assert_float64((state1, state2), 'search state')
+    assert_close(sums1, sums2, 'search metrics: 1 vs 2 devices')
+    assert_close(state1, state2, 'search state: 1 vs 2 devices')
+    t2, m2 = run_train(2, float64=True)
+    log('train, 2 devices, float64')
+    t1, m1 = run_train(1, float64=True)
+    log('train, 1 device, float64')
+    assert_float64((t1, t2), 'train state')
+    assert_close(m1, m2, 'train metrics: 1 vs 2 devices')
+    assert_close(t1, t2, 'train state: 1 vs 2 devices')
   print('OK')
 
 
