@@ -15,6 +15,7 @@ def get_config(arg=None):
   config.method = 'P-DARTS'
   config.search.partial_k = 1
   config.search.use_betas = False
+  config.search.batch_size = 96
   for stage in config.search.stages:
     stage.warmup_epochs = 10
   config = search_common.apply_args(config, arg)

@@ -2,20 +2,29 @@
 
 Config arguments, comma separated after the file name (`--config=configs/ss_pcp.py:ssf=0.5,tiny`):
   ssf=<float>  the self-supervised factor of the architecture loss, in [0, 1].
+  dataset=<name>  search on `cifar10` (the default), `cifar100` (the paper's Table III) or
+               `fashion_mnist`; the network's classifier follows the dataset.
+  warmup=<int> frozen-architecture (warm-up) epochs of every stage. The paper's text gives 15
+               for "the progressive case" and 10 for the 5/11/17-cell case of its Table I; read
+               literally, `warmup=10` is the 5/11/17-cell reading and `cells8,warmup=15` the
+               8-cell one. The progressive configs default to 5/11/17 cells with 15 (the
+               labels look swapped: the progressive case is the 5/11/17-cell one).
   tiny         shrink the search to a CPU smoke run of a few minutes, nearly all of it XLA
                compilation (what the tests use):
                the shipped CIFAR-10 subset (128 images), 3-cell stages of 8 channels, 2 epochs
                each (1 warm-up), 4 cheap candidate ops (none, max/avg pool, skip) and at
                most two stages (3 ops kept after the first). A smoke test of the code path:
                convolutions in mixed ops multiply the compile time.
-  cells8       every progressive stage searches an 8-cell network (the paper's Table I variant).
+  cells8       every progressive stage searches an 8-cell network (the paper's text mentions
+               8 search cells for its progressive case; see `warmup`).
 """
 
 import ml_collections
 
 PRIMITIVES = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3',
               'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
-ARGS = ('ssf', 'tiny', 'cells8')
+ARGS = ('ssf', 'dataset', 'warmup', 'tiny', 'cells8')
+DATASETS = ('cifar10', 'cifar100', 'fashion_mnist')
 
 
 def stage(layers, num_keep, epochs, warmup_epochs, skip_dropout):
@@ -65,7 +74,8 @@ def base_search_config() -> ml_collections.ConfigDict:
   # (its paper: 0.0/0.4/0.7). The paper freezes the architecture for 15 epochs here.
   s.stages = [stage(5, 5, 25, 15, 0.1), stage(11, 3, 25, 15, 0.4), stage(17, 1, 25, 15, 0.7)]
   s.max_skip_normal = 2  # P-DARTS limit on skip-connects in the final normal cell; -1: none
-  s.batch_size = 96
+  s.batch_size = 256  # the paper (lr 0.025); P-DARTS 96
+
   s.eval_batch_size = 250
   # Weights: SGD, momentum, coupled weight decay, per-epoch cosine LR, clipped gradients.
   s.lr = 0.025
@@ -81,6 +91,20 @@ def base_search_config() -> ml_collections.ConfigDict:
   s.arch_grad_clip = 5.0  # 0 disables (PC-DARTS)
   # Self-supervision: architecture loss = ss_factor * BT + (1 - ss_factor) * CE.
   s.ss_factor = 0.0
+  # The CE batch and both BT views go through one channel sample per architecture step (the
+  # paper's "two identical networks"); False draws one per forward (earlier releases).
+  s.shared_channels = True
+  # BT's scale in the mix: 'none' (the paper: ssf * BT + (1 - ssf) * CE); 'dim' (BT / D);
+  # 'balance' (the BT gradient rescaled to the CE gradient's norm every step). With D = 512
+  # BT is ~100x CE, so under 'none' any ssf in (0, 1) updates the architecture almost
+  # purely by BT (README, "Self-supervision").
+  s.bt_scale = 'none'
+  # The two BT views: 'asymmetric' (the Barlow Twins recipe: blur and solarisation differ per
+  # view, plus a perspective distortion and erasing) or 'symmetric' (earlier releases).
+  s.bt_views = 'asymmetric'
+  # Train the projector on BT during the warm-up (architecture frozen), so that the first
+  # architecture steps of a stage do not pass through a random projector. Not in the paper.
+  s.projector_warmup = False
   # Projector on the 16C = 256 pooled features; D = 512 instead of BT's 8192, so lambda is
   # scaled by 8192 / D to keep the off-diagonal term's weight. Trained by the BT loss in
   # the architecture step with its own Adam (same settings as the architecture's).
@@ -91,12 +115,33 @@ def base_search_config() -> ml_collections.ConfigDict:
 
 
 def apply_args(config, arg=None):
-  """Applies the comma-separated config arguments (see the module docstring)."""
-  for item in [a.strip() for a in (arg or '').split(',') if a.strip()]:
+  """Applies the comma-separated config arguments (see the module docstring); `tiny` last,
+  so that it shrinks whatever the others chose."""
+  items = [a.strip() for a in (arg or '').split(',') if a.strip()]
+  for item in sorted(items, key=lambda a: a == 'tiny'):
     name, _, value = item.partition('=')
     if name not in ARGS:
-      raise ValueError(f'Unknown config argument {item!r}; allowed: ssf=<float>, tiny, cells8.')
-    if name == 'ssf':
+      raise ValueError(f'Unknown config argument {item!r}; allowed: ssf=<float>, '
+                       'dataset=<name>, warmup=<int>, tiny, cells8.')
+    if name == 'dataset':
+      if value not in DATASETS:
+        raise ValueError(f'Config argument dataset must be one of {list(DATASETS)}, '
+                         f'got {value!r}.')
+      config.data.dataset = value
+      if value != 'cifar10' and config.data.source == 'subset':
+        config.data.source = 'files'  # the shipped subset is CIFAR-10's
+    elif name == 'warmup':
+      try:
+        warmup = int(value)
+      except ValueError:
+        raise ValueError(f'Config argument warmup must be a whole number of epochs, '
+                         f'got {value!r}.')
+      for st in config.search.stages:
+        if not 0 <= warmup <= st.epochs:
+          raise ValueError(f'Config argument warmup must be in 0..{st.epochs} (the stage '
+                           f'epochs), got {warmup}.')
+        st.warmup_epochs = warmup
+    elif name == 'ssf':
       try:
         ssf = float(value)
       except ValueError:
@@ -114,7 +159,8 @@ def apply_args(config, arg=None):
 
 def shrink(config):
   """The `tiny` variant: the same code path at the smallest size that exercises it."""
-  config.data.source = 'subset'
+  if config.data.dataset == 'cifar10':
+    config.data.source = 'subset'  # shipped with the package
   config.data.max_train = 128
   s = config.search
   s.channels = 8

@@ -4,6 +4,8 @@ from typing import Optional, Sequence
 
 import flax.linen as nn
 
+from pcp_jax import ops
+
 
 class Projector(nn.Module):
   """The Barlow Twins projector: [Dense(no bias), BatchNorm, ReLU] per hidden size, then Dense.
@@ -21,9 +23,6 @@ class Projector(nn.Module):
     x = features
     for size in self.sizes[:-1]:
       x = nn.Dense(size, use_bias=False)(x)
-      # Flax momentum 0.9 is PyTorch's BatchNorm momentum 0.1.
-      x = nn.BatchNorm(
-          use_running_average=not train, momentum=0.9, epsilon=1e-5,
-          axis_name=self.bn_axis_name)(x)
+      x = ops.batch_norm(train, True, self.bn_axis_name, None, op_impl='xla')(x)
       x = nn.relu(x)
     return nn.Dense(self.sizes[-1], use_bias=False)(x)

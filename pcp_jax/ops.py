@@ -64,16 +64,18 @@ def batch_norm(train: bool, affine: bool, axis_name: Optional[str], dtype: Dtype
 
 
 class BatchNorm(nn.BatchNorm):
-  """`nn.BatchNorm` (same variables and names); in training under op_impl 'cpu' its
-  normalisation has a hand-written gradient, which XLA:CPU runs and compiles faster."""
+  """`nn.BatchNorm` (same variables and names) whose running variance is updated with the
+  unbiased batch variance (n / (n - 1), n the global batch's count per channel), as PyTorch
+  does, so eval-mode statistics agree with the reference code. In training under op_impl
+  'cpu' the normalisation has a hand-written gradient, which XLA:CPU runs and compiles faster.
+  """
   op_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
     frozen = nn.merge_param('use_running_average', self.use_running_average,
                             use_running_average)
-    if (frozen or mask is not None or resolve_op_impl(self.op_impl) == 'xla'
-        or self.axis not in (-1, x.ndim - 1)):
+    if frozen or mask is not None or self.axis not in (-1, x.ndim - 1):
       return super().__call__(x, use_running_average, mask=mask)
     features = (x.shape[-1],)
     ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32),
@@ -81,10 +83,14 @@ class BatchNorm(nn.BatchNorm):
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32),
                            features)
     axis_name = None if self.is_initializing() else self.axis_name
-    y, mean, var = _normalize_train(upcast(x), self.epsilon, axis_name)
+    normalize = (_normalize_train if resolve_op_impl(self.op_impl) == 'cpu'
+                 else _normalize_train_autodiff)
+    y, mean, var = normalize(upcast(x), self.epsilon, axis_name)
     if not self.is_initializing():
+      count = np.prod(x.shape[:-1]) * (1 if axis_name is None else lax.psum(1, axis_name))
+      unbiased = var * (count / jnp.maximum(count - 1, 1))
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     if self.use_scale:
       y = y * self.param('scale', self.scale_init, features, self.param_dtype)
     if self.use_bias:
@@ -110,6 +116,11 @@ def _normalize_train_fwd(x, epsilon, axis_name):
   inv_std = lax.rsqrt(var + epsilon)
   count = np.prod(x.shape[:-1]) * (1 if axis_name is None else lax.psum(1, axis_name))
   return (centred * inv_std, mean, var), (centred, inv_std, count)
+
+
+def _normalize_train_autodiff(x, epsilon, axis_name):
+  """`_normalize_train` differentiated by JAX (op_impl 'xla')."""
+  return _normalize_train_fwd(x, epsilon, axis_name)[0]
 
 
 def _normalize_train_bwd(epsilon, axis_name, residuals, cotangents):

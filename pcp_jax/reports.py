@@ -197,7 +197,8 @@ def plot_genotype(genotype: genotypes.Genotype, out_dir: str, prefix: str = '',
 # ---------------------------------------------------------------------------
 # The paper's Table II.
 
-COLUMNS = ('Method', 'Test error (%)', 'Params (M)', 'Search cost (GPU-days)', 'Dataset')
+COLUMNS = ('Method', 'Test error (%)', 'Last-epoch error (%)', 'Params (M)',
+           'Search cost (GPU-days)', 'Dataset')
 
 
 def _read_results(run_dir: str) -> dict:
@@ -216,16 +217,21 @@ def _read_results(run_dir: str) -> dict:
 
 
 def results_table(run_dirs: Sequence[str]) -> list:
-  """One row per run folder (its results.json), formatted as the paper's Table II, by method."""
+  """One row per run folder (its results.json), formatted as the paper's Table II, by method.
+
+  'Test error' is the best checkpoint's (selected on the validation split, the test set
+  itself unless train.val_split is a fraction); 'Last-epoch error' the final epoch's."""
   if isinstance(run_dirs, str):
     run_dirs = [run_dirs]
   rows = []
   for run_dir in run_dirs:
     results = _read_results(run_dir)
     cost = results.get('search_cost_days')
+    last = results.get('last_test_accuracy')
     rows.append({
         'Method': results.get('method') or os.path.basename(os.path.normpath(run_dir)),
         'Test error (%)': f'{100.0 * (1.0 - results["test_accuracy"]):.2f}',
+        'Last-epoch error (%)': '-' if last is None else f'{100.0 * (1.0 - last):.2f}',
         'Params (M)': f'{results["params"] / 1e6:.2f}',
         'Search cost (GPU-days)': '-' if cost is None else f'{cost:.3f}',
         'Dataset': results['dataset'],

@@ -7,12 +7,13 @@ and, at its end, keeps the `num_keep` strongest ops per edge. The architecture
 step's loss is `ss_factor * BarlowTwins + (1 - ss_factor) * CE`.
 """
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import flax
@@ -87,106 +88,225 @@ def skip_dropout_rate(rate, epoch, epochs, warmup_epochs):
 # The step.
 
 
-def _to_float(model, images_uint8):
-  return augment.to_float(images_uint8, ops.compute_dtype(model.dtype))
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """The static pieces of a stage's search step, bound once (`make_stage_fns`).
+
+  `ss_factor`, `bt_lambda`, `bt_scale`, `bt_views`, `shared_channels` and
+  `projector_warmup` are the `search.*` fields of the same names (configs/search_common.py).
+  `num_devices` > 1: the step runs on every device of a data-parallel step over
+  `parallel.AXIS` and works on its slice of the global batch. `skip_dropout` False compiles
+  the step without skip-connect dropout, for stages whose rate is 0 (the same function as
+  rate 0, without drawing the masks).
+  """
+  model: supernet.SearchNetwork
+  projector: heads.Projector
+  tx_weights: optax.GradientTransformation
+  tx_arch: optax.GradientTransformation
+  tx_projector: optax.GradientTransformation
+  mean: Sequence[float]
+  std: Sequence[float]
+  ss_factor: float = 0.0
+  bt_lambda: float = 0.0051
+  bt_scale: str = 'none'
+  bt_views: str = 'asymmetric'
+  shared_channels: bool = True
+  projector_warmup: bool = False
+  num_devices: int = 1
+  skip_dropout: bool = True
+
+  def local(self, x):
+    return parallel.local_part(x, self.num_devices)
+
+  def to_float(self, images_uint8):
+    return augment.to_float(images_uint8, ops.compute_dtype(self.model.dtype))
 
 
-def _augment(model, key, images_uint8, mean, std):
-  x = augment.random_crop_flip(key, _to_float(model, images_uint8))
-  return augment.normalize(x, mean, std)
+def _augment(spec: StepSpec, key, images_uint8):
+  x = augment.random_crop_flip(key, spec.to_float(images_uint8))
+  return augment.normalize(x, spec.mean, spec.std)
 
 
-def _forward(model, params, arch, batch_stats, x, key, skip_rate, num_devices=1):
+def _forward(spec: StepSpec, params, arch, batch_stats, x, channel_key, dropout_key,
+             skip_rate):
   """Supernet forward in train mode; returns logits, pooled features, new batch stats."""
-  k_ch, k_drop = jax.random.split(key)
-  (logits, features), new_vars = model.apply(
+  (logits, features), new_vars = spec.model.apply(
       {'params': params, 'arch': arch, 'batch_stats': batch_stats}, x, train=True,
       skip_drop_rate=skip_rate,
-      rngs={'channels': k_ch, 'dropout': parallel.device_key(k_drop, num_devices)},
+      rngs={'channels': channel_key,
+            'dropout': parallel.device_key(dropout_key, spec.num_devices)},
       mutable=['batch_stats'])
   return logits, features, new_vars['batch_stats']
 
 
-def arch_step(state: SearchState, images, labels, key, skip_rate, *, model, projector,
-              tx_arch, tx_projector, ss_factor, bt_lambda, mean, std, num_devices=1):
+def _view_forwards(spec: StepSpec, params, arch, batch_stats, xs, key, skip_rate):
+  """The supernet on a stack of batches (the CE batch and the BT views) as one vmapped call:
+  BN statistics per batch. One channel sample for all of them when `spec.shared_channels`
+  (the paper's identical networks), else one each; skip-connect dropout masks always differ.
+  `arch` carries the stack axis too, so its gradient comes apart per batch."""
+  n = xs.shape[0]
+  k_channels, k_dropout = jax.random.split(key)
+  channel_keys = (jnp.stack([k_channels] * n) if spec.shared_channels
+                  else jax.random.split(k_channels, n))
+  return jax.vmap(lambda a, x, kc, kd: _forward(spec, params, a, batch_stats, x, kc, kd,
+                                                skip_rate))(
+      arch, xs, channel_keys, jax.random.split(k_dropout, n))
+
+
+def _bt_loss(spec: StepSpec, proj_params, proj_stats, features):
+  """Barlow Twins on the two views' features through the projector; new projector stats."""
+  z, new = jax.vmap(lambda f: spec.projector.apply(
+      {'params': proj_params, 'batch_stats': proj_stats}, f, train=True,
+      mutable=['batch_stats']))(features)
+  bt = losses.barlow_twins_loss(z[0], z[1], lambd=spec.bt_lambda,
+                                axis_name=parallel.axis_name(spec.num_devices))
+  return bt, jax.tree_util.tree_map(lambda t: t[-1], new['batch_stats'])
+
+
+def _bt_views(spec: StepSpec, key, images):
+  view_a, view_b = augment.barlow_twins_views(key, spec.to_float(images), spec.mean,
+                                              spec.std, spec.bt_views)
+  return spec.local(view_a), spec.local(view_b)
+
+
+def _tree_dot(a, b):
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                             jax.tree_util.tree_leaves(b)))
+
+
+def mix_arch_gradients(g_ce, g_bt, ss_factor, bt_scale, bt_dim):
+  """The architecture gradient of `ss_factor * BT + (1 - ss_factor) * CE` from its parts,
+  with BT scaled as `bt_scale` says: 'none' (the paper), 'dim' (BT / `bt_dim`) or 'balance'
+  (BT's gradient rescaled to the norm of CE's). Returns (gradient, BT's scale)."""
+  if bt_scale == 'none':
+    scale = 1.0
+  elif bt_scale == 'dim':
+    scale = 1.0 / bt_dim
+  else:
+    scale = optax.tree.norm(g_ce) / jnp.maximum(optax.tree.norm(g_bt), 1e-30)
+  grads = jax.tree_util.tree_map(
+      lambda c, b: losses.mixed_arch_loss(c, scale * b, ss_factor), g_ce, g_bt)
+  return grads, scale
+
+
+def arch_gradients(state: SearchState, xs, labels, key, skip_rate, spec: StepSpec):
+  """The CE and BT parts of the architecture gradient, from one backward pass.
+
+  `xs` stacks this device's CE batch and (with `ss_factor` > 0) the two BT views; `key`
+  draws the forwards' channel samples and dropout masks. The parts flow through different
+  batches of one vmapped forward, whose `arch` carries the stack axis, so the gradient comes
+  apart per batch. Returns ((g_ce, g_bt, g_projector), (ce, bt, batch_stats, proj_stats)),
+  gradients averaged over devices, losses this device's.
+  """
+  proj = state.projector
+
+  def loss_fn(arch_stack, proj_params):
+    logits, features, stats = _view_forwards(spec, state.params, arch_stack,
+                                             state.batch_stats, xs, key, skip_rate)
+    batch_stats = jax.tree_util.tree_map(lambda t: t[0], stats)  # running stats: CE batch
+    ce = losses.cross_entropy(logits[0], labels)
+    if spec.ss_factor == 0:
+      return ce, (ce, jnp.zeros_like(ce), batch_stats, {})
+    bt, proj_stats = _bt_loss(spec, proj_params, proj['batch_stats'], features[1:])
+    # Unit weights: the CE batch's gradient is CE's, the views' are BT's; mixed by the caller.
+    return ce + bt, (ce, bt, batch_stats, proj_stats)
+
+  arch_stack = jax.tree_util.tree_map(lambda a: jnp.stack([a] * xs.shape[0]), state.arch)
+  (_, aux), (g_stack, g_proj) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      arch_stack, proj.get('params', {}))
+  g_ce = jax.tree_util.tree_map(lambda g: g[0], g_stack)
+  g_bt = jax.tree_util.tree_map(lambda g: jnp.sum(g[1:], axis=0), g_stack)
+  return parallel.mean((g_ce, g_bt, g_proj), spec.num_devices), aux
+
+
+def arch_step(state: SearchState, images, labels, key, skip_rate, spec: StepSpec):
   """Architecture step on a validation batch: updates only 'arch' (and the projector).
 
-  Loss: `ss_factor * BT + (1 - ss_factor) * CE`; CE on the usual crop/flip view, Barlow
-  Twins on two stronger views through the projector (which the BT loss also trains).
-  `images`/`labels` are the global batch; with `num_devices` > 1 this runs on every device
-  of a data-parallel step (see `parallel`) and works on its slice.
+  Loss: `ss_factor * BT + (1 - ss_factor) * CE` (BT scaled per `spec.bt_scale`); CE on the
+  usual crop/flip view, Barlow Twins on two stronger views through the projector (which the
+  BT loss also trains). The CE and BT parts of the architecture gradient
+  (`arch_gradients`) are mixed as the loss says; their norms and cosine are logged.
+  `images`/`labels` are the global batch.
   """
-  k_aug, k_ce, k_views = jax.random.split(key, 3)
-  local = functools.partial(parallel.local_part, num_devices=num_devices)
-  labels = local(labels)
-  x = local(_augment(model, k_aug, images, mean, std))
-  if ss_factor > 0:
-    view_a, view_b = augment.barlow_twins_views(k_views, _to_float(model, images))
-    xs = jnp.stack([x, local(augment.normalize(view_a, mean, std)),
-                    local(augment.normalize(view_b, mean, std))])
-
-  def loss_fn(arch, proj_params, batch_stats, proj_stats):
-    if ss_factor == 0:
-      logits, _, batch_stats = _forward(model, state.params, arch, batch_stats, x, k_ce,
-                                        skip_rate, num_devices)
-      ce = losses.cross_entropy(logits, labels)
-      return ce, (batch_stats, proj_stats, {'arch_ce': ce, 'arch_bt': jnp.zeros(())})
-    # The CE batch and the two views go through the supernet as one vmapped call: the same
-    # function as three separate forwards (BN statistics per slice), a third of the code.
-    logits, features, stats = jax.vmap(
-        lambda x, k: _forward(model, state.params, arch, batch_stats, x, k, skip_rate,
-                              num_devices))(xs, jax.random.split(k_ce, 3))
-    batch_stats = jax.tree_util.tree_map(lambda t: t[0], stats)  # running stats: the CE batch
-    ce = losses.cross_entropy(logits[0], labels)
-    z, new_proj = jax.vmap(lambda f: projector.apply(
-        {'params': proj_params, 'batch_stats': proj_stats}, f, train=True,
-        mutable=['batch_stats']))(features[1:])
-    proj_stats = jax.tree_util.tree_map(lambda t: t[-1], new_proj['batch_stats'])
-    bt = losses.barlow_twins_loss(z[0], z[1], lambd=bt_lambda,
-                                  axis_name=parallel.axis_name(num_devices))
-    metrics = {'arch_ce': ce, 'arch_bt': bt}
-    return losses.mixed_arch_loss(ce, bt, ss_factor), (batch_stats, proj_stats, metrics)
-
-  proj = state.projector
-  (loss, (batch_stats, proj_stats, metrics)), grads = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(
-          state.arch, proj.get('params', {}), state.batch_stats, proj.get('batch_stats', {}))
-  g_arch, g_proj = parallel.mean(grads, num_devices)
-  updates, arch_opt = tx_arch.update(g_arch, state.arch_opt, state.arch)
-  arch = optax.apply_updates(state.arch, updates)
-  new_proj, projector_opt = proj, state.projector_opt
-  if proj:
-    updates, projector_opt = tx_projector.update(g_proj, state.projector_opt, proj['params'])
-    new_proj = {'params': optax.apply_updates(proj['params'], updates),
-                'batch_stats': proj_stats}
-  state = state.replace(arch=arch, arch_opt=arch_opt, batch_stats=batch_stats,
-                        projector=new_proj, projector_opt=projector_opt)
-  return state, parallel.mean(dict(metrics, arch_loss=loss), num_devices)
+  k_aug, k_fwd, k_views = jax.random.split(key, 3)
+  x = spec.local(_augment(spec, k_aug, images))
+  xs = jnp.stack([x, *_bt_views(spec, k_views, images)]) if spec.ss_factor > 0 else x[None]
+  (g_ce, g_bt, g_proj), (ce, bt, batch_stats, proj_stats) = arch_gradients(
+      state, xs, spec.local(labels), k_fwd, skip_rate, spec)
+  bt_dim = spec.projector.sizes[-1]
+  g_arch, bt_weight = mix_arch_gradients(g_ce, g_bt, spec.ss_factor, spec.bt_scale, bt_dim)
+  updates, arch_opt = spec.tx_arch.update(g_arch, state.arch_opt, state.arch)
+  state = state.replace(arch=optax.apply_updates(state.arch, updates), arch_opt=arch_opt,
+                        batch_stats=batch_stats)
+  if state.projector:
+    state = _update_projector(state, jax.tree_util.tree_map(
+        lambda g: spec.ss_factor * bt_weight * g, g_proj), proj_stats, spec)
+  loss_bt = bt / bt_dim if spec.bt_scale == 'dim' else bt
+  metrics = parallel.mean({'arch_ce': ce, 'arch_bt': bt,
+                           'arch_loss': losses.mixed_arch_loss(ce, loss_bt, spec.ss_factor)},
+                          spec.num_devices)
+  ce_norm, bt_norm = optax.tree.norm(g_ce), optax.tree.norm(g_bt)
+  cosine = _tree_dot(g_ce, g_bt) / jnp.maximum(ce_norm * bt_norm, 1e-30)
+  return state, dict(metrics, arch_ce_grad_norm=ce_norm, arch_bt_grad_norm=bt_norm,
+                     arch_grad_cosine=cosine)
 
 
-def weight_step(state: SearchState, images, labels, key, skip_rate, *, model, tx_weights,
-                mean, std, num_devices=1):
+def _update_projector(state, grads, proj_stats, spec: StepSpec):
+  updates, projector_opt = spec.tx_projector.update(grads, state.projector_opt,
+                                                    state.projector['params'])
+  return state.replace(
+      projector={'params': optax.apply_updates(state.projector['params'], updates),
+                 'batch_stats': proj_stats},
+      projector_opt=projector_opt)
+
+
+def projector_warmup_step(state: SearchState, images, key, skip_rate, spec: StepSpec):
+  """During the warm-up (architecture frozen): BT trains the projector alone on the
+  supernet's features of the two views; the supernet and its BN statistics are untouched.
+  The views are those the architecture step would draw from the same key."""
+  _, k_fwd, k_views = jax.random.split(key, 3)
+  xs = jnp.stack(_bt_views(spec, k_views, images))
+  arch_stack = jax.tree_util.tree_map(lambda a: jnp.stack([a] * 2), state.arch)
+  _, features, _ = _view_forwards(spec, state.params, arch_stack, state.batch_stats, xs, k_fwd,
+                                  skip_rate)
+  features = jax.lax.stop_gradient(features)
+  (bt, proj_stats), g_proj = jax.value_and_grad(
+      lambda p: _bt_loss(spec, p, state.projector['batch_stats'], features), has_aux=True)(
+          state.projector['params'])
+  state = _update_projector(state, parallel.mean(g_proj, spec.num_devices), proj_stats, spec)
+  return state, dict(_zero_arch_metrics(), arch_bt=parallel.mean(bt, spec.num_devices))
+
+
+def weight_step(state: SearchState, images, labels, key, skip_rate, spec: StepSpec):
   """Weight step on a training batch: CE, updates only 'params' (and BN statistics)."""
   k_aug, k_fwd = jax.random.split(key)
-  x = parallel.local_part(_augment(model, k_aug, images, mean, std), num_devices)
-  labels = parallel.local_part(labels, num_devices)
+  x = spec.local(_augment(spec, k_aug, images))
+  labels = spec.local(labels)
+  k_channels, k_dropout = jax.random.split(k_fwd)
 
   def loss_fn(params):
-    logits, _, batch_stats = _forward(model, params, state.arch, state.batch_stats, x, k_fwd,
-                                      skip_rate, num_devices)
+    logits, _, batch_stats = _forward(spec, params, state.arch, state.batch_stats, x,
+                                      k_channels, k_dropout, skip_rate)
     return losses.cross_entropy(logits, labels), (batch_stats, losses.accuracy(logits, labels))
 
   (ce, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = parallel.mean(grads, num_devices)
-  updates, weight_opt = tx_weights.update(grads, state.weight_opt, state.params)
+  grads = parallel.mean(grads, spec.num_devices)
+  updates, weight_opt = spec.tx_weights.update(grads, state.weight_opt, state.params)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         batch_stats=batch_stats, weight_opt=weight_opt)
-  return state, parallel.mean({'train_loss': ce, 'train_acc': acc}, num_devices)
+  return state, parallel.mean({'train_loss': ce, 'train_acc': acc}, spec.num_devices)
 
 
-def search_step(state: SearchState, batch, key, skip_rate, update_arch, *, model, projector,
-                tx_weights, tx_arch, tx_projector, ss_factor, bt_lambda, mean, std,
-                num_devices=1, skip_dropout=True):
+ARCH_METRICS = ('arch_ce', 'arch_bt', 'arch_loss', 'arch_ce_grad_norm', 'arch_bt_grad_norm',
+                'arch_grad_cosine')
+METRICS = ARCH_METRICS + ('train_loss', 'train_acc')
+
+
+def _zero_arch_metrics():
+  return {name: jnp.zeros(()) for name in ARCH_METRICS}
+
+
+def search_step(state: SearchState, batch, key, skip_rate, update_arch, spec: StepSpec):
   """One first-order search step: an architecture step, then a weight step.
 
   Args:
@@ -195,34 +315,26 @@ def search_step(state: SearchState, batch, key, skip_rate, update_arch, *, model
       `valid_labels` (architecture step), uint8 images; the global batch.
     key: this step's key; every rng stream is derived from it.
     skip_rate: skip-connect dropout rate (traced scalar).
-    update_arch: traced bool; False during the warm-up (architecture frozen).
-    num_devices: > 1 inside a data-parallel step over `parallel.AXIS`.
-    skip_dropout: static; False compiles the step without skip-connect dropout (`skip_rate`
-      ignored), for stages whose rate is 0: the same function as rate 0, without drawing
-      the masks.
+    update_arch: traced bool; False during the warm-up (architecture frozen; the projector
+      trains alone if `spec.projector_warmup`).
+    spec: the stage's static pieces.
   """
   k_arch, k_weight = jax.random.split(key)
-  if not skip_dropout:
+  if not spec.skip_dropout:
     skip_rate = None
+  images, labels = batch['valid_images'], batch['valid_labels']
 
-  def do_arch_step(state):
-    return arch_step(state, batch['valid_images'], batch['valid_labels'], k_arch, skip_rate,
-                     model=model, projector=projector, tx_arch=tx_arch,
-                     tx_projector=tx_projector, ss_factor=ss_factor, bt_lambda=bt_lambda,
-                     mean=mean, std=std, num_devices=num_devices)
+  def frozen(state):
+    if spec.projector_warmup and spec.ss_factor > 0:
+      return projector_warmup_step(state, images, k_arch, skip_rate, spec)
+    return state, _zero_arch_metrics()
 
-  def skip_arch_step(state):
-    zero = jnp.zeros(())
-    return state, {'arch_ce': zero, 'arch_bt': zero, 'arch_loss': zero}
-
-  state, arch_metrics = jax.lax.cond(update_arch, do_arch_step, skip_arch_step, state)
+  state, arch_metrics = jax.lax.cond(
+      update_arch, lambda st: arch_step(st, images, labels, k_arch, skip_rate, spec), frozen,
+      state)
   state, weight_metrics = weight_step(state, batch['train_images'], batch['train_labels'],
-                                      k_weight, skip_rate, model=model, tx_weights=tx_weights,
-                                      mean=mean, std=std, num_devices=num_devices)
+                                      k_weight, skip_rate, spec)
   return state, dict(arch_metrics, **weight_metrics)
-
-
-METRICS = ('arch_ce', 'arch_bt', 'arch_loss', 'train_loss', 'train_acc')
 
 
 def zero_sums():
@@ -289,12 +401,23 @@ def evaluate(eval_fn, variables, images, labels, batch_size, key):
 # ---------------------------------------------------------------------------
 # The search driver.
 
+BT_SCALES = ('none', 'dim', 'balance')
+
+
 def check_config(config):
   """Validates the search config, naming the option and the allowed values."""
   cfg = config.search
   ops.resolve_op_impl(config.get('op_impl', 'auto'))
   if not 0.0 <= cfg.ss_factor <= 1.0:
     raise ValueError(f'search.ss_factor must be in [0, 1], got {cfg.ss_factor}.')
+  if cfg.bt_scale not in BT_SCALES:
+    raise ValueError(f'search.bt_scale must be one of {list(BT_SCALES)}, got {cfg.bt_scale!r}.')
+  if cfg.bt_views not in augment.BT_VIEWS:
+    raise ValueError(f'search.bt_views must be one of {list(augment.BT_VIEWS)}, '
+                     f'got {cfg.bt_views!r}.')
+  for name in ('shared_channels', 'projector_warmup', 'use_betas'):
+    if not isinstance(cfg[name], bool):
+      raise ValueError(f'search.{name} must be True or False, got {cfg[name]!r}.')
   if cfg.channel_mode not in supernet.CHANNEL_MODES:
     raise ValueError(f'search.channel_mode must be one of {supernet.CHANNEL_MODES}, '
                      f'got {cfg.channel_mode!r}.')
@@ -383,11 +506,14 @@ def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std, skip_drop
   leaves the masks out (see `search_step`).
   """
   tx_weights, tx_arch, tx_projector = optimizers
-  step_fn = functools.partial(
-      search_step, model=model, projector=projector, tx_weights=tx_weights, tx_arch=tx_arch,
-      tx_projector=tx_projector, ss_factor=float(cfg.ss_factor),
-      bt_lambda=float(cfg.bt_lambda), mean=mean, std=std, num_devices=mesh.size,
-      skip_dropout=bool(skip_dropout))
+  spec = StepSpec(model=model, projector=projector, tx_weights=tx_weights, tx_arch=tx_arch,
+                  tx_projector=tx_projector, mean=tuple(mean), std=tuple(std),
+                  ss_factor=float(cfg.ss_factor), bt_lambda=float(cfg.bt_lambda),
+                  bt_scale=cfg.bt_scale, bt_views=cfg.bt_views,
+                  shared_channels=bool(cfg.shared_channels),
+                  projector_warmup=bool(cfg.projector_warmup), num_devices=mesh.size,
+                  skip_dropout=bool(skip_dropout))
+  step_fn = functools.partial(search_step, spec=spec)
   chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=cfg.batch_size)
   chunk_fn = jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1))
   eval_fn = jax.jit(functools.partial(evaluate_batch, model=model, mean=mean, std=std))
@@ -612,10 +738,13 @@ def search(config, workdir):
             f.write(json.dumps(row) + '\n')
         logging.info(
             'stage %d/%d epoch %d/%d: train CE %.4f acc %.4f | valid CE %.4f acc %.4f | '
-            'arch loss %.4f (CE %.4f, BT %.4f)%s | lr %.5f skip-drop %.3f | %.1fs',
+            'arch loss %.4f (CE %.4f, BT %.4f; |grad| CE %.2e BT %.2e cos %.3f)%s | '
+            'lr %.5f skip-drop %.3f | %.1fs',
             s + 1, len(cfg.stages), epoch + 1, stage.epochs, row['train_loss'],
             row['train_acc'], valid_loss, valid_acc, row['arch_loss'], row['arch_ce'],
-            row['arch_bt'], ' [arch frozen]' if row['arch_frozen'] else '', lr, skip_rate,
+            row['arch_bt'], row['arch_ce_grad_norm'], row['arch_bt_grad_norm'],
+            row['arch_grad_cosine'], ' [arch frozen]' if row['arch_frozen'] else '', lr,
+            skip_rate,
             row['epoch_seconds'])
         save(s, epoch + 1, 0, state, sums, genotype)
         if interrupt.requested:

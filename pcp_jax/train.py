@@ -550,6 +550,16 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str, model, inf
                           'train mode first.')
 
 
+def _restore_last(config: ml_collections.ConfigDict, workdir: str, model, info):
+  """(state, metadata) of the newest checkpoint in `workdir/checkpoints`, or None."""
+  folder = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(folder):
+    return None
+  template = _state_template(model, make_optimizer(config.train), image_shape(info))
+  restored = checkpoint.Checkpointer(folder, max_to_keep=None).restore_latest(template)
+  return None if restored is None else (jax.device_put(restored[1]), restored[2])
+
+
 def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates the best checkpoint on the test split; writes and returns results.json."""
   genotype = load_genotype(config, workdir)
@@ -557,8 +567,15 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = splits.info
   model = create_model(config, genotype, info)
   state, checkpoint_name, meta = restore_for_eval(config, workdir, model, info)
-  metrics = evaluate(_jit_eval_step(model, info), state, splits.test_images, splits.test_labels,
+  eval_fn = _jit_eval_step(model, info)
+  metrics = evaluate(eval_fn, state, splits.test_images, splits.test_labels,
                      config.train.eval_batch_size)
+  # The best checkpoint is chosen on the validation split, which is the test set under
+  # val_split='test' (as the paper and DARTS do): the last epoch's accuracy is reported beside
+  # it, a number no selection has seen.
+  last = _restore_last(config, workdir, model, info)
+  last_metrics = last and evaluate(eval_fn, last[0], splits.test_images, splits.test_labels,
+                                   config.train.eval_batch_size)
   count = functools.partial(networks.count_params, genotype, config.train.channels,
                             config.train.layers, info.num_classes,
                             image_shape=image_shape(info))
@@ -577,6 +594,10 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'epochs': rows[-1]['epoch'] if rows else config.train.epochs,
       'checkpoint': checkpoint_name,
       'checkpoint_epoch': meta.get('epoch'),
+      'val_split': str(config.train.val_split),
+      'last_test_accuracy': last_metrics['accuracy'] if last_metrics else None,
+      'last_test_loss': last_metrics['loss'] if last_metrics else None,
+      'last_checkpoint_epoch': last[1].get('epoch') if last else None,
       'wall_time_s': rows[-1]['wall_time_s'] if rows else None,
   }
   if parallel.is_main_process():
@@ -584,6 +605,10 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Test (%s checkpoint, epoch %s): accuracy %.4f, loss %.4f on %d images; %d params.',
                checkpoint_name, meta.get('epoch'), metrics['accuracy'], metrics['loss'],
                len(splits.test_images), results['params'])
+  if last_metrics:
+    logging.info('Test (last checkpoint, epoch %s): accuracy %.4f, loss %.4f.',
+                 results['last_checkpoint_epoch'], last_metrics['accuracy'],
+                 last_metrics['loss'])
   return results
 
 

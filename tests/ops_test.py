@@ -253,3 +253,19 @@ def test_batch_norm_agrees_across_impls_including_across_devices(affine):
   assert_trees_close(*results)
   y = results[1][0][1][0]
   np.testing.assert_allclose(np.mean(y, axis=(0, 1, 2, 3)), 0.5 if affine else 0, atol=1e-5)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_batch_norm_running_variance_is_unbiased_over_the_global_batch(impl):
+  # PyTorch's update: running_var = 0.9 * running_var + 0.1 * var_batch * n / (n - 1), n the
+  # count over the global batch (both devices of the vmapped device axis here).
+  x = 3 * np.random.default_rng(0).normal(size=(2, 4, 5, 5, 3)) + 1
+  bn = ops.batch_norm(True, False, 'devices', jnp.float32, op_impl=impl)
+  variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x[0], jnp.float32))
+  _, state = jax.vmap(lambda xi: bn.apply(variables, xi, mutable=['batch_stats']),
+                      axis_name='devices')(jnp.asarray(x, jnp.float32))
+  flat = x.reshape(-1, 3)
+  np.testing.assert_allclose(state['batch_stats']['var'][0],
+                             0.9 + 0.1 * flat.var(axis=0, ddof=1), rtol=1e-5)
+  np.testing.assert_allclose(state['batch_stats']['mean'][0], 0.1 * flat.mean(axis=0),
+                             rtol=1e-5)

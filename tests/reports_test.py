@@ -79,7 +79,8 @@ def write_run(root, folder, **results):
 def fake_runs(tmp_path):
   return [
       write_run(tmp_path, 'ss_pcp_ssf1', method='SS PCP-DARTS (ssf=1)', test_accuracy=0.9672,
-                params=4_213_456, dataset='cifar10', search_cost_days=0.19512),
+                last_test_accuracy=0.9651, params=4_213_456, dataset='cifar10',
+                search_cost_days=0.19512),
       write_run(tmp_path, 'PC-DARTS', test_accuracy=0.9743, params=3_634_678,
                 dataset='cifar10'),
       write_run(tmp_path, 'pdarts', method='P-DARTS', test_accuracy=0.9729, params=3_433_798,
@@ -91,7 +92,8 @@ def test_results_table_rows(tmp_path):
   rows = reports.results_table(fake_runs(tmp_path))
   assert [row['Method'] for row in rows] == ['P-DARTS', 'PC-DARTS', 'SS PCP-DARTS (ssf=1)']
   assert rows[2] == {'Method': 'SS PCP-DARTS (ssf=1)', 'Test error (%)': '3.28',
-                     'Params (M)': '4.21', 'Search cost (GPU-days)': '0.195',
+                     'Last-epoch error (%)': '3.49', 'Params (M)': '4.21',
+                     'Search cost (GPU-days)': '0.195',
                      'Dataset': 'cifar10'}
   assert rows[1]['Test error (%)'] == '2.57' and rows[1]['Params (M)'] == '3.63'
   assert rows[0]['Search cost (GPU-days)'] == rows[1]['Search cost (GPU-days)'] == '-'
@@ -102,21 +104,21 @@ def test_write_results_table_markdown_and_csv(tmp_path):
                                                   str(tmp_path / 'tables' / 'table2'))
   assert md_path.endswith('table2.md') and csv_path.endswith('table2.csv')
   lines = open(md_path).read().splitlines()
-  assert lines[0] == ('| Method | Test error (%) | Params (M) | Search cost (GPU-days) '
-                      '| Dataset |')
-  assert lines[1].count('|') == 6 and set(lines[1]) <= set('|:-')
+  assert lines[0] == ('| Method | Test error (%) | Last-epoch error (%) | Params (M) '
+                      '| Search cost (GPU-days) | Dataset |')
+  assert lines[1].count('|') == 7 and set(lines[1]) <= set('|:-')
   assert lines[2:] == [
-      '| P-DARTS | 2.71 | 3.43 | - | cifar10 |',
-      '| PC-DARTS | 2.57 | 3.63 | - | cifar10 |',
-      '| SS PCP-DARTS (ssf=1) | 3.28 | 4.21 | 0.195 | cifar10 |',
+      '| P-DARTS | 2.71 | - | 3.43 | - | cifar10 |',
+      '| PC-DARTS | 2.57 | - | 3.63 | - | cifar10 |',
+      '| SS PCP-DARTS (ssf=1) | 3.28 | 3.49 | 4.21 | 0.195 | cifar10 |',
   ]
   with open(csv_path, newline='') as f:
     records = list(csv.reader(f))
   assert records[0] == list(reports.COLUMNS)
   assert records[1:] == [
-      ['P-DARTS', '2.71', '3.43', '-', 'cifar10'],
-      ['PC-DARTS', '2.57', '3.63', '-', 'cifar10'],
-      ['SS PCP-DARTS (ssf=1)', '3.28', '4.21', '0.195', 'cifar10'],
+      ['P-DARTS', '2.71', '-', '3.43', '-', 'cifar10'],
+      ['PC-DARTS', '2.57', '-', '3.63', '-', 'cifar10'],
+      ['SS PCP-DARTS (ssf=1)', '3.28', '3.49', '4.21', '0.195', 'cifar10'],
   ]
 
 

@@ -1,5 +1,6 @@
 """The search: each method's tiny config end to end, the two steps, schedules, config errors."""
 
+import dataclasses
 import importlib
 import json
 import os
@@ -7,9 +8,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from pcp_jax import genotypes
+from pcp_jax import losses
 from pcp_jax import main
 from pcp_jax import search
 
@@ -18,15 +21,33 @@ def load_config(name, arg='tiny'):
   return importlib.import_module(f'configs.{name}').get_config(arg)
 
 
+def write_cifar100(directory, num_train=128, num_test=8):
+  """A small CIFAR-100 in the official binary format (coarse label, fine label, pixels)."""
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.join(directory, 'cifar-100-binary'))
+  for split, n in (('train', num_train), ('test', num_test)):
+    fine = rng.integers(0, 100, n, dtype=np.uint8)
+    records = np.concatenate([np.stack([fine // 5, fine], 1),
+                              rng.integers(0, 256, (n, 3072), dtype=np.uint8)], axis=1)
+    with open(os.path.join(directory, 'cifar-100-binary', f'{split}.bin'), 'wb') as f:
+      f.write(records.astype(np.uint8).tobytes())
+
+
 # pcp's code path is ss_pcp's progressive stages with pc_darts' ss_factor = 0 architecture step,
-# both run here; p_darts' differences from them (K = 1, no betas) are the supernet's and the
-# genotype's, tested in supernet_test and genotypes_test. Leaving those two out saves CI two
-# 2-stage compiles.
-@pytest.mark.parametrize('name', ['pc_darts', 'ss_pcp'])
-def test_tiny_search_end_to_end(name, tmp_path):
-  config = load_config(name)
-  workdir = str(tmp_path)
+# both run here (pc_darts on CIFAR-100, the paper's Table III search); p_darts' differences
+# from them (K = 1, no betas) are the supernet's and the genotype's, tested in supernet_test
+# and genotypes_test. Leaving those two out saves CI two 2-stage compiles.
+@pytest.mark.parametrize('name, arg', [('pc_darts', 'tiny,dataset=cifar100'),
+                                       ('ss_pcp', 'tiny')])
+def test_tiny_search_end_to_end(name, arg, tmp_path):
+  config = load_config(name, arg)
+  if config.data.dataset == 'cifar100':
+    write_cifar100(str(tmp_path / 'data'))
+    config.data.dir = str(tmp_path / 'data')
+  workdir = str(tmp_path / 'run')
   main.run(config, workdir)
+  summary = json.load(open(os.path.join(workdir, 'search_summary.json')))
+  assert summary['dataset'] == config.data.dataset
 
   genotype = genotypes.load(os.path.join(workdir, 'genotype.json'))
   assert genotype.normal_concat == (2, 3, 4, 5)
@@ -64,14 +85,32 @@ def test_tiny_search_end_to_end(name, tmp_path):
   assert summary['search_cost_days'] > 0 and summary['method'] == config.method
 
 
-def tiny_stage(ss_factor):
+def tiny_stage(ss_factor, float64=False, **search_fields):
+  """A 3-cell stage's step spec and state; `float64` (under `jax.enable_x64`): a float64
+  model and state with XLA's own ops, for comparisons that float32 noise would blur."""
   config = load_config('ss_pcp')
   config.search.ss_factor = ss_factor
+  config.search.update(search_fields)
   switches = {'normal': np.zeros((14, 8), bool), 'reduce': np.zeros((14, 8), bool)}
   for cell in switches:
     switches[cell][:, [1, 3]] = True  # max_pool_3x3, skip_connect: compiles fast
-  return search.build_stage(config.search, 3, 2, switches, 10, (8, 8, 3), 4,
-                            jax.random.PRNGKey(0)), config
+  model, projector, state, _, (tx_w, tx_a, tx_p) = search.build_stage(
+      config.search, 3, 2, switches, 10, (8, 8, 3), 4, jax.random.PRNGKey(0))
+  cfg = config.search
+  spec = search.StepSpec(
+      model=model, projector=projector, tx_weights=tx_w, tx_arch=tx_a, tx_projector=tx_p,
+      mean=(0.5,) * 3, std=(0.25,) * 3, ss_factor=ss_factor, bt_lambda=0.1,
+      bt_scale=cfg.bt_scale, bt_views=cfg.bt_views, shared_channels=cfg.shared_channels,
+      projector_warmup=cfg.projector_warmup)
+  if float64:
+    spec = dataclasses.replace(spec, model=model.clone(dtype=jnp.float64, op_impl='xla'))
+    state = jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)
+  return spec, state
+
+
+IMAGES = jax.random.randint(jax.random.PRNGKey(1), (8, 8, 8, 3), 0, 256).astype(jnp.uint8)
+LABELS = jnp.arange(8) % 10
 
 
 def changed(a, b):
@@ -81,15 +120,9 @@ def changed(a, b):
 
 
 def test_arch_step_changes_only_arch_and_projector_weight_step_only_params():
-  (model, projector, state, _, (tx_w, tx_a, tx_p)), config = tiny_stage(0.5)
-  images = jax.random.randint(jax.random.PRNGKey(1), (8, 8, 8, 3), 0, 256).astype(jnp.uint8)
-  labels = jnp.arange(8) % 10
-  mean, std = (0.5,) * 3, (0.25,) * 3
-  arch_step = jax.jit(lambda st, k: search.arch_step(
-      st, images, labels, k, 0.0, model=model, projector=projector, tx_arch=tx_a,
-      tx_projector=tx_p, ss_factor=0.5, bt_lambda=0.1, mean=mean, std=std))
-  weight_step = jax.jit(lambda st, k: search.weight_step(
-      st, images, labels, k, 0.0, model=model, tx_weights=tx_w, mean=mean, std=std))
+  spec, state = tiny_stage(0.5)
+  arch_step = jax.jit(lambda st, k: search.arch_step(st, IMAGES, LABELS, k, 0.0, spec))
+  weight_step = jax.jit(lambda st, k: search.weight_step(st, IMAGES, LABELS, k, 0.0, spec))
 
   after_arch, metrics = arch_step(state, jax.random.PRNGKey(2))
   assert changed(state.arch, after_arch.arch)
@@ -106,6 +139,91 @@ def test_arch_step_changes_only_arch_and_projector_weight_step_only_params():
   assert not changed(state.arch, after_weight.arch)
   assert not changed(state.projector, after_weight.projector)
   assert int(after_weight.step) == 1
+
+
+def _stack(arch, n):
+  return jax.tree_util.tree_map(lambda a: jnp.stack([a] * n), arch)
+
+
+@pytest.mark.parametrize('shared', [True, False])
+def test_bt_views_share_the_channel_sample_when_asked(shared):
+  # The same batch three times through the vmapped forward: identical outputs exactly when
+  # one channel sample serves all three (skip-connect dropout off).
+  spec, state = tiny_stage(0.5, shared_channels=shared)
+  x = search._augment(spec, jax.random.PRNGKey(4), IMAGES)  # pylint: disable=protected-access
+  logits, features, _ = jax.jit(lambda k: search._view_forwards(  # pylint: disable=protected-access
+      spec, state.params, _stack(state.arch, 3), state.batch_stats, jnp.stack([x] * 3), k,
+      None))(jax.random.PRNGKey(5))
+  same = [np.array_equal(features[0], features[i]) for i in (1, 2)]
+  assert same == ([True, True] if shared else [False, False])
+  assert np.array_equal(logits[0], logits[1]) == shared
+
+
+@jax.enable_x64()
+def test_arch_gradient_parts_are_the_ce_and_bt_gradients():
+  # One backward pass splits the architecture gradient into CE's and BT's parts; compare with
+  # each loss differentiated alone on the same batches, keys and channel sample, in float64.
+  spec, state = tiny_stage(0.5, float64=True)
+  key = jax.random.PRNGKey(6)
+  k_aug, k_fwd, k_views = jax.random.split(key, 3)
+  xs = jnp.stack([search._augment(spec, k_aug, IMAGES),  # pylint: disable=protected-access
+                  *search._bt_views(spec, k_views, IMAGES)])  # pylint: disable=protected-access
+  (g_ce, g_bt, _), (ce, bt, _, _) = jax.jit(
+      lambda st, xs: search.arch_gradients(st, xs, LABELS, k_fwd, 0.0, spec))(state, xs)
+
+  def parts(arch, xs):
+    logits, features, _ = search._view_forwards(  # pylint: disable=protected-access
+        spec, state.params, _stack(arch, 3), state.batch_stats, xs, k_fwd, 0.0)
+    bt, _ = search._bt_loss(  # pylint: disable=protected-access
+        spec, state.projector['params'], state.projector['batch_stats'], features[1:])
+    return losses.cross_entropy(logits[0], LABELS), bt
+
+  direct_ce = jax.jit(jax.grad(lambda a, xs: parts(a, xs)[0]))(state.arch, xs)
+  direct_bt = jax.jit(jax.grad(lambda a, xs: parts(a, xs)[1]))(state.arch, xs)
+  for got, want in ((g_ce, direct_ce), (g_bt, direct_bt)):
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  assert float(bt) > 0 and float(ce) > 0
+  # The whole compiled step logs the same parts: its views, drawn inside it, are the views
+  # drawn op by op above (colour jitter's hue once took a different case per compilation).
+  _, metrics = jax.jit(lambda st: search.arch_step(st, IMAGES, LABELS, key, 0.0, spec))(state)
+  np.testing.assert_allclose(metrics['arch_bt'], bt, rtol=1e-9)
+  np.testing.assert_allclose(metrics['arch_ce_grad_norm'], optax.tree.norm(direct_ce), rtol=1e-9)
+  np.testing.assert_allclose(metrics['arch_bt_grad_norm'], optax.tree.norm(direct_bt), rtol=1e-9)
+  dot = sum(np.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(direct_ce),
+                                          jax.tree_util.tree_leaves(direct_bt)))
+  np.testing.assert_allclose(
+      metrics['arch_grad_cosine'],
+      dot / (optax.tree.norm(direct_ce) * optax.tree.norm(direct_bt)), rtol=1e-9)
+  assert float(metrics['arch_bt_grad_norm']) > float(metrics['arch_ce_grad_norm']) > 0
+
+
+def test_mix_arch_gradients_scales_bt_as_configured():
+  g_ce = {'a': jnp.array([3.0, 4.0])}
+  g_bt = {'a': jnp.array([0.0, 100.0])}
+  mixed, _ = search.mix_arch_gradients(g_ce, g_bt, 0.25, 'none', 512)
+  np.testing.assert_allclose(mixed['a'], [2.25, 28.0])
+  mixed, _ = search.mix_arch_gradients(g_ce, g_bt, 0.25, 'dim', 100)
+  np.testing.assert_allclose(mixed['a'], [2.25, 3.25])
+  mixed, scale = search.mix_arch_gradients(g_ce, g_bt, 0.25, 'balance', 512)
+  np.testing.assert_allclose(scale, 0.05)  # |g_bt| scaled to |g_ce| = 5
+  np.testing.assert_allclose(mixed['a'], [2.25, 3.0 + 1.25])
+  # ss_factor 1 takes BT alone: a non-finite CE gradient does not leak into it.
+  mixed, _ = search.mix_arch_gradients({'a': jnp.array([np.nan, 1.0])}, g_bt, 1.0, 'none', 512)
+  np.testing.assert_array_equal(mixed['a'], [0.0, 100.0])
+
+
+@pytest.mark.parametrize('warmup', [True, False])
+def test_projector_trains_during_the_warm_up_only_when_asked(warmup):
+  spec, state = tiny_stage(0.5, projector_warmup=warmup)
+  batch = {'train_images': IMAGES, 'train_labels': LABELS, 'valid_images': IMAGES,
+           'valid_labels': LABELS}
+  after, metrics = jax.jit(lambda st: search.search_step(
+      st, batch, jax.random.PRNGKey(7), 0.0, False, spec))(state)
+  assert not changed(state.arch, after.arch) and not changed(state.arch_opt, after.arch_opt)
+  assert changed(state.projector['params'], after.projector['params']) == warmup
+  assert (float(metrics['arch_bt']) > 0) == warmup
+  assert float(metrics['arch_loss']) == 0.0  # no architecture loss in the warm-up
 
 
 def test_skip_dropout_schedule():
@@ -159,8 +277,40 @@ def test_configs_carry_the_paper_settings():
   pd = load_config('p_darts', '')
   assert [s.layers for s in pd.search.stages] == [5, 11, 17] and pd.search.partial_k == 1
   assert [s.num_keep for s in pd.search.stages] == [5, 3, 1] and not pd.search.use_betas
+  assert pc.search.channel_mode == 'shuffle'  # the released code, which made the paper's row
+  assert pd.search.batch_size == 96
   pcp = load_config('pcp', '')
   assert pcp.search.partial_k == 4 and pcp.search.use_betas and pcp.search.ss_factor == 0
+  assert pcp.search.batch_size == 256 and pcp.search.lr == 0.025  # the paper
+  assert pcp.search.channel_mode == 'random' and pcp.search.shared_channels
+  assert pcp.search.bt_scale == 'none' and pcp.search.bt_views == 'asymmetric'
+  assert [s.warmup_epochs for s in pcp.search.stages] == [15, 15, 15]
+  assert [s.warmup_epochs for s in load_config('pcp', 'warmup=10').search.stages] == [10] * 3
+  cells8 = load_config('ss_pcp', 'cells8,warmup=15')
+  assert [(s.layers, s.warmup_epochs) for s in cells8.search.stages] == [(8, 15)] * 3
+  for name in ('pc_darts', 'p_darts', 'pcp', 'ss_pcp', 'quickstart'):
+    assert load_config(name, 'dataset=cifar100').data.dataset == 'cifar100'
+  tiny100 = load_config('ss_pcp', 'tiny,dataset=cifar100')  # tiny shrinks whatever is chosen
+  assert tiny100.data.dataset == 'cifar100' and tiny100.data.source == 'files'
+  assert tiny100.data.max_train == 128
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('dataset=mnist', 'dataset must be one of'), ('warmup=x', 'warmup must be a whole'),
+    ('warmup=40', r'warmup must be in 0\.\.25')])
+def test_config_arguments_are_checked(arg, message):
+  with pytest.raises(ValueError, match=message):
+    load_config('pcp', arg)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('bt_scale', 'log', 'search.bt_scale must be one of'),
+    ('bt_views', 'strong', 'search.bt_views must be one of')])
+def test_new_search_fields_are_checked(field, value, message):
+  config = load_config('ss_pcp')
+  config.search[field] = value
+  with pytest.raises(ValueError, match=message):
+    search.check_config(config)
 
 
 def test_command_line_entry_point_rejects_unknown_modes(tmp_path):

@@ -90,6 +90,12 @@ def test_pipeline_from_a_reference_name(reference_run):
   assert results['method'] == GENOTYPE and results['genotype_source'] == GENOTYPE
   assert results['search_cost_days'] is None
   assert results['dataset'] == 'cifar10' and results['epochs'] == 2
+  # The last epoch's test accuracy beside the best checkpoint's: the same number exactly when
+  # the best checkpoint is the last epoch's.
+  assert results['last_checkpoint_epoch'] == 2 and results['val_split'] == 'test'
+  assert 0.0 <= results['last_test_accuracy'] <= 1.0
+  if results['checkpoint_epoch'] == 2:
+    assert results['last_test_accuracy'] == results['test_accuracy']
   assert results['genotype'] == genotypes.to_dict(genotypes.get(GENOTYPE))
   assert genotypes.load(os.path.join(workdir, 'genotype.json')) == genotypes.get(GENOTYPE)
   assert _read_json(os.path.join(workdir, 'train_config.json'))['genotype'] == GENOTYPE
