@@ -2,8 +2,8 @@
 
 Config arguments, comma separated after the file name (`--config=configs/ss_pcp.py:ssf=0.5,tiny`):
   ssf=<float>  the self-supervised factor of the architecture loss, in [0, 1].
-  dataset=<name>  search on `cifar10` (the default), `cifar100` (the paper's Table III) or
-               `fashion_mnist`; the network's classifier follows the dataset.
+  dataset=<name>  search on `cifar10` (the default) or `cifar100` (the paper's Table III);
+               the network's classifier follows the dataset.
   warmup=<int> frozen-architecture (warm-up) epochs of every stage. The paper's text gives 15
                for "the progressive case" and 10 for the 5/11/17-cell case of its Table I; read
                literally, `warmup=10` is the 5/11/17-cell reading and `cells8,warmup=15` the
@@ -11,7 +11,8 @@ Config arguments, comma separated after the file name (`--config=configs/ss_pcp.
                labels look swapped: the progressive case is the 5/11/17-cell one).
   tiny         shrink the search to a CPU smoke run of a few minutes, nearly all of it XLA
                compilation (what the tests use):
-               the shipped CIFAR-10 subset (128 images), 3-cell stages of 8 channels, 2 epochs
+               128 images (of the shipped CIFAR-10 subset; of data.dir for another
+               dataset), 3-cell stages of 8 channels, 2 epochs
                each (1 warm-up), 4 cheap candidate ops (none, max/avg pool, skip) and at
                most two stages (3 ops kept after the first). A smoke test of the code path:
                convolutions in mixed ops multiply the compile time.
@@ -24,7 +25,7 @@ import ml_collections
 PRIMITIVES = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3',
               'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
 ARGS = ('ssf', 'dataset', 'warmup', 'tiny', 'cells8')
-DATASETS = ('cifar10', 'cifar100', 'fashion_mnist')
+DATASETS = ('cifar10', 'cifar100')
 
 
 def stage(layers, num_keep, epochs, warmup_epochs, skip_dropout):

@@ -97,6 +97,9 @@ def define_flags():
   flags.DEFINE_integer('devices', 1, 'Devices the step runs on, data-parallel (0: all).')
   flags.DEFINE_bool('project', False, 'Also time frozen-architecture (warm-up) steps and '
                     'project the wall time of the whole configured search.')
+  flags.DEFINE_bool('compile_only', False, 'Compile each case and report the memory XLA '
+                    'assigns to its buffers (arguments, outputs, temporaries), without running '
+                    'it: a pre-flight memory check for sizes this machine cannot run.')
   flags.DEFINE_bool('isolate', True, 'Run each case in a fresh subprocess (own peak memory).')
   flags.DEFINE_integer('jobs', 1, 'Case subprocesses at a time: they initialise and compile '
                        'concurrently, and run their timed steps one at a time.')
@@ -133,7 +136,8 @@ def parse_stages(value, num_stages):
 
 def make_cases(search_config, train_config, *, what='search,train', batch_size='',
                train_batch_size='', stages='1', genotype='', steps=5, warmup=1,
-               steps_per_call=1, dtype='float32', devices=1, project=False, seed=0):
+               steps_per_call=1, dtype='float32', devices=1, project=False, seed=0,
+               compile_only=False):
   """The list of case dicts the options ask for; raises ValueError naming a bad option."""
   kinds = [w.strip() for w in what.split(',') if w.strip()]
   if not kinds or set(kinds) - set(WHAT):
@@ -148,7 +152,10 @@ def make_cases(search_config, train_config, *, what='search,train', batch_size='
     raise ValueError(f'--dtype must be one of {list(DTYPES)}, got {dtype!r}.')
   if devices < 0:
     raise ValueError(f'--devices must be >= 0 (0: all devices), got {devices}.')
+  if compile_only and project:
+    raise ValueError('--project needs timed steps; drop --compile_only.')
   common = dict(steps=steps, warmup=warmup, steps_per_call=steps_per_call, dtype=dtype,
+                compile_only=compile_only,
                 devices=devices, seed=seed)
   cases = []
   if 'search' in kinds:
@@ -370,6 +377,16 @@ def peak_rss_since_reset():
   return None
 
 
+def xla_buffer_bytes(compiled):
+  """The memory XLA assigned to a compiled program's buffers: arguments and outputs (donated
+  arguments counted once) and temporaries; None where the backend does not say."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+
+
 def reference_ratio(result):
   """Reference seconds per image / ours, where the case is the reference's network on a CPU."""
   same = all(result.get(k) == REFERENCE[k] for k in
@@ -396,8 +413,16 @@ def run_case(case, config):
     lower_seconds = time.perf_counter() - t0
     compiled = parallel.compile_lowered(lowered)  # as the loops compile (heap trimmed too)
     compile_seconds = time.perf_counter() - t0
-  logging.info('Compiled in %.1f s (%.1f s tracing and lowering); running.', compile_seconds,
+  logging.info('Compiled in %.1f s (%.1f s tracing and lowering).', compile_seconds,
                lower_seconds)
+  device = jax.local_devices()[0]
+  compiled_stats = dict(
+      compile_seconds=compile_seconds, lower_seconds=lower_seconds,
+      xla_buffer_bytes=xla_buffer_bytes(compiled), platform=device.platform,
+      device_kind=device.device_kind, device_count=case['devices'] or jax.device_count(),
+      devices_available=jax.device_count(), jax_version=jax.__version__)
+  if case.get('compile_only'):
+    return dict(case, **details, **compiled_stats, peak_rss_bytes=peak_memory()[0])
   # Resetting the kernel's peak count also resets getrusage's: read the peak so far first.
   rss_until_compiled = peak_memory()[0]
   steps_rss_measured = reset_peak_rss()
@@ -418,22 +443,16 @@ def run_case(case, config):
     timed_until = time.time()
   logging.info('Seconds per call: %s', ', '.join(f'{s:.3f}' for s in seconds))
   per_step = statistics.median(seconds) / k
-  result = dict(case, **details, compile_seconds=compile_seconds, lower_seconds=lower_seconds,
-                seconds_per_step=per_step, call_seconds=seconds,
+  result = dict(case, **details, **compiled_stats, seconds_per_step=per_step, call_seconds=seconds,
                 images_per_second=case['batch_size'] / per_step,
                 final_metrics=final_metrics, timed_from=timed_from, timed_until=timed_until)
   if frozen is not None:
     result['seconds_per_step_frozen_arch'] = statistics.median(frozen) / k
-  device = jax.local_devices()[0]
   steps_rss = peak_rss_since_reset() if steps_rss_measured else None
   peak_rss, peak_device = peak_memory()
   result.update(peak_rss_bytes=max(peak_rss, rss_until_compiled, steps_rss or 0),
                 compile_peak_rss_bytes=rss_until_compiled, steps_peak_rss_bytes=steps_rss,
-                peak_device_bytes=peak_device,
-                platform=device.platform, device_kind=device.device_kind,
-                device_count=case['devices'] or jax.device_count(),
-                devices_available=jax.device_count(),
-                jax_version=jax.__version__)
+                peak_device_bytes=peak_device)
   result['x_vs_reference'] = reference_ratio(result)
   return result
 
@@ -543,7 +562,7 @@ def _bytes(n):
 def format_table(results):
   """A readable text table of the results."""
   header = ('case', 'cells', 'ops', 'batch', 'dtype', 'op impl', 'init s', 'compile s', 's/step',
-            'img/s', 'peak mem', 'steps RSS', 'params', 'x vs ref')
+            'img/s', 'peak mem', 'steps RSS', 'XLA buffers', 'params', 'x vs ref')
   rows, errors = [], []
   for r in results:
     name = f"search stage {r['stage'] + 1}" if r['what'] == 'search' else 'train'
@@ -551,14 +570,17 @@ def format_table(results):
       rows.append((name, '', '', str(r['batch_size']), r['dtype'], '', 'failed'))
       errors.append(f"{name}, batch {r['batch_size']}: {r['error']}")
       continue
-    mem = r['peak_device_bytes'] if r['peak_device_bytes'] is not None else r['peak_rss_bytes']
+    mem = r.get('peak_device_bytes')
+    mem = r['peak_rss_bytes'] if mem is None else mem
     ratio = r.get('x_vs_reference')
+    timed = 'seconds_per_step' in r
     rows.append((name, str(r['layers']), str(r.get('ops_per_edge', '')), str(r['batch_size']),
                  r['dtype'], r.get('op_impl', ''), f"{r['init_seconds']:.1f}",
                  f"{r['compile_seconds']:.1f}",
-                 f"{r['seconds_per_step']:.4g}", f"{r['images_per_second']:.1f}", _bytes(mem),
-                 _bytes(r['steps_peak_rss_bytes']), f"{r['params']:,}",
-                 '' if ratio is None else f'{ratio:.2f}'))
+                 f"{r['seconds_per_step']:.4g}" if timed else '-',
+                 f"{r['images_per_second']:.1f}" if timed else '-', _bytes(mem),
+                 _bytes(r.get('steps_peak_rss_bytes')), _bytes(r.get('xla_buffer_bytes')),
+                 f"{r['params']:,}", '' if ratio is None else f'{ratio:.2f}'))
   widths = [max(len(row[i]) if i < len(row) else 0 for row in [header] + rows)
             for i in range(len(header))]
   lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
@@ -607,7 +629,7 @@ def main(argv):
         train_batch_size=FLAGS.train_batch_size, stages=FLAGS.stages,
         genotype=FLAGS.genotype, steps=FLAGS.steps, warmup=FLAGS.warmup,
         steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype, devices=FLAGS.devices,
-        project=FLAGS.project)
+        project=FLAGS.project, compile_only=FLAGS.compile_only)
   except ValueError as e:
     raise app.UsageError(str(e))
   if FLAGS.jobs < 1:

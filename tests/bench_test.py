@@ -61,6 +61,8 @@ def test_tiny_search_and_train_through_the_command_line(tmp_path):
     assert case['images_per_second'] == pytest.approx(8 / case['seconds_per_step'])
     assert case['compile_seconds'] >= case['lower_seconds'] > 0 and case['init_seconds'] > 0
     assert 100e6 < case['peak_rss_bytes'] < 100e9
+    # XLA's buffers: at least the state the step takes and returns (float32 weights).
+    assert case['xla_buffer_bytes'] > 4 * case['params']
     assert 0 < case['steps_peak_rss_bytes'] <= case['peak_rss_bytes']
     assert 0 < case['compile_peak_rss_bytes'] <= case['peak_rss_bytes']
     assert case['platform'] == 'cpu' and case['device_count'] >= 1
@@ -131,6 +133,7 @@ def test_timing_lock_is_exclusive_across_open_files(tmp_path):
     (dict(devices=3, batch_size='64'), '--batch_size (64) must be divisible by the number'),
     (dict(stages='4'), 'the search config has 3 stage(s)'),
     (dict(project=True), '--project needs every stage'),
+    (dict(project=True, stages='all', compile_only=True), '--project needs timed steps'),
     (dict(what='train', genotype='NO_SUCH_GENOTYPE'), 'NO_SUCH_GENOTYPE'),
     (dict(what='train', train_op_impl='fast'), "op_impl must be one of"),
     (dict(what='search', search_op_impl='fast'), "op_impl must be one of"),
@@ -177,6 +180,16 @@ def test_reference_ratio_only_for_the_reference_network_on_cpu():
   assert bench.reference_ratio(dict(result, platform='gpu')) is None
   assert bench.reference_ratio(dict(result, layers=17)) is None
   assert bench.reference_ratio(dict(result, ss_factor=0.75)) is None
+
+
+def test_a_compile_only_case_shows_its_buffers_and_no_timing():
+  result = dict(what='search', stage=2, batch_size=256, dtype='float32', layers=17,
+                ops_per_edge=3, op_impl='cpu', init_seconds=80.0, compile_seconds=170.0,
+                peak_rss_bytes=6 * 2**30, xla_buffer_bytes=20 * 2**30, params=1_000_000,
+                compile_only=True)
+  row = bench.format_table([result]).splitlines()[2].split()
+  assert row[:4] == ['search', 'stage', '3', '17'] and row[10:12] == ['-', '-']
+  assert '20.00' in row and 'GiB' in row
 
 
 def test_a_failed_case_shows_in_the_table_with_its_error():
