@@ -4,10 +4,10 @@
 
 Works offline. Two progressive stages (3 then 4 cells; 5 candidate ops per edge, 3 kept, then
 the final genotype), C=8, K=4, ssf 0.75, 3 epochs per stage (1 warm-up) on 1,000 subset images
-(500 train the weights, 500 the architecture), batch 32. Measured on a busy 2-core CPU: 20
-minutes (each stage compiles for about 6 minutes, then ~70-90 s per epoch), validation CE 2.11 /
-accuracy 0.226 after stage 1 and 2.03 / 0.224 after stage 2. The genotype is a smoke test of the
-pipeline, not a result.
+(500 train the weights, 500 the architecture), batch 32. Measured on a quiet 2-core CPU: 3 min
+14 s (about 70 s per stage to compile, then 6-7 s per epoch), validation CE 2.09 / accuracy
+0.214 after stage 1 and 1.99 / 0.244 after stage 2 (4 to 20 minutes on a busy machine). The
+genotype is a smoke test of the pipeline, not a result.
 """
 
 from configs import search_common
