@@ -1,0 +1,86 @@
+"""Golden values: one search step and one train step on a fixed tiny batch, so that a silent
+change to the numbers (an op, a loss, an augmentation, a key split) fails here.
+
+Computed in float64 with XLA's own ops (`jax.enable_x64`, a float64 model and state), where
+another CPU's summation order moves the losses by ~1e-15, far inside the tolerance; any change
+to what is computed moves them by far more. A deliberate change to the numbers updates the
+values below in the same commit, saying why.
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcp_jax import data
+from pcp_jax import genotypes
+from pcp_jax import search
+from pcp_jax import train
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+RTOL = 1e-7
+
+
+def to_float64(tree):
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, tree)
+
+
+def images(seed, shape):
+  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+# Recorded 2026-11-30 (jax 0.10.2, XLA:CPU); the same to ~1e-13 with the tests' compile flags
+# and with XLA's full optimisations.
+GOLDEN_SEARCH = {
+    'arch_ce': 2.16937713464, 'arch_bt': 222.332574925, 'arch_loss': 167.291775477,
+    'arch_ce_grad_norm': 0.0861103639004, 'arch_bt_grad_norm': 39.4211637432,
+    'arch_grad_cosine': 0.0738672113378, 'train_loss': 2.18211348813, 'train_acc': 0.125,
+}
+GOLDEN_TRAIN = {'loss': 4.23222213150, 'grad_norm': 6.50436037037, 'accuracy': 0.125}
+
+
+@jax.enable_x64()
+def test_one_search_step():
+  config = importlib.import_module('configs.ss_pcp').get_config('tiny')
+  cfg = config.search
+  switches = {c: search._initial_switches(cfg.initial_ops)  # pylint: disable=protected-access
+              for c in ('normal', 'reduce')}
+  model, projector, state, _, optimizers = search.build_stage(
+      cfg, 3, 2, switches, 10, (16, 16, 3), 4, jax.random.PRNGKey(0), op_impl='xla')
+  tx_weights, tx_arch, tx_projector = optimizers
+  spec = search.StepSpec(
+      model=model.clone(dtype=jnp.float64), projector=projector, tx_weights=tx_weights,
+      tx_arch=tx_arch, tx_projector=tx_projector, mean=MEAN, std=STD,
+      ss_factor=float(cfg.ss_factor), bt_lambda=float(cfg.bt_lambda), bt_scale=cfg.bt_scale,
+      bt_views=cfg.bt_views, shared_channels=cfg.shared_channels,
+      projector_warmup=cfg.projector_warmup)
+  labels = np.arange(8, dtype=np.int32) % 10
+  batch = {'train_images': images(1, (8, 16, 16, 3)), 'train_labels': labels,
+           'valid_images': images(2, (8, 16, 16, 3)), 'valid_labels': labels[::-1].copy()}
+  _, metrics = jax.jit(lambda st: search.search_step(
+      st, batch, jax.random.PRNGKey(3), 0.1, True, spec))(to_float64(state))
+  got = {k: float(v) for k, v in metrics.items()}
+  assert got.keys() == set(search.METRICS) == GOLDEN_SEARCH.keys()
+  for name, value in GOLDEN_SEARCH.items():
+    assert got[name] == pytest.approx(value, rel=RTOL), name
+
+
+@jax.enable_x64()
+def test_one_train_step():
+  config = importlib.import_module('configs.train_cifar10').get_config('tiny')
+  config.op_impl = 'xla'
+  info = data.DatasetInfo('random', 10, 32, 3, MEAN, STD)
+  model = train.create_model(config, genotypes.get('PC_DARTS_cifar'), info)
+  tx = train.make_optimizer(config.train, 4)
+  state = to_float64(train.initial_state(model, tx, jax.random.key(2), (32, 32, 3)))
+  step = train._jit_train_step(  # pylint: disable=protected-access
+      config, model.clone(dtype=jnp.float64), tx, info)
+  _, metrics = step(state, images(4, (8, 32, 32, 3)), np.arange(8, dtype=np.int32),
+                    jax.random.key(5), jnp.float64(0.2))
+  got = {k: float(v) for k, v in metrics.items()}
+  assert got.keys() == GOLDEN_TRAIN.keys()
+  for name, value in GOLDEN_TRAIN.items():
+    assert got[name] == pytest.approx(value, rel=RTOL), name
