@@ -96,9 +96,9 @@ def base_search_config() -> ml_collections.ConfigDict:
   # paper's "two identical networks"); False draws one per forward (earlier releases).
   s.shared_channels = True
   # BT's scale in the mix: 'none' (the paper: ssf * BT + (1 - ssf) * CE); 'dim' (BT / D);
-  # 'balance' (the BT gradient rescaled to the CE gradient's norm every step). With D = 512
-  # BT is ~100x CE, so under 'none' any ssf in (0, 1) updates the architecture almost
-  # purely by BT (README, "Self-supervision").
+  # 'balance' (the BT gradient rescaled to the CE gradient's norm every step). At D = 512
+  # BT's gradient is orders of magnitude larger than CE's, so under 'none' any ssf in (0, 1)
+  # updates the architecture almost purely by BT (README, "Self-supervision").
   s.bt_scale = 'none'
   # The two BT views: 'asymmetric' (the Barlow Twins recipe: blur and solarisation differ per
   # view, plus a perspective distortion and erasing) or 'symmetric' (earlier releases).

@@ -7,8 +7,9 @@ validation batch (network weights always train on CE). `ssf` defaults to 0.75, t
 (2.99 % test error, 3.7 M params, 0.199 GPU-days); the paper also reports 0.25/0.5/1.
 `:ssf=0.5,tiny` for a CPU smoke run of a few minutes.
 
-The paper's mix is unscaled (`search.bt_scale='none'`): with D = 512 the BT term is about 100x
-the CE term, so the architecture update is nearly pure BT at any ssf in (0, 1); `bt_scale`
+The paper's mix is unscaled (`search.bt_scale='none'`): at D = 512 the BT term's gradient is
+orders of magnitude larger than the CE term's, so the architecture update is nearly pure BT at
+any ssf in (0, 1); `bt_scale`
 'balance' or 'dim' make ssf a dial (README, "Self-supervision"). The views share the step's
 channel sample (`search.shared_channels`) and are asymmetric (`search.bt_views`).
 """

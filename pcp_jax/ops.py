@@ -87,7 +87,7 @@ class BatchNorm(nn.BatchNorm):
                  else _normalize_train_autodiff)
     y, mean, var = normalize(upcast(x), self.epsilon, axis_name)
     if not self.is_initializing():
-      count = np.prod(x.shape[:-1]) * (1 if axis_name is None else lax.psum(1, axis_name))
+      count = _count_over(x, axis_name)
       unbiased = var * (count / jnp.maximum(count - 1, 1))
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
@@ -96,6 +96,11 @@ class BatchNorm(nn.BatchNorm):
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, features, self.param_dtype)
     return y.astype(self.dtype or x.dtype)
+
+
+def _count_over(x, axis_name):
+  """Values per channel over the batch (and the devices of `axis_name`)."""
+  return np.prod(x.shape[:-1]) * (1 if axis_name is None else lax.psum(1, axis_name))
 
 
 def _mean_over(x, axis_name):
@@ -114,8 +119,7 @@ def _normalize_train_fwd(x, epsilon, axis_name):
   centred = x - mean
   var = _mean_over(centred * centred, axis_name)
   inv_std = lax.rsqrt(var + epsilon)
-  count = np.prod(x.shape[:-1]) * (1 if axis_name is None else lax.psum(1, axis_name))
-  return (centred * inv_std, mean, var), (centred, inv_std, count)
+  return (centred * inv_std, mean, var), (centred, inv_std, _count_over(x, axis_name))
 
 
 def _normalize_train_autodiff(x, epsilon, axis_name):

@@ -115,6 +115,20 @@ class StepSpec:
   num_devices: int = 1
   skip_dropout: bool = True
 
+  @classmethod
+  def from_config(cls, cfg, model, projector, optimizers, mean, std, num_devices=1,
+                  skip_dropout=True):
+    """The spec of a stage from `config.search`, its networks and (weights, arch, projector)
+    optimisers."""
+    tx_weights, tx_arch, tx_projector = optimizers
+    return cls(model=model, projector=projector, tx_weights=tx_weights, tx_arch=tx_arch,
+               tx_projector=tx_projector, mean=tuple(mean), std=tuple(std),
+               ss_factor=float(cfg.ss_factor), bt_lambda=float(cfg.bt_lambda),
+               bt_scale=cfg.bt_scale, bt_views=cfg.bt_views,
+               shared_channels=bool(cfg.shared_channels),
+               projector_warmup=bool(cfg.projector_warmup), num_devices=num_devices,
+               skip_dropout=bool(skip_dropout))
+
   def local(self, x):
     return parallel.local_part(x, self.num_devices)
 
@@ -505,14 +519,8 @@ def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std, skip_drop
   shapes, types and shardings. `skip_dropout` False (a stage whose skip-dropout rate is 0)
   leaves the masks out (see `search_step`).
   """
-  tx_weights, tx_arch, tx_projector = optimizers
-  spec = StepSpec(model=model, projector=projector, tx_weights=tx_weights, tx_arch=tx_arch,
-                  tx_projector=tx_projector, mean=tuple(mean), std=tuple(std),
-                  ss_factor=float(cfg.ss_factor), bt_lambda=float(cfg.bt_lambda),
-                  bt_scale=cfg.bt_scale, bt_views=cfg.bt_views,
-                  shared_channels=bool(cfg.shared_channels),
-                  projector_warmup=bool(cfg.projector_warmup), num_devices=mesh.size,
-                  skip_dropout=bool(skip_dropout))
+  spec = StepSpec.from_config(cfg, model, projector, optimizers, mean, std, mesh.size,
+                              skip_dropout)
   step_fn = functools.partial(search_step, spec=spec)
   chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=cfg.batch_size)
   chunk_fn = jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1))

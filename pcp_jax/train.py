@@ -536,23 +536,19 @@ def _save_interrupted(latest, state, epoch_metrics, steps_per_epoch, best_val_lo
 
 def restore_for_eval(config: ml_collections.ConfigDict, workdir: str, model, info):
   """(state, checkpoint name, metadata) of the best checkpoint, else the latest with a warning."""
-  template = _state_template(model, make_optimizer(config.train), image_shape(info))
   for name in ('best', 'checkpoints'):
-    folder = os.path.join(workdir, name)
-    if not os.path.isdir(folder):
-      continue
-    restored = checkpoint.Checkpointer(folder, max_to_keep=None).restore_latest(template)
+    restored = _restore_newest(config, os.path.join(workdir, name), model, info)
     if restored is not None:
       if name != 'best':
         logging.warning('No best checkpoint in %s; using the latest one.', workdir)
-      return jax.device_put(restored[1]), name, restored[2]
+      return restored[0], name, restored[1]
   raise FileNotFoundError(f'No checkpoint in {workdir}/best or {workdir}/checkpoints; run the '
                           'train mode first.')
 
 
-def _restore_last(config: ml_collections.ConfigDict, workdir: str, model, info):
-  """(state, metadata) of the newest checkpoint in `workdir/checkpoints`, or None."""
-  folder = os.path.join(workdir, 'checkpoints')
+def _restore_newest(config: ml_collections.ConfigDict, folder: str, model, info):
+  """(state on the device, metadata) of the newest checkpoint in `folder` that restores, or
+  None when there is none."""
   if not os.path.isdir(folder):
     return None
   template = _state_template(model, make_optimizer(config.train), image_shape(info))
@@ -573,7 +569,7 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The best checkpoint is chosen on the validation split, which is the test set under
   # val_split='test' (as the paper and DARTS do): the last epoch's accuracy is reported beside
   # it, a number no selection has seen.
-  last = _restore_last(config, workdir, model, info)
+  last = _restore_newest(config, os.path.join(workdir, 'checkpoints'), model, info)
   last_metrics = last and evaluate(eval_fn, last[0], splits.test_images, splits.test_labels,
                                    config.train.eval_batch_size)
   count = functools.partial(networks.count_params, genotype, config.train.channels,

@@ -32,8 +32,6 @@ def images(seed, shape):
   return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-# Recorded 2026-11-30 (jax 0.10.2, XLA:CPU); the same to ~1e-13 with the tests' compile flags
-# and with XLA's full optimisations.
 GOLDEN_SEARCH = {
     'arch_ce': 2.16937713464, 'arch_bt': 222.332574925, 'arch_loss': 167.291775477,
     'arch_ce_grad_norm': 0.0861103639004, 'arch_bt_grad_norm': 39.4211637432,
@@ -50,13 +48,8 @@ def test_one_search_step():
               for c in ('normal', 'reduce')}
   model, projector, state, _, optimizers = search.build_stage(
       cfg, 3, 2, switches, 10, (16, 16, 3), 4, jax.random.PRNGKey(0), op_impl='xla')
-  tx_weights, tx_arch, tx_projector = optimizers
-  spec = search.StepSpec(
-      model=model.clone(dtype=jnp.float64), projector=projector, tx_weights=tx_weights,
-      tx_arch=tx_arch, tx_projector=tx_projector, mean=MEAN, std=STD,
-      ss_factor=float(cfg.ss_factor), bt_lambda=float(cfg.bt_lambda), bt_scale=cfg.bt_scale,
-      bt_views=cfg.bt_views, shared_channels=cfg.shared_channels,
-      projector_warmup=cfg.projector_warmup)
+  spec = search.StepSpec.from_config(cfg, model.clone(dtype=jnp.float64), projector,
+                                     optimizers, MEAN, STD)
   labels = np.arange(8, dtype=np.int32) % 10
   batch = {'train_images': images(1, (8, 16, 16, 3)), 'train_labels': labels,
            'valid_images': images(2, (8, 16, 16, 3)), 'valid_labels': labels[::-1].copy()}

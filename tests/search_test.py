@@ -94,14 +94,11 @@ def tiny_stage(ss_factor, float64=False, **search_fields):
   switches = {'normal': np.zeros((14, 8), bool), 'reduce': np.zeros((14, 8), bool)}
   for cell in switches:
     switches[cell][:, [1, 3]] = True  # max_pool_3x3, skip_connect: compiles fast
-  model, projector, state, _, (tx_w, tx_a, tx_p) = search.build_stage(
+  config.search.bt_lambda = 0.1
+  model, projector, state, _, optimizers = search.build_stage(
       config.search, 3, 2, switches, 10, (8, 8, 3), 4, jax.random.PRNGKey(0))
-  cfg = config.search
-  spec = search.StepSpec(
-      model=model, projector=projector, tx_weights=tx_w, tx_arch=tx_a, tx_projector=tx_p,
-      mean=(0.5,) * 3, std=(0.25,) * 3, ss_factor=ss_factor, bt_lambda=0.1,
-      bt_scale=cfg.bt_scale, bt_views=cfg.bt_views, shared_channels=cfg.shared_channels,
-      projector_warmup=cfg.projector_warmup)
+  spec = search.StepSpec.from_config(config.search, model, projector, optimizers,
+                                     (0.5,) * 3, (0.25,) * 3)
   if float64:
     spec = dataclasses.replace(spec, model=model.clone(dtype=jnp.float64, op_impl='xla'))
     state = jax.tree_util.tree_map(
