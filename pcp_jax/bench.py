@@ -16,7 +16,7 @@ depend on pixel values, and no dataset is needed). The search step is the archit
 (not frozen, at the stage's skip-dropout rate) plus the weight step, run by the program the
 search loop compiles (`search.make_stage_fns`), `--steps_per_call` steps per call,
 data-parallel over `--devices` devices; its images per second count the weight step's training
-batch, as the PyTorch reference figure does. The train step is `train._jit_train_step` (a
+batch, as the PyTorch reference figure does. The train step is `train.make_train_step` (a
 `lax.scan` over it for `--steps_per_call` > 1) at the config's drop-path rate, with its
 auxiliary head and cutout. A stage s > 1 of a progressive config searches over as many ops per
 edge as stage s-1 keeps; the benchmark keeps the last ones in PRIMITIVES order (convolutions
@@ -254,7 +254,7 @@ def build_program(case, config):
 
   Search: `search.make_stage_fns`'s chunk function (the search loop's program: `run_steps`,
   data-parallel over the device mesh), running `steps_per_call` steps per call. Train:
-  `train._jit_train_step` (under a `lax.scan` for `steps_per_call` > 1).
+  `train.make_train_step` (under a `lax.scan` for `steps_per_call` > 1).
   """
   b, k = case['batch_size'], case['steps_per_call']
   dtype = DTYPES[case['dtype']]
@@ -313,7 +313,7 @@ def build_program(case, config):
     state = train.initial_state(model, tx, key_init, shape)
     jax.block_until_ready(state)
     init_seconds = time.perf_counter() - t0
-    single = train._jit_train_step(config, model.clone(dtype=dtype), tx, info, mesh)
+    single = train.make_train_step(config, model.clone(dtype=dtype), tx, info, mesh)
     if k == 1:
       jitted = single
       x, y = _random_images(rng, b, shape), _random_labels(rng, b, info.num_classes)

@@ -284,7 +284,7 @@ def evaluate(eval_fn, state: TrainState, images: np.ndarray, labels: np.ndarray,
           'accuracy': int(sum(t['correct'] for t in totals)) / len(images)}
 
 
-def _jit_train_step(config, model, tx, info, mesh=None):
+def make_train_step(config, model, tx, info, mesh=None):
   """The train step with this run's hyperparameters bound, data-parallel over `mesh` (default
   one device), jitted, the state donated."""
   mesh = mesh or parallel.make_mesh(1)
@@ -296,7 +296,7 @@ def _jit_train_step(config, model, tx, info, mesh=None):
   return jax.jit(parallel.data_parallel(step, mesh), donate_argnums=0)
 
 
-def _jit_eval_step(model, info):
+def make_eval_step(model, info):
   return jax.jit(functools.partial(eval_step, model=model, mean=info.mean, std=info.std))
 
 
@@ -438,8 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  skip_steps)
 
   # Compiled ahead of their first runs, the compiler's leftovers trimmed (host memory).
-  train_fn = parallel.CompiledOnFirstCall(_jit_train_step(config, model, tx, info, mesh))
-  eval_fn = parallel.CompiledOnFirstCall(_jit_eval_step(model, info))
+  train_fn = parallel.CompiledOnFirstCall(make_train_step(config, model, tx, info, mesh))
+  eval_fn = parallel.CompiledOnFirstCall(make_eval_step(model, info))
   train_images, train_labels = parallel.replicate((splits.train_images, splits.train_labels),
                                                   mesh)
   every = config.checkpoint.every_steps
@@ -563,7 +563,7 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = splits.info
   model = create_model(config, genotype, info)
   state, checkpoint_name, meta = restore_for_eval(config, workdir, model, info)
-  eval_fn = _jit_eval_step(model, info)
+  eval_fn = make_eval_step(model, info)
   metrics = evaluate(eval_fn, state, splits.test_images, splits.test_labels,
                      config.train.eval_batch_size)
   # The best checkpoint is chosen on the validation split, which is the test set under

@@ -69,7 +69,7 @@ def test_one_train_step():
   model = train.create_model(config, genotypes.get('PC_DARTS_cifar'), info)
   tx = train.make_optimizer(config.train, 4)
   state = to_float64(train.initial_state(model, tx, jax.random.key(2), (32, 32, 3)))
-  step = train._jit_train_step(  # pylint: disable=protected-access
+  step = train.make_train_step(
       config, model.clone(dtype=jnp.float64), tx, info)
   _, metrics = step(state, images(4, (8, 32, 32, 3)), np.arange(8, dtype=np.int32),
                     jax.random.key(5), jnp.float64(0.2))

@@ -142,7 +142,7 @@ def run_train(num_devices, float64=False):
   state = parallel.replicate(state, mesh)
   # Compiled ahead at its first call, as the train loop runs it.
   step_fn = parallel.CompiledOnFirstCall(
-      train._jit_train_step(config, model, tx, info, mesh))  # pylint: disable=protected-access
+      train.make_train_step(config, model, tx, info, mesh))
   rng = np.random.default_rng(0)
   images = parallel.replicate(
       rng.integers(0, 256, (STEPS, BATCH) + TRAIN_SHAPE, dtype=np.uint8), mesh)

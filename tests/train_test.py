@@ -285,7 +285,7 @@ def test_evaluate_pads_the_last_batch(reference_run):
   model = train.create_model(config, genotypes.get(GENOTYPE), splits.info)
   state, name, _ = train.restore_for_eval(config, workdir, model, splits.info)
   assert name == 'best'
-  eval_fn = train._jit_eval_step(model, splits.info)
+  eval_fn = train.make_eval_step(model, splits.info)
   padded = train.evaluate(eval_fn, state, splits.test_images, splits.test_labels, 32)
   whole = train.evaluate(eval_fn, state, splits.test_images, splits.test_labels, 40)
   assert padded['loss'] == pytest.approx(whole['loss'], rel=1e-5)
