@@ -1,9 +1,17 @@
-"""Reports of finished runs: cell diagrams of genotypes and the paper's results table."""
+"""Reports of finished runs: cell diagrams of genotypes, the paper's results table (Table II)
+and the FGSM overlay (Fig. 13).
 
+  python -m pcp_jax.reports table RUN [RUN ...] --out DIR   # DIR/table2.md, DIR/table2.csv
+  python -m pcp_jax.reports fgsm RUN [RUN ...] --out DIR    # DIR/fgsm_compare_*.png
+"""
+
+import argparse
+import collections
 import csv
 import json
 import os
-from typing import Dict, Sequence, Tuple
+import sys
+from typing import Dict, Optional, Sequence, Tuple
 
 import matplotlib
 import numpy as np
@@ -257,3 +265,268 @@ def write_results_table(run_dirs: Sequence[str], out_prefix: str) -> list:
     writer.writeheader()
     writer.writerows(rows)
   return [md_path, csv_path]
+
+
+# ---------------------------------------------------------------------------
+# Table II over groups of runs, and the Fig. 13 overlay: `python -m pcp_jax.reports`.
+
+SEARCH_SUMMARY = 'search_summary.json'
+SEARCH_CONFIG = 'config.json'
+TRAIN_CONFIG = 'train_config.json'
+# Config leaves that never make runs different methods: seeds (the replicates of a group),
+# names, paths and bookkeeping.
+_NOT_SETTINGS = ('seed', 'method', 'genotype', 'modes', 'workdir', 'data_dir', 'download',
+                 'log_every_steps', 'checkpoint', 'fgsm', 'eval_batch_size', 'max_test',
+                 'compilation_cache')
+
+
+def _load_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e.msg}, line {e.lineno}).') from None
+
+
+def _flatten(tree, prefix='') -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: json.dumps(tree, sort_keys=True)}
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flatten(value, f'{prefix}.{key}' if prefix else str(key)))
+  return flat
+
+
+def _is_setting(key: str) -> bool:
+  return not any(part in _NOT_SETTINGS or part.endswith(('_dir', '_path'))
+                 for part in key.split('.'))
+
+
+def search_folder(run_dir: str, source) -> str:
+  """The search folder a trained genotype came from (holding search_summary.json), or ''.
+
+  `source` is results.json's `genotype_source` (a search folder or a genotype.json path, as
+  given to train; relative paths are tried from the working directory and from `run_dir`);
+  a run folder that holds a search_summary.json itself is its own search folder."""
+  candidates = []
+  if source and source not in genotypes.REFERENCE_GENOTYPES:
+    for path in (source, os.path.join(run_dir, source),
+                 os.path.join(os.path.dirname(os.path.normpath(run_dir)), source)):
+      candidates.append(path if os.path.isdir(path) else os.path.dirname(path))
+  candidates.append(run_dir)
+  for folder in candidates:
+    if folder and os.path.isfile(os.path.join(folder, SEARCH_SUMMARY)):
+      return folder
+  return ''
+
+
+def cost_unit(platform) -> str:
+  """'GPU-days' for platform gpu, 'CPU-days' for cpu, ...; 'device-days' when unknown."""
+  return f'{platform.upper()}-days' if platform else 'device-days'
+
+
+def describe_run(run_dir: str, record: dict) -> dict:
+  """What the tables need of a run: its method, ssf, search cost and settings.
+
+  `record` is the run's results.json (or fgsm.json). The search cost is in device-days,
+  search hours x devices / 24, from the search folder's search_summary.json (else
+  results.json's `search_cost_days`, for one device of an unknown platform)."""
+  source = record.get('genotype_source')
+  folder = search_folder(run_dir, source)
+  summary = _load_json(os.path.join(folder, SEARCH_SUMMARY)) if folder else {}
+  search_config = _load_json(os.path.join(folder, SEARCH_CONFIG)) if folder else {}
+  train_config = _load_json(os.path.join(run_dir, TRAIN_CONFIG))
+  ssf = summary.get('ss_factor', search_config.get('search', {}).get('ss_factor'))
+  bt_scale = summary.get('bt_scale', search_config.get('search', {}).get('bt_scale'))
+  if summary.get('search_cost_hours') is not None:
+    cost = summary['search_cost_hours'] * summary.get('device_count', 1) / 24
+  elif summary.get('search_cost_days') is not None:
+    cost = summary['search_cost_days'] * summary.get('device_count', 1)
+  else:
+    cost = record.get('search_cost_days')
+  settings = {f'search.{k}': v for k, v in _flatten(search_config).items()}
+  settings.update({f'train.{k}': v for k, v in _flatten(train_config).items()})
+  return {
+      'folder': run_dir,
+      'method': (record.get('method') or summary.get('method')
+                 or os.path.basename(os.path.normpath(run_dir))),
+      'dataset': record.get('dataset') or summary.get('dataset') or '-',
+      'ssf': None if ssf is None else float(ssf),
+      'bt_scale': bt_scale,
+      'cost': cost,
+      'cost_unit': cost_unit(summary.get('platform')) if cost is not None else None,
+      'search_method': ('gradient-based, self-supervised' if ssf and float(ssf) > 0
+                        else 'gradient-based'),
+      'settings': {k: v for k, v in settings.items() if _is_setting(k)},
+  }
+
+
+def _short(key: str, value: str) -> str:
+  value = json.loads(value)
+  return f'{key.split(".")[-1]} {value}'
+
+
+def method_labels(runs: Sequence[dict]) -> list:
+  """A label per run: its method, with ssf (and a bt_scale other than 'none') when it
+  self-supervises, and the config settings in which it differs from other runs of that method
+  (seeds, paths and names aside)."""
+  labels = []
+  for run in runs:
+    extras = []
+    if run['ssf'] and 'ssf' not in run['method'].lower():
+      extras.append(f'ssf {run["ssf"]:g}')
+      if run['bt_scale'] not in (None, 'none'):
+        extras.append(f'bt_scale {run["bt_scale"]}')
+    labels.append((run['method'], extras))
+  by_label = collections.defaultdict(list)
+  for k, (method, extras) in enumerate(labels):
+    by_label[(method, tuple(extras))].append(k)
+  named = []
+  for k, (method, extras) in enumerate(labels):
+    peers = [runs[i]['settings'] for i in by_label[(method, tuple(extras))]]
+    # Settings all peers record (a run without config files is not told apart by them).
+    keys = sorted(set.intersection(*(set(p) for p in peers)))
+    differing = [key for key in keys if len({p[key] for p in peers}) > 1
+                 and not key.endswith(('.ss_factor', '.bt_scale'))]
+    extras = extras + [_short(key, runs[k]['settings'][key]) for key in differing]
+    named.append(f'{method} ({", ".join(extras)})' if extras else method)
+  return named
+
+
+def _mean_std(values, digits: int) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return '-'
+  if len(values) == 1:
+    return f'{values[0]:.{digits}f}'
+  return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
+
+
+def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
+  """The paper's Table II over run folders (each with results.json): (columns, rows).
+
+  Runs of the same method label (`method_labels`), dataset and search-cost unit make one row:
+  mean ± sample standard deviation over its n runs. Search cost in device-days (hours x
+  devices / 24), labelled with the platform (`GPU-days`, `CPU-days`); a top-5 column when
+  some results.json has `test_top5_accuracy`."""
+  if isinstance(run_dirs, str):
+    run_dirs = [run_dirs]
+  if not run_dirs:
+    raise ValueError('the table needs at least one run folder.')
+  results = [_read_results(run_dir) for run_dir in run_dirs]
+  runs = [describe_run(run_dir, r) for run_dir, r in zip(run_dirs, results)]
+  groups = collections.defaultdict(list)
+  for label, run, result in zip(method_labels(runs), runs, results):
+    groups[(label, run['dataset'], run['cost_unit'])].append((run, result))
+  units = {unit for _, _, unit in groups if unit}
+  cost_column = f'Search cost ({units.pop()})' if len(units) == 1 else 'Search cost'
+  top5 = any(r.get('test_top5_accuracy') is not None for r in results)
+  columns = (['Method', 'Test error (%)'] + (['Top-5 accuracy (%)'] if top5 else [])
+             + ['Params (M)', cost_column, 'Search method', 'n', 'Dataset'])
+  rows = []
+  for (label, dataset, unit), members in sorted(groups.items(),
+                                                key=lambda g: (g[0][0], g[0][1], g[0][2] or '')):
+    cost = _mean_std([run['cost'] for run, _ in members], 3)
+    row = {
+        'Method': label,
+        'Test error (%)': _mean_std([100 * (1 - r['test_accuracy']) for _, r in members], 2),
+        'Params (M)': _mean_std([r['params'] / 1e6 for _, r in members], 2),
+        cost_column: f'{cost} {unit}' if cost != '-' and cost_column == 'Search cost' else cost,
+        'Search method': members[0][0]['search_method'],
+        'n': str(len(members)),
+        'Dataset': dataset,
+    }
+    if top5:
+      row['Top-5 accuracy (%)'] = _mean_std(
+          [None if r.get('test_top5_accuracy') is None else 100 * r['test_top5_accuracy']
+           for _, r in members], 2)
+    rows.append(row)
+  return columns, rows
+
+
+def write_paper_table(run_dirs: Sequence[str], out_dir: str, name: str = 'table2') -> list:
+  """Writes `paper_table` as `{out_dir}/{name}.md` and `.csv`; returns the paths."""
+  columns, rows = paper_table(run_dirs)
+  os.makedirs(out_dir, exist_ok=True)
+  md_path, csv_path = (os.path.join(out_dir, f'{name}.{ext}') for ext in ('md', 'csv'))
+  left = {'Method', 'Search method', 'Dataset'}
+  lines = ['| ' + ' | '.join(columns) + ' |',
+           '|' + '|'.join(':---' if c in left else '---:' for c in columns) + '|']
+  lines += ['| ' + ' | '.join(row[c].replace('|', r'\|') for c in columns) + ' |'
+            for row in rows]
+  lines += ['', 'Mean ± sample standard deviation over the n runs of a row. Search cost: '
+            'search hours x devices / 24.']
+  with open(md_path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  with open(csv_path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  return [md_path, csv_path]
+
+
+def fgsm_overlay(run_dirs: Sequence[str], out_dir: str, prefix: str = 'fgsm_compare') -> list:
+  """Overlays the fgsm.json of several runs (the paper's Fig. 13), one line per run, named
+  by its method label (`method_labels`; the folder added where labels repeat)."""
+  if not run_dirs:
+    raise ValueError('the FGSM overlay needs at least one run folder.')
+  records, runs = [], []
+  for run_dir in run_dirs:
+    path = os.path.join(run_dir, 'fgsm.json')
+    if not os.path.isdir(run_dir):
+      raise FileNotFoundError(f'{run_dir}: no such run folder.')
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'run folder {run_dir!r} has no fgsm.json (run the fgsm mode '
+                              'there first).')
+    record = _load_json(path)
+    missing = {'eps', 'accuracy', 'mean_true_prob'} - set(record)
+    if missing:
+      raise ValueError(f'{path} is missing the keys {sorted(missing)}.')
+    records.append(record)
+    results = _load_json(os.path.join(run_dir, 'results.json'))
+    runs.append(describe_run(run_dir, dict(record, **{k: v for k, v in results.items()
+                                                       if v is not None})))
+  labels = method_labels(runs)
+  counts = collections.Counter(labels)
+  results_by_name = {}
+  for label, run_dir, record in zip(labels, run_dirs, records):
+    if counts[label] > 1:
+      label = f'{label} [{os.path.basename(os.path.normpath(run_dir))}]'
+    results_by_name[label] = record
+  from pcp_jax import analysis  # pylint: disable=g-import-not-at-top  (imports JAX)
+  return analysis.plot_fgsm(results_by_name, out_dir, prefix=prefix)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m pcp_jax.reports',
+      description='Reports over finished runs: the paper\'s Table II and the FGSM overlay.')
+  commands = parser.add_subparsers(dest='command', required=True)
+  table = commands.add_parser(
+      'table', help='Table II (markdown + csv) over run folders holding results.json; runs '
+      'of the same method and settings are one row, mean ± std over n.')
+  table.add_argument('runs', nargs='+', metavar='RUN')
+  table.add_argument('--out', required=True, help='folder for table2.md and table2.csv')
+  table.add_argument('--name', default='table2', help='file name stem (default table2)')
+  fgsm = commands.add_parser(
+      'fgsm', help='Overlay the fgsm.json of several runs (Fig. 13).')
+  fgsm.add_argument('runs', nargs='+', metavar='RUN')
+  fgsm.add_argument('--out', required=True, help='folder for the PNGs')
+  fgsm.add_argument('--prefix', default='fgsm_compare', help='file name prefix')
+  args = parser.parse_args(argv)
+  try:
+    if args.command == 'table':
+      paths = write_paper_table(args.runs, args.out, args.name)
+    else:
+      paths = fgsm_overlay(args.runs, args.out, args.prefix)
+  except (OSError, ValueError, KeyError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print('\n'.join(paths))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -4,6 +4,8 @@ import collections
 import csv
 import json
 import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -133,3 +135,151 @@ def test_results_table_rejects_a_percentage_accuracy(tmp_path):
   run = write_run(tmp_path, 'percent', test_accuracy=97.2, params=1, dataset='cifar10')
   with pytest.raises(ValueError, match='fraction'):
     reports.results_table([run])
+
+
+# ---------------------------------------------------------------------------
+# python -m pcp_jax.reports: Table II over groups of runs and the FGSM overlay.
+
+def write_search(root, folder, method, ssf, hours=4.8, devices=1, platform='gpu', seed=0,
+                 config=None):
+  search_dir = root / folder
+  search_dir.mkdir()
+  (search_dir / 'search_summary.json').write_text(json.dumps({
+      'method': method, 'dataset': 'cifar10', 'seed': seed, 'ss_factor': ssf,
+      'bt_scale': 'none', 'search_cost_hours': hours, 'search_cost_days': hours / 24,
+      'device_count': devices, 'platform': platform, 'device_kind': 'H100'}))
+  genotypes.save(genotypes.REFERENCE_GENOTYPES['PDARTS'], str(search_dir / 'genotype.json'))
+  if config is not None:
+    (search_dir / 'config.json').write_text(json.dumps(config))
+  return search_dir
+
+
+def write_trained(root, folder, search_dir, accuracy, params=3_500_000, top5=None, **train):
+  run = write_run(root, folder, method=json.loads(
+      (search_dir / 'search_summary.json').read_text())['method'], test_accuracy=accuracy,
+                  params=params, dataset='cifar10', genotype_source=str(search_dir / 'genotype.json'),
+                  search_cost_days=0.2, **({'test_top5_accuracy': top5} if top5 else {}))
+  if train:
+    (root / folder / 'train_config.json').write_text(json.dumps({'seed': 0, 'train': train}))
+  return run
+
+
+def grouped_runs(tmp_path):
+  runs = []
+  for seed, accuracy in enumerate((0.97, 0.968, 0.972)):
+    search = write_search(tmp_path, f's_ss05_{seed}', 'SS PCP-DARTS', 0.5, seed=seed)
+    runs.append(write_trained(tmp_path, f't_ss05_{seed}', search, accuracy,
+                              params=3_400_000 + 100_000 * seed))
+  search = write_search(tmp_path, 's_ss075', 'SS PCP-DARTS', 0.75, hours=2.4, devices=4)
+  runs.append(write_trained(tmp_path, 't_ss075', search, 0.9701))
+  search = write_search(tmp_path, 's_pcp', 'PCP-DARTS', 0.0)
+  runs.append(write_trained(tmp_path, 't_pcp', search, 0.9688))
+  return runs
+
+
+def test_paper_table_groups_runs_of_a_method_and_ssf(tmp_path):
+  columns, rows = reports.paper_table(grouped_runs(tmp_path))
+  assert columns == ['Method', 'Test error (%)', 'Params (M)', 'Search cost (GPU-days)',
+                     'Search method', 'n', 'Dataset']
+  by_method = {row['Method']: row for row in rows}
+  assert list(by_method) == ['PCP-DARTS', 'SS PCP-DARTS (ssf 0.5)', 'SS PCP-DARTS (ssf 0.75)']
+  # Errors 3.0, 3.2, 2.8: mean 3.00, sample std 0.20.
+  assert by_method['SS PCP-DARTS (ssf 0.5)'] == {
+      'Method': 'SS PCP-DARTS (ssf 0.5)', 'Test error (%)': '3.00 ± 0.20',
+      'Params (M)': '3.50 ± 0.10', 'Search cost (GPU-days)': '0.200 ± 0.000',
+      'Search method': 'gradient-based, self-supervised', 'n': '3', 'Dataset': 'cifar10'}
+  # Device-days: 2.4 hours on 4 devices.
+  assert by_method['SS PCP-DARTS (ssf 0.75)']['Search cost (GPU-days)'] == '0.400'
+  assert by_method['SS PCP-DARTS (ssf 0.75)']['n'] == '1'
+  assert by_method['PCP-DARTS']['Test error (%)'] == '3.12'
+  assert by_method['PCP-DARTS']['Search method'] == 'gradient-based'
+
+
+def test_paper_table_labels_a_cpu_search_in_cpu_days(tmp_path):
+  search = write_search(tmp_path, 's_cpu', 'SS PCP-DARTS', 0.75, hours=12, devices=2,
+                        platform='cpu')
+  run = write_trained(tmp_path, 't_cpu', search, 0.5)
+  columns, rows = reports.paper_table([run])
+  assert 'Search cost (CPU-days)' in columns and 'Search cost (GPU-days)' not in columns
+  assert rows[0]['Search cost (CPU-days)'] == '1.000'
+  # Mixed platforms: the unit goes into each cell.
+  gpu = write_trained(tmp_path, 't_gpu', write_search(tmp_path, 's_gpu', 'PCP-DARTS', 0.0), 0.9)
+  columns, rows = reports.paper_table([run, gpu])
+  assert 'Search cost' in columns
+  assert sorted(row['Search cost'] for row in rows) == ['0.200 GPU-days', '1.000 CPU-days']
+
+
+def test_paper_table_top5_and_differing_settings(tmp_path):
+  search = write_search(tmp_path, 's', 'SS PCP-DARTS', 0.75)
+  short = write_trained(tmp_path, 't_short', search, 0.9, top5=0.995, epochs=50)
+  long = write_trained(tmp_path, 't_long', search, 0.97, top5=0.999, epochs=600)
+  columns, rows = reports.paper_table([short, long])
+  assert columns[2] == 'Top-5 accuracy (%)'
+  assert [(row['Method'], row['Top-5 accuracy (%)'], row['n']) for row in rows] == [
+      ('SS PCP-DARTS (ssf 0.75, epochs 50)', '99.50', '1'),
+      ('SS PCP-DARTS (ssf 0.75, epochs 600)', '99.90', '1')]
+
+
+def test_table_cli_writes_markdown_and_csv(tmp_path):
+  runs = grouped_runs(tmp_path)
+  result = subprocess.run(
+      [sys.executable, '-m', 'pcp_jax.reports', 'table', *runs, '--out', str(tmp_path / 'out')],
+      capture_output=True, text=True, check=False, timeout=120)
+  assert result.returncode == 0, result.stderr
+  lines = (tmp_path / 'out' / 'table2.md').read_text().splitlines()
+  assert lines[0] == ('| Method | Test error (%) | Params (M) | Search cost (GPU-days) '
+                      '| Search method | n | Dataset |')
+  assert lines[3] == ('| SS PCP-DARTS (ssf 0.5) | 3.00 ± 0.20 | 3.50 ± 0.10 | 0.200 ± 0.000 '
+                      '| gradient-based, self-supervised | 3 | cifar10 |')
+  with open(tmp_path / 'out' / 'table2.csv', newline='', encoding='utf-8') as f:
+    records = list(csv.DictReader(f))
+  assert [r['n'] for r in records] == ['1', '3', '1']
+
+
+def test_cli_names_the_run_folder_without_results(tmp_path):
+  runs = grouped_runs(tmp_path)
+  (tmp_path / 'crashed_run').mkdir()
+  for command in ('table', 'fgsm'):
+    result = subprocess.run(
+        [sys.executable, '-m', 'pcp_jax.reports', command, runs[0], str(tmp_path / 'crashed_run'),
+         '--out', str(tmp_path / 'out')], capture_output=True, text=True, check=False, timeout=120)
+    assert result.returncode == 1
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1, result.stderr
+    assert ('t_ss05_0' if command == 'fgsm' else 'crashed_run') in errors[0]
+    assert ('fgsm.json' if command == 'fgsm' else 'results.json') in errors[0]
+
+
+def write_fgsm(run_dir, scale):
+  eps = [0.0, 0.01, 0.03]
+  (run_dir / 'fgsm.json').write_text(json.dumps({
+      'eps': eps, 'accuracy': [scale * (1 - 10 * e) for e in eps],
+      'mean_true_prob': [scale * (1 - 12 * e) for e in eps],
+      'examples': {'0': [0.9, 0.5, 0.1], '3': [0.8, 0.7, 0.2]}, 'method': 'ignored'}))
+
+
+def test_fgsm_overlay_one_line_per_run(tmp_path, monkeypatch):
+  from pcp_jax import analysis  # pylint: disable=g-import-not-at-top
+  runs = grouped_runs(tmp_path)
+  chosen = [runs[0], runs[1], runs[3]]
+  for scale, run in zip((0.9, 0.8, 0.7), chosen):
+    write_fgsm(tmp_path / os.path.basename(run), scale)
+  seen = {}
+  plot_fgsm = analysis.plot_fgsm
+
+  def spy(results_by_name, out_dir, prefix):
+    seen.update(results_by_name)
+    return plot_fgsm(results_by_name, out_dir, prefix=prefix)
+
+  monkeypatch.setattr(analysis, 'plot_fgsm', spy)
+  paths = reports.fgsm_overlay(chosen, str(tmp_path / 'fig13'))
+  assert sorted(os.path.basename(p) for p in paths) == [
+      'fgsm_compare_accuracy.png', 'fgsm_compare_examples.png', 'fgsm_compare_true_prob.png']
+  # Two seeds of one method and settings keep their folders apart; the method comes from
+  # results.json, with its ssf.
+  assert sorted(seen) == ['SS PCP-DARTS (ssf 0.5) [t_ss05_0]', 'SS PCP-DARTS (ssf 0.5) [t_ss05_1]',
+                          'SS PCP-DARTS (ssf 0.75)']
+  assert seen['SS PCP-DARTS (ssf 0.75)']['accuracy'][0] == 0.7
+  for path in paths:
+    with Image.open(path) as image:
+      assert image.format == 'PNG'
