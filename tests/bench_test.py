@@ -1,14 +1,11 @@
-"""The benchmark: a tiny run through the command line, the report's fields, option errors."""
+"""The benchmark: option errors name the flag, tiny cases run and report, compile-only sizes."""
 
-import fcntl
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 from configs import pc_darts
@@ -16,148 +13,104 @@ from configs import pcp
 from configs import train_cifar10
 from pcp_jax import bench
 from pcp_jax import genotypes
-from pcp_jax import networks
-from pcp_jax import supernet
+from conftest import ROOT
+from conftest import subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_bench(*args):
-  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1', PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, '-m', 'pcp_jax.bench', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=1200, check=False)
+# Batch 8 and these step counts everywhere: the compile-only test then finds the programs the
+# timed test compiled in the persistent compilation cache.
+TIMING = dict(steps=2, warmup=1)
 
 
-def search_weight_count(config, switches):
-  cfg = config.search
-  model = supernet.SearchNetwork(
-      channels=cfg.channels, layers=cfg.stages[0].layers, partial_k=cfg.partial_k,
-      use_betas=cfg.use_betas, switches_normal=genotypes.switches_to_tuple(switches),
-      switches_reduce=genotypes.switches_to_tuple(switches))
-  shapes = jax.eval_shape(lambda k: supernet.init_variables(model, k, (32, 32, 3)),
-                          jax.random.PRNGKey(0))
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes['params']))
-
-
-def test_tiny_search_and_train_through_the_command_line(tmp_path):
-  out = tmp_path / 'bench.json'
-  proc = run_bench('--config=configs/pc_darts.py:tiny',
-                   '--train_config=configs/train_cifar10.py:tiny', '--genotype=DARTS_V2',
-                   '--what=search,train', '--batch_size=8', '--train_batch_size=8',
-                   '--steps=2', '--warmup=0', '--steps_per_call=2', '--project', '--jobs=2',
-                   f'--out={out}')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'search stage 1' in proc.stdout and 'Projected search at batch 8' in proc.stdout
-  report = json.loads(out.read_text())
-  search_case, train_case = report['cases']  # in the order of the cases, not of finishing
-  assert search_case['what'] == 'search' and train_case['what'] == 'train'
-  first, second = sorted((c['timed_from'], c['timed_until']) for c in report['cases'])
-  assert first[0] < first[1] <= second[0] < second[1]  # two processes, timed one at a time
-  config = pc_darts.get_config('tiny')
-  for case in (search_case, train_case):
-    assert case['batch_size'] == 8 and case['steps_per_call'] == 2
-    assert len(case['call_seconds']) == 2
-    assert case['seconds_per_step'] == pytest.approx(statistics.median(case['call_seconds']) / 2)
-    assert case['images_per_second'] == pytest.approx(8 / case['seconds_per_step'])
-    assert case['compile_seconds'] >= case['lower_seconds'] > 0 and case['init_seconds'] > 0
-    assert 100e6 < case['peak_rss_bytes'] < 100e9
-    # XLA's buffers: at least the state the step takes and returns (float32 weights).
-    assert case['xla_buffer_bytes'] > 4 * case['params']
-    assert 0 < case['steps_peak_rss_bytes'] <= case['peak_rss_bytes']
-    assert 0 < case['compile_peak_rss_bytes'] <= case['peak_rss_bytes']
-    assert case['platform'] == 'cpu' and case['device_count'] >= 1
-    assert case['jax_version'] == jax.__version__
-    assert case['op_impl'] == 'cpu'  # 'auto' on a CPU backend
-    assert case['x_vs_reference'] is None  # not the reference's network
-    assert all(np.isfinite(v) for v in case['final_metrics'].values())
-
-  switches = bench.stage_switches(config, 0)['normal']
-  assert search_case['ops_per_edge'] == 4 and search_case['layers'] == 3
-  assert search_case['params'] == search_weight_count(config, switches)
-  assert search_case['arch_params'] == 2 * 14 * 4 + 2 * 14  # alphas and betas, both cells
-  assert train_case['params'] == networks.count_params(
-      genotypes.get('DARTS_V2'), channels=4, layers=3, auxiliary=True)
-
-  projection, = report['projections']
-  stage, = projection['stages']
-  steps = 64 // 8  # 128 images split in half
-  assert stage['steps_per_epoch'] == steps
-  assert stage['seconds'] == pytest.approx(search_case['compile_seconds'] + steps * (
-      search_case['seconds_per_step_frozen_arch'] + search_case['seconds_per_step']))
-  assert projection['device_days'] == pytest.approx(stage['seconds'] / 86400)
-
-
-def test_a_bad_option_fails_with_its_name():
-  proc = run_bench('--what=search,eval')
-  assert proc.returncode != 0
-  assert "--what must be a comma list of ['search', 'train'], got 'search,eval'" in proc.stderr
-
-
-@pytest.mark.parametrize('args, message', [
-    (('--jobs=0',), '--jobs must be >= 1, got 0'),
-    (('--jobs=2', '--noisolate'), '--jobs=2 needs --isolate'),
-])
-def test_bad_jobs_fail_with_the_option_named(args, message):
-  proc = run_bench('--what=search', *args)
-  assert proc.returncode != 0
-  assert message in proc.stderr
-
-
-def test_timing_lock_is_exclusive_across_open_files(tmp_path):
-  path = str(tmp_path / 'timing.lock')
-  with open(path, 'a') as other:
-    with bench.timing_lock(path):
-      with pytest.raises(BlockingIOError):  # held: another open file cannot take it
-        fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on leaving
-    fcntl.flock(other, fcntl.LOCK_UN)
-    with bench.timing_lock(path, exclusive=False):  # compiling: shared with other compiles,
-      fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
-      fcntl.flock(other, fcntl.LOCK_UN)
-      with pytest.raises(BlockingIOError):  # but no case times its steps meanwhile
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  with bench.timing_lock(''):  # no lock file (one job): nothing to hold or create
-    assert os.listdir(tmp_path) == ['timing.lock']
+def tiny_configs():
+  return pc_darts.get_config('tiny'), train_cifar10.get_config('tiny')
 
 
 @pytest.mark.parametrize('options, message', [
+    (dict(what='search,eval'), "--what must be a comma list of ['search', 'train']"),
+    (dict(what=''), '--what must be'),
     (dict(batch_size='0'), '--batch_size must be a comma list of positive integers'),
     (dict(batch_size='64,x'), '--batch_size must be a comma list of positive integers'),
-    (dict(train_batch_size='-1'), '--train_batch_size must be a comma list'),
-    (dict(what=''), '--what must be'),
+    (dict(what='search', batch_size='1'), '--batch_size must be >= 2 for search'),
     (dict(steps=0), '--steps must be >= 1'),
     (dict(warmup=-1), '--warmup must be >= 0'),
-    (dict(steps_per_call=0), '--steps_per_call must be >= 1'),
-    (dict(dtype='float16'), '--dtype must be one of'),
-    (dict(devices=-1), '--devices must be >= 0'),
-    (dict(devices=3, batch_size='64'), '--batch_size (64) must be divisible by the number'),
-    (dict(stages='4'), 'the search config has 3 stage(s)'),
-    (dict(project=True), '--project needs every stage'),
-    (dict(project=True, stages='all', compile_only=True), '--project needs timed steps'),
-    (dict(what='train', genotype='NO_SUCH_GENOTYPE'), 'NO_SUCH_GENOTYPE'),
-    (dict(what='train', train_op_impl='fast'), "op_impl must be one of"),
-    (dict(what='search', search_op_impl='fast'), "op_impl must be one of"),
+    (dict(dtype='float16'), "--dtype must be one of ['float32', 'bfloat16']"),
+    (dict(stages='4'), "--stages must be 'all' or 1-based stages of the search config (3"),
+    (dict(stages='first'), '--stages must be a comma list of positive integers'),
+    (dict(project=True), '--project needs every stage timed: add --stages=all'),
+    (dict(project=True, stages='all', compile_only=True), '--project needs timed search'),
+    (dict(project=True, what='train'), '--project needs timed search'),
+    (dict(ss_factor=2.0), '--config: search.ss_factor must be in [0, 1], got 2.0'),
+    (dict(genotype='NO_SUCH_GENOTYPE', what='train'), "--train_config: genotype 'NO_SUCH"),
+    (dict(out='/no/such/folder/bench.json'), '--out must be a file in an existing writable'),
 ])
-def test_bad_options_raise_clear_errors(options, message):
-  options = dict(options)
+def test_bad_options_fail_naming_the_flag(options, message, tmp_path):
   search_config, train_config = pcp.get_config(), train_cifar10.get_config()
-  search_config.op_impl = options.pop('search_op_impl', 'auto')
-  train_config.op_impl = options.pop('train_op_impl', 'auto')
+  search_config.search.ss_factor = options.pop('ss_factor', 0.0)
+  train_config.genotype = options.pop('genotype', 'PC_DARTS_cifar')
   with pytest.raises(ValueError) as error:
-    bench.make_cases(search_config, train_config, **options)
+    bench.plan(search_config, train_config, **options)
   assert message in str(error.value)
 
 
-def test_cases_cover_every_stage_and_batch_size():
-  cases = bench.make_cases(pcp.get_config(), train_cifar10.get_config(), stages='all',
-                           batch_size='64,256', project=True)
-  search_cases = [(c['stage'], c['batch_size']) for c in cases if c['what'] == 'search']
-  assert sorted(search_cases) == [(s, b) for s in range(3) for b in (64, 256)]
-  train_case, = [c for c in cases if c['what'] == 'train']
-  assert train_case['batch_size'] == 96  # the train config's
+@pytest.mark.parametrize('args, message', [
+    (['--what=search,eval'], "Error: --what must be a comma list of ['search', 'train'], got "
+                             "'search,eval'."),
+    (['--out={tmp}/missing/bench.json'], 'Error: --out must be a file in an existing writable '
+                                         'folder'),
+])
+def test_the_command_fails_in_one_line_before_any_case_runs(args, message, tmp_path):
+  args = [a.format(tmp=tmp_path) for a in args]
+  proc = subprocess.run([sys.executable, '-m', 'pcp_jax.bench', *args], cwd=ROOT,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+  assert 'compiled in' not in proc.stderr and not os.listdir(tmp_path)
 
 
-def test_later_stages_keep_the_number_of_ops_the_stage_before_keeps():
+def test_a_tiny_search_and_train_case_run_and_report(tmp_path, capsys):
+  search_config, train_config = tiny_configs()
+  cases = bench.plan(search_config, train_config, batch_size='8', project=True, **TIMING)
+  assert [(c['what'], c['stage'], c['batch_size']) for c in cases] == [
+      ('search', 0, 8), ('train', None, 8)]
+  out = tmp_path / 'bench.json'
+  bench.benchmark(search_config, train_config, cases, out=str(out), project=True, **TIMING)
+  printed = capsys.readouterr().out
+  report = json.loads(out.read_text())
+  search_case, train_case = report['cases']
+  assert search_case['case'] == 'search stage 1 (3 cells, 4 ops)'
+  assert train_case['case'] == 'train (3 cells, PC_DARTS_cifar)'
+  for case in (search_case, train_case):
+    assert math.isfinite(case['images_per_second']) and case['images_per_second'] > 0
+    assert case['images_per_second'] == pytest.approx(8 / case['seconds_per_step'])
+    assert case['finite_losses'] and case['init_seconds'] > 0 and case['compile_seconds'] > 0
+    assert case['xla_buffer_bytes'] > 0 and case['peak_memory_bytes'] > 100e6
+    assert case['memory_kind'] == 'RSS'  # a CPU
+    assert f"| {case['case']} | 8 | {case['images_per_second']:.1f} |" in printed
+  assert printed.index('| case | batch | img/s | s/step | init s | compile s | peak RSS |') < (
+      printed.index('| search stage 1'))
+  assert 'seconds_per_step_frozen_arch' not in train_case
+  projection, = report['projections']
+  steps = 64 // 8  # 128 images split in half
+  stage, = search_config.search.stages
+  assert projection['steps_per_epoch'] == steps
+  assert projection['hours'] * 3600 == pytest.approx(search_case['compile_seconds'] + steps * (
+      stage.warmup_epochs * search_case['seconds_per_step_frozen_arch']
+      + (stage.epochs - stage.warmup_epochs) * search_case['seconds_per_step']))
+  assert projection['device_days'] == pytest.approx(projection['hours'] / 24)
+  assert 'Projected search at batch 8:' in printed and f'Wrote {out}' in printed
+
+
+def test_compile_only_reports_xla_buffer_bytes_without_running(capsys):
+  search_config, train_config = tiny_configs()
+  cases = bench.plan(search_config, train_config, what='search', batch_size='8',
+                     compile_only=True, **TIMING)
+  report = bench.benchmark(search_config, train_config, cases, compile_only=True, **TIMING)
+  case, = report['cases']
+  assert case['xla_buffer_bytes'] > 0 and 'seconds_per_step' not in case
+  assert f"| {case['case']} | 8 | - | - |" in capsys.readouterr().out
+
+
+def test_later_stages_keep_the_costliest_ops_the_stage_before_keeps():
   config = pcp.get_config()
   counts = [bench.stage_switches(config, s)['normal'].sum(axis=1) for s in range(3)]
   assert [set(c.tolist()) for c in counts] == [{8}, {5}, {3}]
@@ -169,31 +122,3 @@ def test_later_stages_keep_the_number_of_ops_the_stage_before_keeps():
 def test_steps_per_epoch_is_the_paper_split_of_cifar10():
   assert bench.search_steps_per_epoch(pc_darts.get_config(), 64) == 25_000 // 64
   assert bench.search_steps_per_epoch(pc_darts.get_config(), 256) == 25_000 // 256
-
-
-def test_reference_ratio_only_for_the_reference_network_on_cpu():
-  result = dict(what='search', channels=16, layers=8, partial_k=4, ops_per_edge=8,
-                platform='cpu', ss_factor=0.0, dtype='float32', batch_size=256,
-                seconds_per_step=12.8)
-  # 9.6 s per 64 images vs 12.8 s per 256 images: 3x the reference throughput.
-  assert bench.reference_ratio(result) == pytest.approx(3.0)
-  assert bench.reference_ratio(dict(result, platform='gpu')) is None
-  assert bench.reference_ratio(dict(result, layers=17)) is None
-  assert bench.reference_ratio(dict(result, ss_factor=0.75)) is None
-
-
-def test_a_compile_only_case_shows_its_buffers_and_no_timing():
-  result = dict(what='search', stage=2, batch_size=256, dtype='float32', layers=17,
-                ops_per_edge=3, op_impl='cpu', init_seconds=80.0, compile_seconds=170.0,
-                peak_rss_bytes=6 * 2**30, xla_buffer_bytes=20 * 2**30, params=1_000_000,
-                compile_only=True)
-  row = bench.format_table([result]).splitlines()[2].split()
-  assert row[:4] == ['search', 'stage', '3', '17'] and row[10:12] == ['-', '-']
-  assert '20.00' in row and 'GiB' in row
-
-
-def test_a_failed_case_shows_in_the_table_with_its_error():
-  failed = dict(what='search', stage=0, batch_size=64, dtype='float32',
-                error='the case process exited with code -9')
-  table = bench.format_table([failed])
-  assert 'failed' in table and 'search stage 1, batch 64: the case process exited' in table
