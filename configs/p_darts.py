@@ -7,17 +7,17 @@ architecture gradient clipped at 5, skip dropout 0.1/0.4/0.7. Published: 2.50 % 
 2.71 %), 3.4 M params, 0.3 GPU-days.
 """
 
-from configs import search_common
+from pcp_jax import defaults
 
 
 def get_config(arg=None):
-  config = search_common.base_search_config()
+  config = defaults.search_config()
   config.method = 'P-DARTS'
   config.search.partial_k = 1
   config.search.use_betas = False
   config.search.batch_size = 96
   for stage in config.search.stages:
     stage.warmup_epochs = 10
-  config = search_common.apply_args(config, arg)
+  config = defaults.apply_args(config, arg)
   config.search.partial_k = 1
   return config

@@ -8,17 +8,18 @@ paper's PC-DARTS row was produced with the authors' code.
 Published: 2.57 % test error, 3.6 M params, 0.1 GPU-days (paper's rerun 0.162).
 """
 
-from configs import search_common
+from pcp_jax import defaults
 
 
 def get_config(arg=None):
-  config = search_common.base_search_config()
+  config = defaults.search_config()
   config.method = 'PC-DARTS'
   s = config.search
-  s.stages = [search_common.stage(8, 1, 50, 15, 0.0)]
+  s.stages = [defaults.stage(layers=8, num_keep=1, epochs=50, warmup_epochs=15,
+                            skip_dropout=0.0)]
   s.max_skip_normal = -1
   s.batch_size = 256
-  s.lr = 0.1
-  s.arch_grad_clip = 0.0
+  s.optim.weights.lr = 0.1
+  s.optim.arch.grad_clip = 0.0
   s.channel_mode = 'shuffle'
-  return search_common.apply_args(config, arg)
+  return defaults.apply_args(config, arg)

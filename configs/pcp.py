@@ -6,13 +6,13 @@ Three stages of 5/11/17 cells with 8 -> 5 -> 3 candidate ops per edge, K=4, beta
 per stage (15 warm-up), batch 256 with lr 0.025 (the paper), on CIFAR-10. The paper's Vanilla
 PCP-DARTS: 3.12 % test error, 4.5 M params, 0.163 GPU-days on a V100. `:tiny` for a CPU smoke
 run of a few minutes; `:warmup=10`, `:cells8` and `:dataset=cifar100` for the paper's other
-readings (configs/search_common.py).
+readings (pcp_jax/defaults.py).
 """
 
-from configs import search_common
+from pcp_jax import defaults
 
 
 def get_config(arg=None):
-  config = search_common.base_search_config()
+  config = defaults.search_config()
   config.method = 'PCP-DARTS'
-  return search_common.apply_args(config, arg)
+  return defaults.apply_args(config, arg)

@@ -4,17 +4,16 @@
 
 Works offline. Two progressive stages (3 then 4 cells; 5 candidate ops per edge, 3 kept, then
 the final genotype), C=8, K=4, ssf 0.75, 3 epochs per stage (1 warm-up) on 1,000 subset images
-(500 train the weights, 500 the architecture), batch 32. Measured on a quiet 2-core CPU: 3 min
-14 s (about 70 s per stage to compile, then 6-7 s per epoch), validation CE 2.09 / accuracy
-0.214 after stage 1 and 1.99 / 0.244 after stage 2 (4 to 20 minutes on a busy machine). The
-genotype is a smoke test of the pipeline, not a result.
+(500 train the weights, 500 the architecture), batch 32: a few minutes on a CPU, most of it
+compiling each stage (docs/performance.md has measured times), validation accuracy about 0.2
+after each stage. The genotype is a smoke test of the pipeline, not a result.
 """
 
-from configs import search_common
+from pcp_jax import defaults
 
 
 def get_config(arg=None):
-  config = search_common.base_search_config()
+  config = defaults.search_config()
   config.method = 'SS PCP-DARTS (quick start)'
   config.data.source = 'subset'
   config.data.max_train = 1000
@@ -27,5 +26,6 @@ def get_config(arg=None):
                    'dil_conv_3x3')
   s.projector_sizes = (128, 128)
   s.bt_lambda = 0.0051 * 8192 / 128
-  s.stages = [search_common.stage(3, 3, 3, 1, 0.1), search_common.stage(4, 1, 3, 1, 0.4)]
-  return search_common.apply_args(config, arg)
+  s.stages = [defaults.stage(layers=3, num_keep=3, epochs=3, warmup_epochs=1, skip_dropout=0.1),
+              defaults.stage(layers=4, num_keep=1, epochs=3, warmup_epochs=1, skip_dropout=0.4)]
+  return defaults.apply_args(config, arg)

@@ -14,11 +14,11 @@ any ssf in (0, 1); `bt_scale`
 channel sample (`search.shared_channels`) and are asymmetric (`search.bt_views`).
 """
 
-from configs import search_common
+from pcp_jax import defaults
 
 
 def get_config(arg=None):
-  config = search_common.base_search_config()
+  config = defaults.search_config()
   config.method = 'SS PCP-DARTS'
   config.search.ss_factor = 0.75
-  return search_common.apply_args(config, arg)
+  return defaults.apply_args(config, arg)

@@ -8,10 +8,10 @@ here: --config.data.download=True fetches it). PC-DARTS reports about 17 % test 
 CIFAR-10-searched cell; cost as for CIFAR-10.
 """
 
-from configs import train_common
+from pcp_jax import defaults
 
 
 def get_config(arg=None):
-  config = train_common.base_train_config()
+  config = defaults.train_config()
   config.data.dataset = 'cifar100'
-  return train_common.apply_args(config, arg)
+  return defaults.apply_args(config, arg)

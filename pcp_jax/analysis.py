@@ -1,14 +1,24 @@
-"""The paper's robustness analysis: FGSM attacks swept over eps, and their plots."""
+"""The paper's robustness analysis: FGSM attacks swept over eps, their plots and the `fgsm`
+mode on a trained run (several runs side by side, the paper's Fig. 13: `reports.fgsm_overlay`).
+"""
 
 import math
 import os
 from typing import Callable, Mapping, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
+from matplotlib.figure import Figure
 import numpy as np
 import optax
-from matplotlib.figure import Figure
+
+from pcp_jax import augment
+from pcp_jax import checkpoint
+from pcp_jax import data
+from pcp_jax import parallel
+from pcp_jax import reports
+from pcp_jax import train
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -167,3 +177,36 @@ def plot_fgsm(results_by_name: Mapping[str, dict], out_dir: str, prefix: str = '
                  'True-class probability under FGSM', f'{stem}_true_prob.png'),
       _examples_plot(results_by_name, f'{stem}_examples.png'),
   ]
+
+
+def fgsm(config, workdir: str) -> dict:
+  """The `fgsm` mode: an FGSM sweep of a trained run's best checkpoint on the first
+  `fgsm.num_examples` test images; writes fgsm.json and plots."""
+  train.check_config(config)
+  genotype = train.load_genotype(config, workdir)
+  splits = data.train_splits(config)
+  info = splits.info
+  model = train.create_model(config, genotype, info)
+  state, checkpoint_name, meta = train.restore_for_eval(config, workdir, model, info)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+
+  def logits_fn(x_pixels):
+    logits, _ = model.apply(variables, augment.normalize(x_pixels, info.mean, info.std),
+                            train=False)
+    return logits
+
+  num = config.fgsm.num_examples or len(splits.test_images)
+  images = np.asarray(augment.to_float(splits.test_images[:num]))
+  sweep = fgsm_sweep(logits_fn, images, splits.test_labels[:num], list(config.fgsm.eps),
+                     batch_size=config.fgsm.batch_size,
+                     example_indices=list(config.fgsm.example_indices))
+  method = reports.method_name(config.genotype, config.train.method)
+  results = dict(sweep, method=method, dataset=info.name, genotype_source=config.genotype,
+                 num_examples=len(images), checkpoint=checkpoint_name,
+                 checkpoint_epoch=meta.get('epoch'))
+  if parallel.is_main_process():
+    checkpoint.write_json(os.path.join(workdir, 'fgsm.json'), results)
+    plot_fgsm({method: sweep}, workdir, prefix='fgsm')
+  logging.info('FGSM accuracy by eps %s: %s', sweep['eps'],
+               ', '.join(f'{a:.4f}' for a in sweep['accuracy']))
+  return results

@@ -6,13 +6,17 @@ checkpoint half-written. A step that still fails to restore (a file deleted or
 truncated later) is skipped with a warning in favour of the one before it.
 """
 
+import fcntl
+import hashlib
 import json
 import os
-import signal
-import threading
+import socket
+import time
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 from absl import logging
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -20,8 +24,28 @@ class IncompatibleCheckpoint(ValueError):
   """A checkpoint that restores but belongs to a different run configuration."""
 
 
+class CorruptCheckpoint(IOError):
+  """A checkpoint whose arrays do not match the checksum saved with them."""
+
+
+CHECKSUM_KEY = '_checksum'
+
+
+def tree_checksum(tree: Any) -> str:
+  """SHA-256 over the paths, dtypes, shapes and bytes of a tree's arrays."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.ascontiguousarray(jax.device_get(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 class Checkpointer:
-  """The newest `max_to_keep` checkpoints of a run in `directory`, one folder per step."""
+  """The newest `max_to_keep` checkpoints of a run in `directory`, one folder per step.
+
+  A checksum of the arrays is saved in the metadata and verified on restore, so a damaged
+  file that still decodes (a flipped bit) is found like one that does not."""
 
   def __init__(self, directory: str, max_to_keep: Optional[int] = 3):
     self.directory = os.path.abspath(directory)
@@ -46,23 +70,35 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            metadata=ocp.args.JsonSave(dict(metadata or {}))),
+            metadata=ocp.args.JsonSave(dict(metadata or {},
+                                            **{CHECKSUM_KEY: tree_checksum(state)}))),
         force=True)
     self._manager.wait_until_finished()
 
   def restore(self, step: int, template: Any) -> Tuple[Any, dict]:
-    """The (state, metadata) saved as `step`, with the tree structure and types of `template`."""
+    """The (state, metadata) saved as `step`, with the tree structure and types of `template`.
+
+    Raises:
+      CorruptCheckpoint: the arrays read differ from those saved.
+    """
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(template), metadata=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.metadata or {})
+    metadata = dict(restored.metadata or {})
+    expected = metadata.pop(CHECKSUM_KEY, None)
+    if expected is not None and tree_checksum(restored.state) != expected:
+      raise CorruptCheckpoint(f'checkpoint {step} in {self.directory}: its arrays do not '
+                              'match their checksum (damaged on disk)')
+    return restored.state, metadata
 
   def restore_metadata(self, step: int) -> dict:
     """The metadata saved with `step` (without reading the state)."""
     restored = self._manager.restore(
         step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-    return dict(restored.metadata or {})
+    metadata = dict(restored.metadata or {})
+    metadata.pop(CHECKSUM_KEY, None)
+    return metadata
 
   def restore_latest(self, template: Union[Any, Callable[[dict], Any]]
                      ) -> Optional[Tuple[int, Any, dict]]:
@@ -110,33 +146,45 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-class DeferredInterrupt:
-  """Context manager: the first Ctrl-C only sets `requested`, so a loop can save and stop.
+class WorkdirBusy(RuntimeError):
+  """Another run holds the workdir."""
 
-  A second Ctrl-C interrupts at once. Outside the main thread (where Python cannot install
-  signal handlers) it does nothing and Ctrl-C behaves as usual.
-  """
 
-  def __init__(self, what: str = 'the run'):
-    self.what = what
-    self.requested = False
-    self._previous = None
+class WorkdirLock:
+  """Context manager: one run at a time on a workdir (a second one is refused, naming the
+  holder). The lock is the operating system's (`flock`), so a killed run never leaves it
+  held. A workdir this run created and left empty (an early failure) is removed again."""
 
-  def _handler(self, signum, frame):
-    del signum, frame
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    logging.warning('Ctrl-C: %s saves a checkpoint after the current steps and stops; press '
-                    'Ctrl-C again to stop at once (losing the steps since the last checkpoint).',
-                    self.what)
+  NAME = '.lock'
+
+  def __init__(self, workdir: str):
+    self.workdir = os.path.abspath(workdir)
+    self.path = os.path.join(self.workdir, self.NAME)
+    self._file = None
+    self._created = False
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handler)
+    self._created = not os.path.isdir(self.workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    self._file = open(self.path, 'a+')  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or 'a process'
+      self._file.close()
+      raise WorkdirBusy(f'{self.workdir} is in use by another run ({holder}); wait for it, '
+                        'stop it, or use another --workdir.') from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f'pid {os.getpid()} on {socket.gethostname()} since '
+                     f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    self._file.flush()
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
+    os.remove(self.path)
+    self._file.close()  # closing releases the lock
+    if self._created and not os.listdir(self.workdir):
+      os.rmdir(self.workdir)
     return False

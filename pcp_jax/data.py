@@ -158,6 +158,11 @@ def load_dataset(name: str,
   else:
     arrays = _load_subset(name)
   info = DATASETS[name]
+  for split, labels in (('training', arrays[1]), ('test', arrays[3])):
+    if labels.size and not 0 <= labels.min() <= labels.max() < info.num_classes:
+      raise ValueError(f'The {split} labels of {name} ({source} in {data_dir}) must be in '
+                       f'0..{info.num_classes - 1}, found {labels.min()}..{labels.max()}: '
+                       'the files are damaged or of another dataset.')
   if pad_to_32 and info.image_size < 32:
     arrays = tuple(_pad_to(a, 32) if a.ndim == 4 else a for a in arrays)
     info = dataclasses.replace(info, image_size=32)
@@ -178,6 +183,70 @@ def search_split(images: np.ndarray, labels: np.ndarray,
     raise ValueError(f'data.train_portion={train_portion} leaves one part of '
                      f'the {len(images)} training examples empty.')
   return (images[:split], labels[:split]), (images[split:], labels[split:])
+
+
+def load(config) -> Dataset:
+  """The dataset of `config.data`, its training and test sets cut to `data.max_train` /
+  `data.max_test` images (0 keeps all)."""
+  d = config.data
+  dataset = load_dataset(d.dataset, d.source, d.dir or None, d.download, d.pad_to_32)
+  cap = lambda x, n: x[:n] if n else x  # pylint: disable=unnecessary-lambda-assignment
+  return dataset._replace(
+      train_images=cap(dataset.train_images, d.max_train),
+      train_labels=cap(dataset.train_labels, d.max_train),
+      test_images=cap(dataset.test_images, d.max_test),
+      test_labels=cap(dataset.test_labels, d.max_test))
+
+
+def search_splits(config):
+  """((weight images, labels), (architecture images, labels), info) of a search config."""
+  dataset = load(config)
+  weights, arch = search_split(dataset.train_images, dataset.train_labels,
+                               config.data.train_portion)
+  return weights, arch, dataset.info
+
+
+class Splits(NamedTuple):
+  """Host arrays (uint8 NHWC images, int32 labels) of the three splits a training run uses."""
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  val_images: np.ndarray
+  val_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  info: DatasetInfo
+
+
+def parse_val_split(value) -> Optional[float]:
+  """None for 'test' (validate on the test set), else the held-out fraction of the train set."""
+  if str(value).strip().lower() == 'test':
+    return None
+  try:
+    fraction = float(value)
+  except ValueError:
+    fraction = -1.0
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(
+        f"train.val_split must be 'test' or a fraction in (0, 1) such as '0.1', got {value!r}.")
+  return fraction
+
+
+def train_splits(config) -> Splits:
+  """The training, validation (`train.val_split`) and test splits of a train config."""
+  dataset = load(config)
+  train_images, train_labels = dataset.train_images, dataset.train_labels
+  fraction = parse_val_split(config.train.val_split)
+  if fraction is None:
+    val_images, val_labels = dataset.test_images, dataset.test_labels
+  else:
+    split = len(train_images) - int(round(fraction * len(train_images)))
+    if split in (0, len(train_images)):
+      raise ValueError(f'train.val_split={config.train.val_split} leaves no training or no '
+                       f'validation images out of {len(train_images)}.')
+    val_images, val_labels = train_images[split:], train_labels[split:]
+    train_images, train_labels = train_images[:split], train_labels[:split]
+  return Splits(train_images, train_labels, val_images, val_labels, dataset.test_images,
+                dataset.test_labels, dataset.info)
 
 
 def download_file(remote: RemoteFile, data_dir: str) -> str:

@@ -8,7 +8,7 @@ intermediate node j - 2.
 import collections
 import json
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -135,6 +135,11 @@ def get(name_or_path: str) -> Genotype:
 
 # ---------------------------------------------------------------------------
 # Op switches: which of the 8 PRIMITIVES each of the 14 edges still has.
+
+
+def reduction_indices(layers: int) -> Tuple[int, int]:
+  """The cells of a `layers`-cell network that are reduction cells (at 1/3 and 2/3 depth)."""
+  return (layers // 3, 2 * layers // 3)
 
 
 def all_switches() -> np.ndarray:

@@ -5,7 +5,10 @@ configs; `train`, `test`, `fgsm` for the train configs. `--distributed` (or
 PCP_JAX_DISTRIBUTED=1) joins a multi-process run first; see launch/ and the README.
 """
 
+import contextlib
+import logging as stdlib_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -13,8 +16,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from pcp_jax import analysis
+from pcp_jax import checkpoint
+from pcp_jax import defaults
 from pcp_jax import hugepages
-from pcp_jax import ops
+from pcp_jax import loop
+from pcp_jax import parallel
+from pcp_jax import plots
 from pcp_jax import search
 from pcp_jax import train
 
@@ -28,7 +36,8 @@ flags.DEFINE_bool(
     'PCP_JAX_COORDINATOR (host:port of process 0), PCP_JAX_NUM_PROCESSES and PCP_JAX_PROCESS_ID.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = {'search': search.search, **train.MODES}
+MODES = {'search': search.search, 'train': train.train_and_evaluate, 'test': train.test,
+         'fgsm': analysis.fgsm}
 DISTRIBUTED_VARS = ('PCP_JAX_COORDINATOR', 'PCP_JAX_NUM_PROCESSES', 'PCP_JAX_PROCESS_ID')
 
 
@@ -90,22 +99,67 @@ def use_compilation_cache():
                       os.path.join(os.path.expanduser('~'), '.cache', 'pcp_jax', 'xla'))
 
 
-def run(config, workdir):
-  """Runs every mode of `config.modes` on `workdir` (also callable from a notebook)."""
+# The config section each mode needs, and its validation.
+_NEEDS = {'search': ('search', search.check_config), 'train': ('train', train.check_config),
+          'test': ('train', train.check_config), 'fgsm': ('train', train.check_config)}
+
+
+def check(config) -> list:
+  """The modes of `config.modes`, after checking the config for every one of them."""
   modes = [m.strip() for m in config.modes.split(',') if m.strip()]
   unknown = [m for m in modes if m not in MODES]
   if unknown or not modes:
     raise ValueError(f'config.modes must be a comma list of {sorted(MODES)}, '
                      f'got {config.modes!r}.')
-  ops.resolve_op_impl(config.get('op_impl', 'auto'))  # a bad value fails before any work
+  defaults.check_base(config)
   for mode in modes:
-    MODES[mode](config, workdir)
+    section, check_section = _NEEDS[mode]
+    if section not in config:
+      raise ValueError(f'config.modes: mode {mode!r} needs a {section} config (configs/'
+                       f'{"pcp.py" if section == "search" else "train_cifar10.py"} and the '
+                       f'like), got {config.modes!r}.')
+    check_section(config)
+  return modes
+
+
+def run(config, workdir):
+  """Runs every mode of `config.modes` on `workdir` (also callable from a notebook): the
+  config is checked for every mode before the first one starts, and the workdir is locked
+  against a second run."""
+  modes = check(config)
+  lock = (checkpoint.WorkdirLock(workdir) if parallel.is_main_process()
+          else contextlib.nullcontext())
+  with lock:
+    for mode in modes:
+      logging.info('Mode %s in %s', mode, workdir)
+      MODES[mode](config, workdir)
+    if parallel.is_main_process():
+      try:
+        paths = plots.plot_run(workdir)
+        logging.info('Plots: %d pictures in %s', len(paths), os.path.dirname(paths[0]))
+      except Exception as e:  # pylint: disable=broad-except
+        # The run's results are written; a picture that fails must not turn it into an error.
+        logging.warning('Could not draw the plots of %s: %s', workdir, e)
+
+
+class _QuietLibraries(stdlib_logging.Filter):
+  """Drops the INFO chatter of Orbax (hundreds of lines per run) unless -v is given."""
+
+  def filter(self, record):
+    return record.levelno >= stdlib_logging.WARNING or '/orbax/' not in record.pathname
+
+
+# What a user can fix gets one line, not a traceback (-v 1 shows the traceback).
+USER_ERRORS = (ValueError, OSError, FloatingPointError, checkpoint.WorkdirBusy)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  verbose = FLAGS.verbosity >= 1
   logging.set_verbosity(logging.INFO)
+  if not verbose:
+    stdlib_logging.getLogger('absl').addFilter(_QuietLibraries())
   initialize_distributed(FLAGS.distributed)
   use_compilation_cache()
   logging.info('JAX process %d of %d; local devices: %s; %d devices in all; compilation cache: %s',
@@ -113,9 +167,37 @@ def main(argv):
                jax.config.jax_compilation_cache_dir)
   if jax.default_backend() == 'cpu':
     logging.info('%s', hugepages.status())
-  run(FLAGS.config, FLAGS.workdir)
+  try:
+    run(FLAGS.config, FLAGS.workdir)
+  except loop.Interrupted as e:
+    logging.warning('%s', e)
+    sys.exit(128 + e.signum)
+  except USER_ERRORS as e:
+    if verbose:
+      raise
+    logging.error('%s', ' '.join(line.strip() for line in str(e).splitlines()))
+    sys.exit(1)
+
+
+def parse_flags(argv):
+  """absl's flag parsing; a config file or `--config.*` override that fails (a misspelt field,
+  a bad config argument, an unparsable value) is answered in one line."""
+  try:
+    return FLAGS(argv)
+  except flags.IllegalFlagValueError as e:
+    # The config file failed to load; absl's message holds its traceback, whose last line is
+    # the config's own message.
+    sys.exit(f'error: --config: {str(e).strip().splitlines()[-1].strip()}')
+  except flags.Error as e:
+    sys.exit(f'error: {e} (--helpshort lists the flags)')
+  except (AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
+    given = ' '.join(a for a in argv[1:] if a.startswith('--config')) or 'none'
+    message = str(e).strip('"\'')
+    sys.exit(f'error: --config: {message} (given: {given}). Overrides name existing fields '
+             'and take values of their type, e.g. --config.search.batch_size=64, '
+             '--config.search.stages[0].epochs=10, --config.fgsm.eps="(0.0,0.01)".')
 
 
 if __name__ == '__main__':
   hugepages.reexec()  # glibc reads its huge-page tunable only at start-up
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -12,7 +12,6 @@ import numpy as np
 
 from pcp_jax import genotypes
 from pcp_jax import ops
-from pcp_jax.supernet import reduction_indices
 
 
 class EvalCell(nn.Module):
@@ -104,7 +103,7 @@ class EvalNetwork(nn.Module):
                        op_impl=self.op_impl)(x)
     s0 = s1 = x
     c = self.channels
-    reductions = reduction_indices(self.layers)
+    reductions = genotypes.reduction_indices(self.layers)
     reduction_prev = False
     aux_logits = None
     for i in range(self.layers):

@@ -218,10 +218,9 @@ def _depthwise_kernel_grad(x, g, k: int, stride: int, padding: int, dilation: in
   kernel[i, j, c] = sum over n, h, w of x_padded[n, h*s + i*d, w*s + j*d, c] g[n, h, w, c]:
   per channel, the cross-correlation of x with g (spread to the input grid, zeros between
   strided pixels) at the k*k tap offsets, summed over the batch. Its spectrum is the batch
-  sum of X * conj(G); one inverse FFT per channel gives every offset. XLA:CPU runs this
-  about twice as fast as a product batched over kernel rows (the previous formulation, as
-  fast as k*k multiply-reductions) and over ten times faster than its own kernel-gradient
-  convolution (a dense C x C one). The transform of x is the same for every
+  sum of X * conj(G); one inverse FFT per channel gives every offset. Under XLA:CPU this beats
+  both a product batched over kernel rows and XLA's own kernel-gradient convolution (a dense
+  C x C one; docs/performance.md has the numbers). The transform of x is the same for every
   op reading x at these sizes: XLA computes it once for them all.
   """
   _, h, w, _ = x.shape

@@ -203,72 +203,7 @@ def plot_genotype(genotype: genotypes.Genotype, out_dir: str, prefix: str = '',
 
 
 # ---------------------------------------------------------------------------
-# The paper's Table II.
-
-COLUMNS = ('Method', 'Test error (%)', 'Last-epoch error (%)', 'Params (M)',
-           'Search cost (GPU-days)', 'Dataset')
-
-
-def _read_results(run_dir: str) -> dict:
-  path = os.path.join(run_dir, 'results.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'run folder {run_dir!r} has no results.json (looked for {path}).')
-  with open(path) as f:
-    results = json.load(f)
-  missing = {'test_accuracy', 'params', 'dataset'} - set(results)
-  if missing:
-    raise ValueError(f'{path} is missing the keys {sorted(missing)}.')
-  if not 0.0 <= results['test_accuracy'] <= 1.0:
-    raise ValueError(
-        f'{path}: test_accuracy must be a fraction in [0, 1], got {results["test_accuracy"]}.')
-  return results
-
-
-def results_table(run_dirs: Sequence[str]) -> list:
-  """One row per run folder (its results.json), formatted as the paper's Table II, by method.
-
-  'Test error' is the best checkpoint's (selected on the validation split, the test set
-  itself unless train.val_split is a fraction); 'Last-epoch error' the final epoch's."""
-  if isinstance(run_dirs, str):
-    run_dirs = [run_dirs]
-  rows = []
-  for run_dir in run_dirs:
-    results = _read_results(run_dir)
-    cost = results.get('search_cost_days')
-    last = results.get('last_test_accuracy')
-    rows.append({
-        'Method': results.get('method') or os.path.basename(os.path.normpath(run_dir)),
-        'Test error (%)': f'{100.0 * (1.0 - results["test_accuracy"]):.2f}',
-        'Last-epoch error (%)': '-' if last is None else f'{100.0 * (1.0 - last):.2f}',
-        'Params (M)': f'{results["params"] / 1e6:.2f}',
-        'Search cost (GPU-days)': '-' if cost is None else f'{cost:.3f}',
-        'Dataset': results['dataset'],
-    })
-  return sorted(rows, key=lambda row: row['Method'])
-
-
-def write_results_table(run_dirs: Sequence[str], out_prefix: str) -> list:
-  """Writes the results table as `{out_prefix}.md` and `{out_prefix}.csv`; returns the paths."""
-  rows = results_table(run_dirs)
-  parent = os.path.dirname(out_prefix)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  md_path, csv_path = f'{out_prefix}.md', f'{out_prefix}.csv'
-  lines = ['| ' + ' | '.join(COLUMNS) + ' |',
-           '|:---|' + '---:|' * (len(COLUMNS) - 2) + ':---|']
-  lines += ['| ' + ' | '.join(str(row[c]).replace('|', r'\|') for c in COLUMNS) + ' |'
-            for row in rows]
-  with open(md_path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  with open(csv_path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-  return [md_path, csv_path]
-
-
-# ---------------------------------------------------------------------------
-# Table II over groups of runs, and the Fig. 13 overlay: `python -m pcp_jax.reports`.
+# The paper's Table II over groups of runs, and the Fig. 13 overlay: `python -m pcp_jax.reports`.
 
 SEARCH_SUMMARY = 'search_summary.json'
 SEARCH_CONFIG = 'config.json'
@@ -288,6 +223,23 @@ def _load_json(path: str) -> dict:
       return json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path} is not valid JSON ({e.msg}, line {e.lineno}).') from None
+
+
+def _read_results(run_dir: str) -> dict:
+  """A run folder's results.json, checked: a one-line error naming the file if it is
+  missing, not JSON, lacks a key the table needs or holds an accuracy outside [0, 1]."""
+  path = os.path.join(run_dir, 'results.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'run folder {run_dir!r} has no results.json (looked for {path}).')
+  results = _load_json(path)
+  missing = {'test_accuracy', 'params', 'dataset'} - set(results)
+  if missing:
+    raise ValueError(f'{path} is missing the keys {sorted(missing)}.')
+  for key in ('test_accuracy', 'last_test_accuracy', 'test_top5_accuracy'):
+    value = results.get(key)
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+      raise ValueError(f'{path}: {key} must be a fraction in [0, 1], got {value}.')
+  return results
 
 
 def _flatten(tree, prefix='') -> dict:
@@ -320,6 +272,29 @@ def search_folder(run_dir: str, source) -> str:
     if folder and os.path.isfile(os.path.join(folder, SEARCH_SUMMARY)):
       return folder
   return ''
+
+
+def search_summary(source: str) -> dict:
+  """The search_summary.json of the search a genotype came from (`config.genotype`: a search
+  folder or its genotype.json); {} for a reference genotype or a file without one."""
+  folder = search_folder('', source)
+  return _load_json(os.path.join(folder, SEARCH_SUMMARY)) if folder else {}
+
+
+def method_name(source: str, method: str = '') -> str:
+  """A trained genotype's name in results: `method` (train.method) if given, else the
+  reference name, the search's method, or the search folder's (or file's) name."""
+  if method:
+    return method
+  if source in genotypes.REFERENCE_GENOTYPES:
+    return source
+  searched = search_summary(source).get('method')
+  if searched:
+    return searched
+  if os.path.isdir(source):
+    return os.path.basename(os.path.normpath(source))
+  stem = os.path.splitext(os.path.basename(source))[0]
+  return os.path.basename(os.path.dirname(os.path.abspath(source))) if stem == 'genotype' else stem
 
 
 def cost_unit(platform) -> str:
@@ -407,10 +382,12 @@ def _mean_std(values, digits: int) -> str:
 def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
   """The paper's Table II over run folders (each with results.json): (columns, rows).
 
-  Runs of the same method label (`method_labels`), dataset and search-cost unit make one row:
-  mean ± sample standard deviation over its n runs. Search cost in device-days (hours x
-  devices / 24), labelled with the platform (`GPU-days`, `CPU-days`); a top-5 column when
-  some results.json has `test_top5_accuracy`."""
+  Runs of the same method label (`method_labels`), dataset and search-cost unit make one row,
+  rows sorted by label: mean ± sample standard deviation over its n runs. 'Test error' is the
+  best checkpoint's (selected on the validation split, the test set itself unless
+  train.val_split is a fraction), 'Last-epoch error' the final epoch's (`last_test_accuracy`).
+  Search cost in device-days (hours x devices / 24), labelled with the platform
+  (`GPU-days`, `CPU-days`); a top-5 column when some results.json has `test_top5_accuracy`."""
   if isinstance(run_dirs, str):
     run_dirs = [run_dirs]
   if not run_dirs:
@@ -424,7 +401,8 @@ def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
   cost_column = f'Search cost ({units.pop()})' if len(units) == 1 else 'Search cost'
   top5 = any(r.get('test_top5_accuracy') is not None for r in results)
   columns = (['Method', 'Test error (%)'] + (['Top-5 accuracy (%)'] if top5 else [])
-             + ['Params (M)', cost_column, 'Search method', 'n', 'Dataset'])
+             + ['Last-epoch error (%)', 'Params (M)', cost_column, 'Search method', 'n',
+                'Dataset'])
   rows = []
   for (label, dataset, unit), members in sorted(groups.items(),
                                                 key=lambda g: (g[0][0], g[0][1], g[0][2] or '')):
@@ -432,6 +410,9 @@ def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
     row = {
         'Method': label,
         'Test error (%)': _mean_std([100 * (1 - r['test_accuracy']) for _, r in members], 2),
+        'Last-epoch error (%)': _mean_std(
+            [None if r.get('last_test_accuracy') is None else 100 * (1 - r['last_test_accuracy'])
+             for _, r in members], 2),
         'Params (M)': _mean_std([r['params'] / 1e6 for _, r in members], 2),
         cost_column: f'{cost} {unit}' if cost != '-' and cost_column == 'Search cost' else cost,
         'Search method': members[0][0]['search_method'],

@@ -9,7 +9,6 @@ step's loss is `ss_factor * BarlowTwins + (1 - ss_factor) * CE`.
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -27,8 +26,10 @@ from pcp_jax import checkpoint
 from pcp_jax import data as data_lib
 from pcp_jax import genotypes
 from pcp_jax import heads
+from pcp_jax import loop
 from pcp_jax import losses
 from pcp_jax import ops
+from pcp_jax import optim
 from pcp_jax import parallel
 from pcp_jax import reports
 from pcp_jax import supernet
@@ -47,34 +48,7 @@ class SearchState:
 
 
 # ---------------------------------------------------------------------------
-# Schedules and optimisers (REFERENCE.md section 4).
-
-
-def cosine_epoch_lr(lr, lr_min, epochs, steps_per_epoch):
-  """PyTorch CosineAnnealingLR stepped once per epoch, as a function of the step."""
-  def schedule(step):
-    epoch = jnp.minimum(step // steps_per_epoch, epochs)
-    return lr_min + 0.5 * (lr - lr_min) * (1 + jnp.cos(jnp.pi * epoch / epochs))
-  return schedule
-
-
-def weight_optimizer(cfg, epochs, steps_per_epoch):
-  """SGD + momentum + coupled weight decay + per-epoch cosine LR, gradients clipped first."""
-  schedule = cosine_epoch_lr(cfg.lr, cfg.lr_min, epochs, steps_per_epoch)
-  return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      optax.add_decayed_weights(cfg.weight_decay),
-      optax.sgd(schedule, momentum=cfg.momentum)), schedule
-
-
-def arch_optimizer(cfg, lr):
-  """Adam with coupled weight decay (added to the gradient, as PyTorch's Adam does)."""
-  parts = []
-  if cfg.arch_grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(cfg.arch_grad_clip))
-  parts += [optax.add_decayed_weights(cfg.arch_weight_decay),
-            optax.adam(lr, b1=cfg.arch_b1, b2=cfg.arch_b2)]
-  return optax.chain(*parts)
+# The skip-connect dropout schedule (the optimisers and LR schedules are pcp_jax/optim.py).
 
 
 def skip_dropout_rate(rate, epoch, epochs, warmup_epochs):
@@ -325,8 +299,8 @@ def search_step(state: SearchState, batch, key, skip_rate, update_arch, spec: St
 
   Args:
     state: the SearchState.
-    batch: dict with `train_images`, `train_labels` (weight step) and `valid_images`,
-      `valid_labels` (architecture step), uint8 images; the global batch.
+    batch: {'train': (images, labels)} (weight step) and {'valid': (images, labels)}
+      (architecture step), uint8 images; the global batch.
     key: this step's key; every rng stream is derived from it.
     skip_rate: skip-connect dropout rate (traced scalar).
     update_arch: traced bool; False during the warm-up (architecture frozen; the projector
@@ -336,7 +310,7 @@ def search_step(state: SearchState, batch, key, skip_rate, update_arch, spec: St
   k_arch, k_weight = jax.random.split(key)
   if not spec.skip_dropout:
     skip_rate = None
-  images, labels = batch['valid_images'], batch['valid_labels']
+  images, labels = batch['valid']
 
   def frozen(state):
     if spec.projector_warmup and spec.ss_factor > 0:
@@ -346,46 +320,8 @@ def search_step(state: SearchState, batch, key, skip_rate, update_arch, spec: St
   state, arch_metrics = jax.lax.cond(
       update_arch, lambda st: arch_step(st, images, labels, k_arch, skip_rate, spec), frozen,
       state)
-  state, weight_metrics = weight_step(state, batch['train_images'], batch['train_labels'],
-                                      k_weight, skip_rate, spec)
+  state, weight_metrics = weight_step(state, *batch['train'], k_weight, skip_rate, spec)
   return state, dict(arch_metrics, **weight_metrics)
-
-
-def zero_sums():
-  return {name: jnp.zeros((), jnp.float32) for name in METRICS}
-
-
-def run_steps(state, sums, images, labels, order, key, skip_rate, update_arch, start, stop, *,
-              step_fn, batch_size):
-  """Runs steps `start`..`stop - 1` of an epoch in one on-device loop (no host round trips).
-
-  Step `i` takes batch `i` of the epoch's `order` and the key `fold_in(key, i)`, so running
-  an epoch in one call or in several chunks (`start`, `stop` are traced: one compile serves
-  all) gives the same result. `sums` accumulates the step metrics. The loop stops after the
-  first step whose metrics are not finite and returns its index as `bad_step` (else -1).
-
-  Returns:
-    (state, sums, bad_step).
-  """
-
-  def cond(carry):
-    i, _, _, bad = carry
-    return (i < stop) & (bad < 0)
-
-  def body(carry):
-    i, state, sums, bad = carry
-    t_idx = jax.lax.dynamic_slice_in_dim(order['train'], i * batch_size, batch_size)
-    v_idx = jax.lax.dynamic_slice_in_dim(order['valid'], i * batch_size, batch_size)
-    batch = {'train_images': images['train'][t_idx], 'train_labels': labels['train'][t_idx],
-             'valid_images': images['valid'][v_idx], 'valid_labels': labels['valid'][v_idx]}
-    state, metrics = step_fn(state, batch, jax.random.fold_in(key, i), skip_rate, update_arch)
-    finite = jnp.all(jnp.stack([jnp.isfinite(metrics[name]) for name in METRICS]))
-    sums = {name: sums[name] + metrics[name] for name in METRICS}
-    return i + 1, state, sums, jnp.where(finite, bad, i)
-
-  _, state, sums, bad = jax.lax.while_loop(
-      cond, body, (jnp.asarray(start, jnp.int32), state, sums, jnp.int32(-1)))
-  return state, sums, bad
 
 
 def evaluate_batch(variables, images, labels, mask, key, *, model, mean, std):
@@ -393,27 +329,32 @@ def evaluate_batch(variables, images, labels, mask, key, *, model, mean, std):
   x = augment.normalize(augment.to_float(images), mean, std)
   logits, _ = model.apply(variables, x, train=False, rngs={'channels': key})
   ce = optax.softmax_cross_entropy_with_integer_labels(ops.upcast(logits), labels)
-  correct = (jnp.argmax(logits, -1) == labels)
-  return jnp.sum(ce * mask), jnp.sum(correct * mask)
+  correct = jnp.argmax(logits, -1) == labels
+  return {'loss': jnp.sum(ce * mask), 'accuracy': jnp.sum(correct * mask)}
 
 
-def evaluate(eval_fn, variables, images, labels, batch_size, key):
-  """Mean CE and accuracy over a device-resident split, with a padded last batch."""
-  n = images.shape[0]
-  total_loss, total_correct = 0.0, 0
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    mask = jnp.asarray(idx < n, jnp.float32)
-    idx = jnp.asarray(np.minimum(idx, n - 1))
-    loss, correct = eval_fn(variables, images[idx], labels[idx], mask,
-                            jax.random.fold_in(key, start))
-    total_loss += loss
-    total_correct += correct
-  return float(total_loss) / n, float(total_correct) / n
+def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std, skip_dropout=True):
+  """(chunk_fn, eval_fn): the jitted data-parallel `loop.run_steps` of a stage's search step
+  and its evaluation.
+
+  chunk_fn(state, sums, images, labels, order, key, (skip_rate, update_arch), start, stop)
+  donates `state` and `sums`; `images`, `labels`, `order` are {'train', 'valid'} dicts; all
+  arguments are replicated over `mesh`; both are compiled at their first call
+  (`parallel.CompiledOnFirstCall`), so later calls must pass the same shapes, types and
+  shardings. `skip_dropout` False (a stage whose skip-dropout rate is 0) leaves the masks
+  out (see `search_step`).
+  """
+  spec = StepSpec.from_config(cfg, model, projector, optimizers, mean, std, mesh.size,
+                              skip_dropout)
+  chunk = functools.partial(loop.run_steps, step_fn=functools.partial(search_step, spec=spec),
+                            batch_size=cfg.batch_size)
+  chunk_fn = jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1))
+  eval_fn = jax.jit(functools.partial(evaluate_batch, model=model, mean=mean, std=std))
+  return parallel.CompiledOnFirstCall(chunk_fn), parallel.CompiledOnFirstCall(eval_fn)
 
 
 # ---------------------------------------------------------------------------
-# The search driver.
+# A stage's networks, optimisers and state.
 
 BT_SCALES = ('none', 'dim', 'balance')
 
@@ -438,6 +379,8 @@ def check_config(config):
   if cfg.partial_k < 1 or cfg.channels % cfg.partial_k:
     raise ValueError(f'search.partial_k must be >= 1 and divide search.channels '
                      f'({cfg.channels}), got {cfg.partial_k}.')
+  for name in ('weights', 'arch', 'projector'):
+    optim.check(cfg.optim[name], f'search.optim.{name}')
   if not cfg.stages:
     raise ValueError('search.stages must list at least one stage.')
   unknown = set(cfg.initial_ops) - set(genotypes.PRIMITIVES)
@@ -460,34 +403,33 @@ def check_config(config):
     ops_on = stage.num_keep
   if cfg.batch_size < 2:
     raise ValueError(f'search.batch_size must be >= 2, got {cfg.batch_size}.')
+  if cfg.eval_batch_size < 1:
+    raise ValueError(f'search.eval_batch_size must be >= 1, got {cfg.eval_batch_size}.')
+  if cfg.log_every_steps < 0:
+    raise ValueError(f'search.log_every_steps must be >= 0, got {cfg.log_every_steps}.')
 
 
-def _host(tree):
-  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-def _initial_switches(initial_ops):
+def initial_switches(initial_ops) -> np.ndarray:
+  """(14, 8) booleans: the ops of `initial_ops` on every edge."""
   switches = np.zeros((genotypes.NUM_EDGES, genotypes.NUM_OPS), bool)
   switches[:, [genotypes.PRIMITIVES.index(op) for op in initial_ops]] = True
   return switches
 
 
-def _cap(images, labels, n):
-  return (images[:n], labels[:n]) if n else (images, labels)
-
-
-def build_stage(cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch, key,
-                num_devices=1, op_impl='auto'):
-  """A fresh supernet over the ops still on, its projector, optimisers and initial state."""
+def stage_pieces(cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch,
+                 num_devices=1, op_impl='auto'):
+  """(model, projector, init, lr_schedule, optimizers) of a stage: a fresh supernet over the
+  ops still on, its Barlow Twins projector, `init(key) -> SearchState` (not jitted) and the
+  (weights, arch, projector) optimisers."""
   model = supernet.SearchNetwork(
       num_classes=num_classes, channels=cfg.channels, layers=layers,
       partial_k=cfg.partial_k, channel_mode=cfg.channel_mode, use_betas=cfg.use_betas,
       switches_normal=genotypes.switches_to_tuple(switches['normal']),
       switches_reduce=genotypes.switches_to_tuple(switches['reduce']),
       bn_axis_name=parallel.axis_name(num_devices), op_impl=op_impl)
-  tx_weights, lr_schedule = weight_optimizer(cfg, epochs, steps_per_epoch)
-  tx_arch = arch_optimizer(cfg, cfg.arch_lr)
-  tx_projector = arch_optimizer(cfg, cfg.projector_lr)
+  tx_weights, lr_schedule = optim.make(cfg.optim.weights, epochs, steps_per_epoch)
+  tx_arch, _ = optim.make(cfg.optim.arch)
+  tx_projector, _ = optim.make(cfg.optim.projector)
   projector = heads.Projector(tuple(cfg.projector_sizes),
                               bn_axis_name=parallel.axis_name(num_devices))
 
@@ -506,78 +448,232 @@ def build_stage(cfg, layers, epochs, switches, num_classes, image_shape, steps_p
         arch_opt=tx_arch.init(variables['arch']),
         projector_opt=tx_projector.init(proj_vars['params']) if proj_vars else ())
 
-  state = parallel.run_once(init, key)
-  return model, projector, state, lr_schedule, (tx_weights, tx_arch, tx_projector)
+  return model, projector, init, lr_schedule, (tx_weights, tx_arch, tx_projector)
 
 
-def make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std, skip_dropout=True):
-  """(chunk_fn, eval_fn): the jitted data-parallel `run_steps` of a stage and its evaluation.
-
-  chunk_fn(state, sums, images, labels, order, key, skip_rate, update_arch, start, stop)
-  donates `state` and `sums`; all arguments are replicated over `mesh`; both are compiled at
-  their first call (`parallel.CompiledOnFirstCall`), so later calls must pass the same
-  shapes, types and shardings. `skip_dropout` False (a stage whose skip-dropout rate is 0)
-  leaves the masks out (see `search_step`).
-  """
-  spec = StepSpec.from_config(cfg, model, projector, optimizers, mean, std, mesh.size,
-                              skip_dropout)
-  step_fn = functools.partial(search_step, spec=spec)
-  chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=cfg.batch_size)
-  chunk_fn = jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1))
-  eval_fn = jax.jit(functools.partial(evaluate_batch, model=model, mean=mean, std=std))
-  # Compiled ahead of their first runs, the compiler's leftovers trimmed (host memory).
-  return parallel.CompiledOnFirstCall(chunk_fn), parallel.CompiledOnFirstCall(eval_fn)
+def build_stage(cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch, key,
+                num_devices=1, op_impl='auto'):
+  """`stage_pieces` with the stage's initial state computed from `key`: (model, projector,
+  state, lr_schedule, optimizers)."""
+  model, projector, init, lr_schedule, optimizers = stage_pieces(
+      cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch, num_devices,
+      op_impl)
+  return model, projector, parallel.run_once(init, key), lr_schedule, optimizers
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints and resumption.
+# The search driver: restore or start, run each stage on `loop`, finish.
 
 # Config fields that may differ between a run and its resumption (everything else must match).
-_FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
-                   'data.download')
+FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
+                  'data.download', 'search.log_every_steps', 'method')
 
 
-def run_fingerprint(config) -> dict:
-  """The flattened config fields a search checkpoint must agree with to be resumed."""
-  flat = {}
-
-  def visit(prefix, value):
-    if isinstance(value, dict):
-      for k, v in value.items():
-        visit(f'{prefix}{k}.', v)
-    elif isinstance(value, list):
-      for i, v in enumerate(value):
-        visit(f'{prefix}{i}.', v)
-    else:
-      flat[prefix[:-1]] = value
-
-  visit('', json.loads(config.to_json_best_effort()))
-  return {k: v for k, v in flat.items() if not k.startswith(_FREE_ON_RESUME)}
+def _host(tree):
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
-def _check_fingerprint(saved: dict, current: dict, directory: str) -> None:
-  changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-  if changed:
-    details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed[:5])
-    raise checkpoint.IncompatibleCheckpoint(
-        f'The search checkpoints in {directory} belong to a different configuration '
-        f'({details}). Rerun with the same config to resume, or use a new workdir.')
+@dataclasses.dataclass
+class _Search:
+  """What every part of one search shares."""
+  config: Any
+  workdir: str
+  mesh: Any
+  info: data_lib.DatasetInfo
+  images: dict  # {'train', 'valid'}: on every device
+  labels: dict
+  sizes: dict  # images per split
+  steps: int  # per epoch
+  offsets: list  # global step of each stage's first step
+  root: Any  # the run's key
+  main_process: bool
+
+  @property
+  def cfg(self):
+    return self.config.search
+
+  def stage_key(self, s):
+    # (init, steps, order, eval) keys of stage s.
+    return jax.random.split(jax.random.fold_in(self.root, s), 4)
+
+  def pieces(self, s, switches):
+    stage = self.cfg.stages[s]
+    return stage_pieces(self.cfg, stage.layers, stage.epochs, switches, self.info.num_classes,
+                        self.sizes['shape'], self.steps, self.mesh.size,
+                        self.config.get('op_impl', 'auto'))
+
+  def path(self, name):
+    return os.path.join(self.workdir, name)
 
 
-def _keep_metric_rows(path: str, stage: int, epoch: int) -> None:
-  """Drops the metric rows after epoch `epoch` (completed) of stage index `stage`."""
-  rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      rows = [line for line in f if line.strip() and
-              (json.loads(line)['stage'] - 1, json.loads(line)['epoch']) <= (stage, epoch)]
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(rows)
-  os.replace(path + '.tmp', path)
+def _switches_from(meta):
+  return {c: np.asarray(meta[f'switches_{c}'], bool) for c in ('normal', 'reduce')}
 
 
-# ---------------------------------------------------------------------------
-# The search driver.
+def _prepare(config, workdir) -> _Search:
+  cfg = config.search
+  mesh = parallel.make_mesh(config.num_devices)
+  parallel.check_batch(cfg.batch_size, mesh.size, 'search.batch_size')
+  os.makedirs(workdir, exist_ok=True)
+  (w_x, w_y), (a_x, a_y), info = data_lib.search_splits(config)
+  steps = min(len(w_x), len(a_x)) // cfg.batch_size
+  if steps < 1:
+    raise ValueError(f'search.batch_size ({cfg.batch_size}) is larger than the search '
+                     f'splits ({len(w_x)} / {len(a_x)} images).')
+  images = parallel.replicate({'train': w_x, 'valid': a_x}, mesh)
+  labels = parallel.replicate({'train': w_y.astype(np.int32), 'valid': a_y.astype(np.int32)},
+                              mesh)
+  offsets = np.cumsum([0] + [st.epochs * steps for st in cfg.stages]).tolist()
+  logging.info('Search %s on %s: %d + %d images, %d steps per epoch, %d stage(s), %d '
+               'device(s).', config.get('method', 'search'), info.name, len(w_x), len(a_x),
+               steps, len(cfg.stages), mesh.size)
+  return _Search(config=config, workdir=workdir, mesh=mesh, info=info, images=images,
+                 labels=labels, sizes={'train': len(w_x), 'valid': len(a_x),
+                                       'shape': w_x.shape[1:]},
+                 steps=steps, offsets=offsets, root=jax.random.PRNGKey(config.seed),
+                 main_process=parallel.is_main_process())
+
+
+def _restore_or_start(run: _Search, ckpt):
+  """(stage, epoch, step, switches, tree or None, elapsed) to go on from."""
+
+  def template(meta):
+    init = run.pieces(meta['phase'], _switches_from(meta))[2]
+    shapes = jax.eval_shape(init, run.stage_key(meta['phase'])[0])
+    return {'state': loop.zeros_like_shapes(shapes),
+            'sums': loop.zeros_like_shapes(loop.zero_sums(METRICS))}
+
+  restored = loop.restore(ckpt, template, loop.fingerprint(run.config, FREE_ON_RESUME),
+                          'search')
+  if restored is None:
+    switches = {c: initial_switches(run.cfg.initial_ops) for c in ('normal', 'reduce')}
+    return 0, 0, 0, switches, None, 0.0
+  ckpt_step, tree, meta = restored
+  logging.info('Resuming the search from checkpoint %d: stage %d, epoch %d, step %d.',
+               ckpt_step, meta['phase'] + 1, meta['epoch'] + 1, meta['step'])
+  return (meta['phase'], meta['epoch'], meta['step'], _switches_from(meta), tree,
+          meta['elapsed_seconds'])
+
+
+def arch_weights(arch, switches, use_betas) -> dict:
+  """Softmaxed alphas ((14, 8), 0 for ops off) and edge-normalised betas (14) of both cells,
+  as lists: one row of `arch_history.jsonl`."""
+  row = {'primitives': list(genotypes.PRIMITIVES)}
+  for cell in ('normal', 'reduce'):
+    row[f'alphas_{cell}'] = genotypes.edge_softmax(
+        np.asarray(arch[f'alphas_{cell}']), switches[cell]).round(6).tolist()
+    betas = (genotypes.node_softmax(np.asarray(arch[f'betas_{cell}'])) if use_betas
+             else np.ones(genotypes.NUM_EDGES))
+    row[f'betas_{cell}'] = np.asarray(betas).round(6).tolist()
+    row[f'switches_{cell}'] = switches[cell].tolist()
+  return row
+
+
+def _run_stage(run: _Search, driver: loop.Run, history: loop.Rows, s, switches, tree,
+               epoch, step):
+  """Runs stage `s` from (epoch, step), from the restored `tree` or a fresh state; returns
+  the final state on the host's view (replicated)."""
+  cfg, stage = run.cfg, run.cfg.stages[s]
+  k_init, k_steps, k_order, k_eval = run.stage_key(s)
+  t_compile = time.time()
+  model, projector, init, lr_schedule, optimizers = run.pieces(s, switches)
+  state = tree['state'] if tree is not None else parallel.run_once(init, k_init)
+  state = parallel.replicate(state, run.mesh)
+  sums = parallel.replicate(tree['sums'], run.mesh) if tree is not None and step else None
+  chunk_fn, eval_fn = make_stage_fns(cfg, model, projector, optimizers, run.mesh,
+                                     run.info.mean, run.info.std,
+                                     skip_dropout=stage.skip_dropout > 0)
+  n_ops = int(switches['normal'][0].sum())
+  logging.info('Stage %d/%d: %d cells, %d ops per edge, %d epochs (%d warm-up).', s + 1,
+               len(cfg.stages), stage.layers, n_ops, stage.epochs, stage.warmup_epochs)
+  epoch_args = {}
+
+  def skip_rate(e):
+    return skip_dropout_rate(stage.skip_dropout, e, stage.epochs, stage.warmup_epochs)
+
+  def run_chunk(state, sums, e, start, stop):
+    if e not in epoch_args:
+      k_o = jax.random.fold_in(k_order, e)
+      order = {split: jax.random.permutation(jax.random.fold_in(k_o, i), run.sizes[split])
+               for i, split in enumerate(('train', 'valid'))}
+      epoch_args.clear()
+      epoch_args[e] = (parallel.replicate(order, run.mesh), jax.random.fold_in(k_steps, e),
+                       (jnp.float32(skip_rate(e)), jnp.bool_(e >= stage.warmup_epochs)))
+    order, key, hparams = epoch_args[e]
+    return chunk_fn(state, sums, run.images, run.labels, order, key, hparams,
+                    jnp.int32(start), jnp.int32(stop))
+
+  def genotype_of(arch):
+    return genotypes.derive_genotype(arch, cfg.use_betas, switches['normal'],
+                                     switches['reduce'])
+
+  def end_epoch(state, means, e):
+    valid = loop.evaluate(eval_fn, {'params': state.params, 'arch': state.arch,
+                                    'batch_stats': state.batch_stats},
+                          run.images['valid'], run.labels['valid'], cfg.eval_batch_size, k_eval)
+    arch = _host(state.arch)
+    global_step = run.offsets[s] + (e + 1) * run.steps
+    weights = arch_weights(arch, switches, cfg.use_betas)
+    history.append(dict(stage=s + 1, epoch=e + 1, step=global_step, **weights))
+    driver.scalars.write_arch(global_step, weights)
+    row = dict(stage=s + 1, epoch=e + 1, layers=stage.layers, ops_per_edge=n_ops, **means,
+               valid_loss=valid['loss'], valid_acc=valid['accuracy'],
+               lr=float(lr_schedule(e * run.steps)), skip_dropout=skip_rate(e),
+               arch_frozen=e < stage.warmup_epochs, genotype=genotypes.to_dict(genotype_of(arch)))
+    if e == 0:
+      row['compile_and_first_epoch_seconds'] = time.time() - t_compile
+    return row
+
+  def log_row(row):
+    logging.info(
+        'stage %d/%d epoch %d/%d: train CE %.4f acc %.4f | valid CE %.4f acc %.4f | '
+        'arch loss %.4f (CE %.4f, BT %.4f; |grad| CE %.2e BT %.2e cos %.3f)%s | '
+        'lr %.5f skip-drop %.3f | %.1fs', s + 1, len(cfg.stages), row['epoch'], stage.epochs,
+        row['train_loss'], row['train_acc'], row['valid_loss'], row['valid_acc'],
+        row['arch_loss'], row['arch_ce'], row['arch_bt'], row['arch_ce_grad_norm'],
+        row['arch_bt_grad_norm'], row['arch_grad_cosine'],
+        ' [arch frozen]' if row['arch_frozen'] else '', row['lr'], row['skip_dropout'],
+        row['epoch_seconds'])
+
+  def save_meta(state, e, st):
+    genotype = genotypes.to_dict(genotype_of(_host(state.arch)))
+    if run.main_process:
+      checkpoint.write_json(run.path('genotype_latest.json'),
+                            dict(genotype, stage=s + 1, epoch=e, step=st))
+    return {'steps_per_epoch': run.steps, 'switches_normal': switches['normal'].tolist(),
+            'switches_reduce': switches['reduce'].tolist(), 'genotype': genotype}
+
+  phase = loop.Phase(name=f'stage {s + 1}/{len(cfg.stages)}', index=s,
+                     num_phases=len(cfg.stages), epochs=stage.epochs,
+                     steps_per_epoch=run.steps, first_step=run.offsets[s],
+                     metric_names=METRICS, run_chunk=run_chunk, end_epoch=end_epoch,
+                     save_meta=save_meta, log_row=log_row)
+  return loop.run_phase(driver, phase, state, epoch, step, sums)
+
+
+def _finish(run: _Search, arch, switches, hours):
+  """Writes genotype.json, arch.npz, the cell diagrams and search_summary.json."""
+  cfg = run.cfg
+  max_skip = cfg.max_skip_normal if cfg.max_skip_normal >= 0 else None
+  genotype = genotypes.derive_genotype(arch, cfg.use_betas, switches['normal'],
+                                       switches['reduce'], max_skip_normal=max_skip)
+  device = jax.devices()[0]
+  if run.main_process:
+    genotypes.save(genotype, run.path('genotype.json'))
+    np.savez(run.path('arch.npz'), **arch, switches_normal=switches['normal'],
+             switches_reduce=switches['reduce'])
+    reports.plot_genotype(genotype, run.workdir)
+    checkpoint.write_json(run.path('search_summary.json'), {
+        'method': run.config.get('method', 'search'), 'dataset': run.info.name,
+        'seed': run.config.seed, 'ss_factor': cfg.ss_factor, 'bt_scale': cfg.bt_scale,
+        'genotype': genotypes.to_dict(genotype),
+        'search_cost_hours': hours, 'search_cost_days': hours / 24,
+        'device_count': run.mesh.size, 'process_count': jax.process_count(),
+        'platform': device.platform, 'device_kind': device.device_kind})
+  unit = device.platform.upper() if device.platform != 'gpu' else 'GPU'
+  logging.info('Search done in %.3f %s-hours (%.4f %s-days). Genotype: %s', hours, unit,
+               hours / 24, unit, genotype)
+  return genotype
 
 
 def search(config, workdir):
@@ -586,207 +682,37 @@ def search(config, workdir):
   Checkpoints (`workdir/search_checkpoints`) are written every `config.checkpoint.every_steps`
   steps and at the end of every epoch; rerunning the same config on the same workdir resumes
   from the newest checkpoint that restores and finishes with the same genotype and
-  architecture weights as an uninterrupted run. Ctrl-C saves and stops; a non-finite loss
-  stops with the step named, keeping the last good checkpoint.
+  architecture weights as an uninterrupted run (`loop`: signals, non-finite losses).
   """
   check_config(config)
-  cfg = config.search
-  mesh = parallel.make_mesh(config.num_devices)
-  parallel.check_batch(cfg.batch_size, mesh.size, 'search.batch_size')
-  main_process = parallel.is_main_process()
-  os.makedirs(workdir, exist_ok=True)
-  dataset = data_lib.load_dataset(
-      config.data.dataset, config.data.source, config.data.dir or None,
-      config.data.download, config.data.pad_to_32)
-  info = dataset.info
-  train_images, train_labels = _cap(dataset.train_images, dataset.train_labels,
-                                    config.data.max_train)
-  (w_x, w_y), (a_x, a_y) = data_lib.search_split(train_images, train_labels,
-                                                  config.data.train_portion)
-  images = parallel.replicate({'train': w_x, 'valid': a_x}, mesh)
-  labels = parallel.replicate({'train': w_y.astype(np.int32), 'valid': a_y.astype(np.int32)},
-                              mesh)
-  steps = min(len(w_x), len(a_x)) // cfg.batch_size
-  if steps < 1:
-    raise ValueError(f'search.batch_size ({cfg.batch_size}) is larger than the search '
-                     f'splits ({len(w_x)} / {len(a_x)} images).')
-  image_shape = train_images.shape[1:]
-  mean, std = info.mean, info.std
-  method = config.get('method', 'search')
-  every = config.checkpoint.every_steps
-  logging.info('Search %s on %s: %d + %d images, %d steps per epoch, %d stage(s), %d '
-               'device(s).', method, info.name, len(w_x), len(a_x), steps, len(cfg.stages),
-               mesh.size)
-
-  root = jax.random.PRNGKey(config.seed)
-  fingerprint = run_fingerprint(config)
-  # Global step counter of the whole search (checkpoint numbers): stage offsets.
-  offsets = np.cumsum([0] + [st.epochs * steps for st in cfg.stages]).tolist()
-  setups = {}
-
-  def stage_setup(s, switches):
-    key = (s, switches['normal'].tobytes(), switches['reduce'].tobytes())
-    if key not in setups:
-      setups.clear()
-      stage = cfg.stages[s]
-      k_init = jax.random.split(jax.random.fold_in(root, s), 4)[0]
-      setups[key] = build_stage(cfg, stage.layers, stage.epochs, switches, info.num_classes,
-                                image_shape, steps, k_init, mesh.size,
-                                config.get('op_impl', 'auto'))
-    return setups[key]
-
-  def template(meta):
-    _check_fingerprint(meta.get('config', {}), fingerprint, ckpt.directory)
-    switches = {c: np.asarray(meta[f'switches_{c}'], bool) for c in ('normal', 'reduce')}
-    return {'state': stage_setup(meta['stage'], switches)[2], 'sums': zero_sums()}
-
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'search_checkpoints'),
-                                 config.checkpoint.max_to_keep)
-  restored = ckpt.restore_latest(template)
-  metrics_path = os.path.join(workdir, 'search_metrics.jsonl')
-  if restored is None:
-    first_stage, first_epoch, first_step, elapsed, sums0 = 0, 0, 0, 0.0, None
-    switches = {'normal': _initial_switches(cfg.initial_ops),
-                'reduce': _initial_switches(cfg.initial_ops)}
-    restored_state = None
-  else:
-    ckpt_step, tree, meta = restored
-    first_stage, first_epoch, first_step = meta['stage'], meta['epoch'], meta['step']
-    elapsed, sums0, restored_state = meta['elapsed_seconds'], tree['sums'], tree['state']
-    switches = {c: np.asarray(meta[f'switches_{c}'], bool) for c in ('normal', 'reduce')}
-    logging.info('Resuming the search from checkpoint %d: stage %d, epoch %d, step %d.',
-                 ckpt_step, first_stage + 1, first_epoch + 1, first_step)
-  if main_process:
-    _keep_metric_rows(metrics_path, first_stage, first_epoch)
-
-  session_start = time.time()
-
-  def save(s, epoch, step, state, sums, genotype):
-    meta = {'stage': s, 'epoch': epoch, 'step': step, 'steps_per_epoch': steps,
-            'switches_normal': switches['normal'].tolist(),
-            'switches_reduce': switches['reduce'].tolist(),
-            'elapsed_seconds': elapsed + time.time() - session_start,
-            'genotype': genotypes.to_dict(genotype), 'config': fingerprint}
-    ckpt.save(offsets[s] + epoch * steps + step, {'state': state, 'sums': sums}, meta)
-    if main_process:
-      checkpoint.write_json(os.path.join(workdir, 'genotype_latest.json'),
-                            dict(meta['genotype'], stage=s + 1, epoch=epoch, step=step))
-
-  def current_genotype(arch):
-    return genotypes.derive_genotype(arch, cfg.use_betas, switches['normal'],
-                                     switches['reduce'])
-
-  arch = None
-  with checkpoint.DeferredInterrupt('the search') as interrupt:
-    for s in range(first_stage, len(cfg.stages)):
-      stage = cfg.stages[s]
-      resuming = restored_state is not None
-      stage_key = jax.random.fold_in(root, s)
-      _, k_steps, k_order, k_eval = jax.random.split(stage_key, 4)
-      t_compile = time.time()
-      model, projector, state, lr_schedule, optimizers = stage_setup(s, switches)
-      if resuming:
-        state, restored_state = restored_state, None
-      state = parallel.replicate(state, mesh)
-      chunk_fn, eval_fn = make_stage_fns(cfg, model, projector, optimizers, mesh, mean, std,
-                                         skip_dropout=stage.skip_dropout > 0)
-      n_ops = int(switches['normal'][0].sum())
-      logging.info('Stage %d/%d: %d cells, %d ops per edge, %d epochs (%d warm-up).',
-                   s + 1, len(cfg.stages), stage.layers, n_ops, stage.epochs,
-                   stage.warmup_epochs)
-      for epoch in range(first_epoch if resuming else 0, stage.epochs):
-        t_epoch = time.time()
-        skip_rate = skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs,
-                                      stage.warmup_epochs)
-        k_o = jax.random.fold_in(k_order, epoch)
-        order = parallel.replicate(
-            {'train': jax.random.permutation(jax.random.fold_in(k_o, 0), len(w_x)),
-             'valid': jax.random.permutation(jax.random.fold_in(k_o, 1), len(a_x))}, mesh)
-        lr = float(lr_schedule(epoch * steps))
-        step = first_step if resuming and epoch == first_epoch else 0
-        sums = parallel.replicate(sums0 if step else zero_sums(), mesh)
-        args = (images, labels, order, jax.random.fold_in(k_steps, epoch),
-                jnp.float32(skip_rate), jnp.bool_(epoch >= stage.warmup_epochs))
-        while step < steps:
-          stop = min(steps, step + every) if every > 0 else steps
-          state, sums, bad = chunk_fn(state, sums, *args, jnp.int32(step), jnp.int32(stop))
-          bad = int(bad)
-          if bad >= 0:
-            last = ckpt.latest_step()
-            raise FloatingPointError(
-                f'The search stopped: a loss became NaN or infinite at stage {s + 1}, epoch '
-                f'{epoch + 1}, step {bad + 1} of {steps} (search step '
-                f'{offsets[s] + epoch * steps + bad + 1}). '
-                + (f'The last good checkpoint (step {last}) is kept in {ckpt.directory}. '
-                   if last is not None else 'No checkpoint was written before it. ')
-                + 'Lower search.lr or search.arch_lr (in a new workdir).')
-          step = stop
-          if step < steps and (every > 0 or interrupt.requested):
-            save(s, epoch, step, state, sums, current_genotype(_host(state.arch)))
-          if interrupt.requested and step < steps:
-            raise KeyboardInterrupt(f'Search interrupted; saved in {ckpt.directory}. Rerun '
-                                    'the same command to resume.')
-        train_metrics = {k: float(v) / steps for k, v in _host(sums).items()}
-        valid_loss, valid_acc = evaluate(
-            eval_fn, {'params': state.params, 'arch': state.arch,
-                      'batch_stats': state.batch_stats},
-            images['valid'], labels['valid'], cfg.eval_batch_size, k_eval)
-        arch = _host(state.arch)
-        genotype = current_genotype(arch)
-        row = dict(stage=s + 1, epoch=epoch + 1, layers=stage.layers, ops_per_edge=n_ops,
-                   **train_metrics, valid_loss=valid_loss, valid_acc=valid_acc, lr=lr,
-                   skip_dropout=skip_rate, arch_frozen=epoch < stage.warmup_epochs,
-                   epoch_seconds=time.time() - t_epoch,
-                   elapsed_seconds=elapsed + time.time() - session_start,
-                   genotype=genotypes.to_dict(genotype))
-        if epoch == 0:
-          row['compile_and_first_epoch_seconds'] = time.time() - t_compile
-        if main_process:
-          with open(metrics_path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
-        logging.info(
-            'stage %d/%d epoch %d/%d: train CE %.4f acc %.4f | valid CE %.4f acc %.4f | '
-            'arch loss %.4f (CE %.4f, BT %.4f; |grad| CE %.2e BT %.2e cos %.3f)%s | '
-            'lr %.5f skip-drop %.3f | %.1fs',
-            s + 1, len(cfg.stages), epoch + 1, stage.epochs, row['train_loss'],
-            row['train_acc'], valid_loss, valid_acc, row['arch_loss'], row['arch_ce'],
-            row['arch_bt'], row['arch_ce_grad_norm'], row['arch_bt_grad_norm'],
-            row['arch_grad_cosine'], ' [arch frozen]' if row['arch_frozen'] else '', lr,
-            skip_rate,
-            row['epoch_seconds'])
-        save(s, epoch + 1, 0, state, sums, genotype)
-        if interrupt.requested:
-          raise KeyboardInterrupt(f'Search interrupted; saved in {ckpt.directory}. Rerun '
-                                  'the same command to resume.')
+  run = _prepare(config, workdir)
+  ckpt = checkpoint.Checkpointer(run.path('search_checkpoints'), config.checkpoint.max_to_keep)
+  first_stage, epoch, step, switches, tree, elapsed = _restore_or_start(run, ckpt)
+  resume_step = run.offsets[first_stage] + epoch * run.steps + step
+  rows = loop.Rows(run.path('search_metrics.jsonl'), run.main_process)
+  history = loop.Rows(run.path('arch_history.jsonl'), run.main_process)
+  for f in (rows, history):
+    f.keep_until(resume_step)
+  with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows, what='the search',
+                    every_steps=config.checkpoint.every_steps,
+                    log_every_steps=run.cfg.log_every_steps,
+                    meta={'config': loop.fingerprint(config, FREE_ON_RESUME)},
+                    hint='Lower search.optim.weights.lr or search.optim.arch.lr (in a new '
+                         'workdir).',
+                    total_steps=run.offsets[-1], resume_step=resume_step,
+                    resumed=tree is not None, elapsed=elapsed,
+                    place=functools.partial(parallel.replicate, mesh=run.mesh)) as driver:
+    for s in range(first_stage, len(run.cfg.stages)):
+      state = _run_stage(run, driver, history, s, switches, tree, epoch, step)
+      tree, epoch, step = None, 0, 0
       arch = _host(state.arch)
-      if main_process:
-        np.savez(os.path.join(workdir, f'arch_stage{s + 1}.npz'), **arch,
+      if run.main_process:
+        np.savez(run.path(f'arch_stage{s + 1}.npz'), **arch,
                  switches_normal=switches['normal'], switches_reduce=switches['reduce'])
-      if s < len(cfg.stages) - 1:
+      if s < len(run.cfg.stages) - 1:
         for cell in ('normal', 'reduce'):
           switches[cell] = genotypes.drop_weakest_ops(
-              arch[f'alphas_{cell}'], switches[cell], stage.num_keep)
-
-  max_skip = cfg.max_skip_normal if cfg.max_skip_normal >= 0 else None
-  genotype = genotypes.derive_genotype(arch, cfg.use_betas, switches['normal'],
-                                       switches['reduce'], max_skip_normal=max_skip)
-  hours = (elapsed + time.time() - session_start) / 3600
-  if main_process:
-    genotypes.save(genotype, os.path.join(workdir, 'genotype.json'))
-    np.savez(os.path.join(workdir, 'arch.npz'), **arch, switches_normal=switches['normal'],
-             switches_reduce=switches['reduce'])
-    reports.plot_genotype(genotype, workdir)
-    device = jax.devices()[0]
-    summary = {
-        'method': method, 'dataset': info.name, 'seed': config.seed,
-        'genotype': genotypes.to_dict(genotype),
-        'search_cost_hours': hours, 'search_cost_days': hours / 24,
-        'device_count': mesh.size, 'process_count': jax.process_count(),
-        'platform': device.platform, 'device_kind': device.device_kind,
-    }
-    checkpoint.write_json(os.path.join(workdir, 'search_summary.json'), summary)
+              arch[f'alphas_{cell}'], switches[cell], run.cfg.stages[s].num_keep)
+  genotype = _finish(run, arch, switches, driver.elapsed_seconds() / 3600)
   ckpt.close()
-  unit = 'GPU' if jax.devices()[0].platform == 'gpu' else jax.devices()[0].platform.upper()
-  logging.info('Search done in %.3f %s-hours (%.4f %s-days). Genotype: %s', hours, unit,
-               hours / 24, unit, genotype)
   return genotype

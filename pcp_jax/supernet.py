@@ -279,7 +279,7 @@ class SearchNetwork(nn.Module):
     c = self.channels
     reduction_prev = False
     for i in range(self.layers):
-      reduction = i in reduction_indices(self.layers)
+      reduction = i in genotypes.reduction_indices(self.layers)
       if reduction:
         c *= 2
       cell = SearchCell(c, reduction, reduction_prev,
@@ -292,10 +292,6 @@ class SearchNetwork(nn.Module):
     features = ops.upcast(jnp.mean(s1, axis=(1, 2)))
     logits = nn.Dense(self.num_classes, name='classifier')(features)
     return logits, features
-
-
-def reduction_indices(layers: int) -> Tuple[int, int]:
-  return (layers // 3, 2 * layers // 3)
 
 
 def init_variables(model: SearchNetwork, key, image_shape: Sequence[int], batch: int = 2):

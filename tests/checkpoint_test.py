@@ -4,7 +4,7 @@ import glob
 import logging
 import os
 
-import jax
+import chex
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -18,19 +18,13 @@ def _state(scale):
   return {'params': params, 'opt_state': optax.adam(1e-3).init(params), 'epoch': int(scale)}
 
 
-def _assert_trees_equal(a, b):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def test_round_trip_keeps_values_types_and_metadata(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
   ckpt.save(7, _state(2.0), metadata={'val_loss': 0.5, 'note': 'x'})
   step, state, metadata = checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).restore_latest(
       _state(0.0))
   assert step == 7
-  _assert_trees_equal(state, _state(2.0))
+  chex.assert_trees_all_equal(state, _state(2.0))
   assert isinstance(state['epoch'], int) and state['epoch'] == 2
   assert isinstance(state['opt_state'][0], optax.ScaleByAdamState)
   assert metadata == {'val_loss': 0.5, 'note': 'x'}
@@ -71,7 +65,7 @@ def test_damaged_latest_falls_back_to_the_previous_with_a_warning(tmp_path, capl
   with caplog.at_level(logging.WARNING):
     step, state, metadata = checkpoint.Checkpointer(str(tmp_path)).restore_latest(_state(0.0))
   assert step == 1 and metadata == {'epoch': 1}
-  _assert_trees_equal(state, _state(1.0))
+  chex.assert_trees_all_equal(state, _state(1.0))
   assert any('Checkpoint 2' in r.getMessage() for r in caplog.records)
   assert os.path.isdir(tmp_path / '1')
 
@@ -96,3 +90,23 @@ def test_empty_directory_gives_none(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'fresh'))
   assert ckpt.restore_latest(_state(0.0)) is None
   assert ckpt.latest_step() is None
+
+
+def test_arrays_that_do_not_match_their_checksum_fall_back_with_a_warning(tmp_path, caplog):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(1, _state(1.0))
+  ckpt.save(2, _state(2.0))
+  # The arrays of step 2 now differ from what its checksum says (as a flipped bit that still
+  # decodes would make them).
+  [path] = [p for p in glob.glob(str(tmp_path / '2' / '**'), recursive=True)
+            if os.path.isfile(p) and checkpoint.CHECKSUM_KEY.encode() in open(p, 'rb').read()]
+  text = open(path).read()
+  digest = checkpoint.tree_checksum(_state(2.0))
+  assert digest in text
+  with open(path, 'w') as f:
+    f.write(text.replace(digest, checkpoint.tree_checksum(_state(3.0))))
+  with caplog.at_level(logging.WARNING):
+    step, state, metadata = ckpt.restore_latest(_state(0.0))
+  assert step == 1 and state['epoch'] == 1
+  assert checkpoint.CHECKSUM_KEY not in metadata
+  assert 'Checkpoint 2' in caplog.text and 'do not match their checksum' in caplog.text

@@ -338,3 +338,13 @@ def test_real_fashion_mnist_loads():
                                 np.full(10, 6000))
   np.testing.assert_allclose(dataset.train_images.mean() / 255,
                              data.DATASETS['fashion_mnist'].mean[0], atol=1e-3)
+
+
+def test_labels_out_of_range_name_the_dataset_and_folder(tmp_path):
+  record = bytes([12]) + bytes(3072)  # label 12 in a 10-class dataset
+  folder = tmp_path / 'cifar-10-batches-bin'
+  for name in CIFAR10_FILES:
+    _write(str(folder / name), record)
+  with pytest.raises(ValueError, match=rf'labels of cifar10 \(files in {tmp_path}\) must be in '
+                     r'0\.\.9, found 12\.\.12'):
+    data.load_dataset('cifar10', data_dir=str(tmp_path))

@@ -13,7 +13,7 @@ from pcp_jax import losses
 
 
 def numpy_barlow_twins(z_a, z_b, lambd):
-  """The loss as written in REFERENCE.md section 5, in float64."""
+  """The Barlow Twins loss as its paper writes it, in float64."""
   z_a, z_b = np.asarray(z_a, np.float64), np.asarray(z_b, np.float64)
   z_a = (z_a - z_a.mean(0)) / np.sqrt(z_a.var(0) + 1e-5)
   z_b = (z_b - z_b.mean(0)) / np.sqrt(z_b.var(0) + 1e-5)

@@ -124,3 +124,94 @@ def test_single_host_script_passes_extra_flags_on(tmp_path):
       capture_output=True, text=True, timeout=240)
   assert result.returncode != 0
   assert "got 'dance'" in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line naming the field, before anything is loaded or compiled.
+
+
+def _config(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  return importlib.import_module(f'configs.{name}').get_config('tiny')
+
+
+@pytest.mark.parametrize('name, field, value, message', [
+    ('pcp', 'checkpoint.max_to_keep', 0, 'checkpoint.max_to_keep must be a whole number >= 1'),
+    ('pcp', 'search.eval_batch_size', -1, 'search.eval_batch_size must be >= 1'),
+    ('pcp', 'data.max_train', -5, 'data.max_train must be a whole number >= 0'),
+    ('pcp', 'search.batch_size', 0, 'search.batch_size must be >= 2'),
+    ('pcp', 'search.optim.arch.name', 'rmsprop', r"search.optim.arch.name must be one of"),
+    ('train_cifar10', 'train.eval_batch_size', -1, 'train.eval_batch_size must be a whole'),
+    ('train_cifar10', 'train.batch_size', 0, 'train.batch_size must be a whole number >= 1'),
+    ('train_cifar10', 'train.epochs', 0, 'train.epochs must be a whole number >= 1'),
+    ('train_cifar10', 'data.train_portion', 1.5, r'data.train_portion must be in \(0, 1\)'),
+])
+def test_bad_values_are_refused_naming_the_field(tmp_path, name, field, value, message):
+  config = _config(name)
+  section, _, leaf = field.rpartition('.')
+  node = config
+  for part in section.split('.'):
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    main.run(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')  # nothing was created
+
+
+HOLD_LOCK = r'''
+import sys, time
+from pcp_jax import checkpoint
+with checkpoint.WorkdirLock(sys.argv[1]):
+  print('locked', flush=True)
+  time.sleep(600)
+'''
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
+  from pcp_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'locked\n'
+    with pytest.raises(checkpoint.WorkdirBusy, match=rf'in use by another run \(pid {holder.pid}'):
+      main.run(_config('pcp'), str(tmp_path))
+  finally:
+    holder.kill()
+    holder.wait()
+  # A killed holder leaves its lock file, but not the lock: the next run goes ahead.
+  with checkpoint.WorkdirLock(str(tmp_path)):
+    pass
+  assert not os.path.exists(tmp_path / checkpoint.WorkdirLock.NAME)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'pcp_jax.main', '--config=configs/pcp.py:tiny',
+       f'--workdir={tmp_path}/run', '--config.checkpoint.max_to_keep=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=240)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].endswith(
+      'checkpoint.max_to_keep must be a whole number >= 1, got 0.')
+
+
+def test_search_then_train_sends_each_flag_where_it_belongs(tmp_path):
+  calls = tmp_path / 'calls.txt'
+  fake = tmp_path / 'bin' / 'python'  # stands in for the two pcp_jax.main commands
+  fake.parent.mkdir()
+  fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f'{fake.parent}{os.pathsep}{os.environ["PATH"]}')
+  subprocess.run(
+      [os.path.join(ROOT, 'launch/search_then_train.sh'), 'configs/ss_pcp.py', 'runs/x',
+       'configs/train_cifar10.py', '--config.search.optim.weights.lr=0.1',
+       '--config.train.epochs=3', '--config.fgsm.num_examples=10', '--config.seed=1'],
+      env=env, check=True, timeout=60)
+  search_call, train_call = calls.read_text().splitlines()
+  assert search_call.split() == [
+      '-m', 'pcp_jax.main', '--config=configs/ss_pcp.py', '--workdir=runs/x/search',
+      '--config.search.optim.weights.lr=0.1', '--config.seed=1']
+  assert train_call.split() == [
+      '-m', 'pcp_jax.main', '--config=configs/train_cifar10.py', '--workdir=runs/x/train',
+      '--config.genotype=runs/x/search', '--config.train.epochs=3',
+      '--config.fgsm.num_examples=10', '--config.seed=1']

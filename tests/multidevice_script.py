@@ -32,6 +32,7 @@ import numpy as np
 
 from pcp_jax import data
 from pcp_jax import genotypes
+from pcp_jax import loop
 from pcp_jax import parallel
 from pcp_jax import search
 from pcp_jax import train
@@ -105,7 +106,7 @@ def run_search(num_devices, float64=False):
   model, projector, state, _, optimizers = search.build_stage(
       cfg, 3, 2, switches, 10, SHAPE, STEPS, jax.random.PRNGKey(0), num_devices,
       op_impl='xla' if float64 else 'auto')
-  sums = search.zero_sums()
+  sums = loop.zero_sums(search.METRICS)
   if float64:
     model, state, sums = model.clone(dtype=jnp.float64), to_float64(state), to_float64(sums)
   chunk_fn, _ = search.make_stage_fns(cfg, model, projector, optimizers, mesh, MEAN, STD)
@@ -115,8 +116,8 @@ def run_search(num_devices, float64=False):
   # Two chunks, the second fed the first's outputs, as the search loop does: the chunk
   # function is compiled ahead at its first call and must take its own outputs back.
   state, sums = put(state), put(sums)
-  args = (put(images), put(labels), put(order), jax.random.PRNGKey(1), jnp.float32(0.0),
-          jnp.bool_(True))
+  args = (put(images), put(labels), put(order), jax.random.PRNGKey(1),
+          (jnp.float32(0.0), jnp.bool_(True)))
   for start, stop in ((0, STEPS // 2), (STEPS // 2, STEPS)):
     state, sums, bad = chunk_fn(state, sums, *args, jnp.int32(start), jnp.int32(stop))
     assert int(bad) == -1, 'non-finite loss'
@@ -135,7 +136,7 @@ def run_train(num_devices, float64=False):
   info = data.DatasetInfo('random', 10, TRAIN_SHAPE[0], TRAIN_SHAPE[2], MEAN, STD)
   mesh = parallel.make_mesh(num_devices)
   model = train.create_model(config, genotypes.get('PC_DARTS_cifar'), info, num_devices)
-  tx = train.make_optimizer(config.train, STEPS)
+  tx, _ = train.make_optimizer(config, STEPS)
   state = train.initial_state(model, tx, jax.random.key(2), TRAIN_SHAPE)
   if float64:
     model, state = model.clone(dtype=jnp.float64), to_float64(state)
@@ -148,7 +149,8 @@ def run_train(num_devices, float64=False):
       rng.integers(0, 256, (STEPS, BATCH) + TRAIN_SHAPE, dtype=np.uint8), mesh)
   labels = parallel.replicate(rng.integers(0, 10, (STEPS, BATCH), dtype=np.int32), mesh)
   for i in range(STEPS):
-    state, metrics = step_fn(state, images[i], labels[i], jax.random.key(3), None)
+    state, metrics = step_fn(state, images[i], labels[i],
+                             jax.random.fold_in(jax.random.key(3), i), None)
   return state, metrics
 
 

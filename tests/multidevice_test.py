@@ -1,6 +1,6 @@
 """Data parallelism on 2 forced CPU devices, in its own process (see multidevice_script.py).
 
-XLA's CPU all-reduce can deadlock and abort when the machine is busy (ENVIRONMENT.md), so the
+XLA's CPU all-reduce can deadlock and abort when the machine is busy, so the
 script runs alone in a subprocess with a timeout, and a run that dies without a failed check
 (a hang or an abort, not an AssertionError) is retried once.
 """

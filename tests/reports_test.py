@@ -1,4 +1,4 @@
-"""Tests of the cell diagrams and the results table."""
+"""Tests of the cell diagrams, the paper's Table II and the FGSM overlay."""
 
 import collections
 import csv
@@ -90,51 +90,73 @@ def fake_runs(tmp_path):
   ]
 
 
-def test_results_table_rows(tmp_path):
-  rows = reports.results_table(fake_runs(tmp_path))
+def test_paper_table_rows_sorted_by_method(tmp_path):
+  columns, rows = reports.paper_table(fake_runs(tmp_path))
+  # No search folders: the cost is results.json's search_cost_days, of an unknown platform.
+  assert columns == ['Method', 'Test error (%)', 'Last-epoch error (%)', 'Params (M)',
+                     'Search cost (device-days)', 'Search method', 'n', 'Dataset']
   assert [row['Method'] for row in rows] == ['P-DARTS', 'PC-DARTS', 'SS PCP-DARTS (ssf=1)']
   assert rows[2] == {'Method': 'SS PCP-DARTS (ssf=1)', 'Test error (%)': '3.28',
                      'Last-epoch error (%)': '3.49', 'Params (M)': '4.21',
-                     'Search cost (GPU-days)': '0.195',
-                     'Dataset': 'cifar10'}
+                     'Search cost (device-days)': '0.195', 'Search method': 'gradient-based',
+                     'n': '1', 'Dataset': 'cifar10'}
   assert rows[1]['Test error (%)'] == '2.57' and rows[1]['Params (M)'] == '3.63'
-  assert rows[0]['Search cost (GPU-days)'] == rows[1]['Search cost (GPU-days)'] == '-'
+  assert rows[0]['Last-epoch error (%)'] == rows[1]['Last-epoch error (%)'] == '-'
+  assert rows[0]['Search cost (device-days)'] == rows[1]['Search cost (device-days)'] == '-'
 
 
-def test_write_results_table_markdown_and_csv(tmp_path):
-  md_path, csv_path = reports.write_results_table(fake_runs(tmp_path),
-                                                  str(tmp_path / 'tables' / 'table2'))
-  assert md_path.endswith('table2.md') and csv_path.endswith('table2.csv')
-  lines = open(md_path).read().splitlines()
+def test_write_paper_table_markdown_and_csv(tmp_path):
+  md_path, csv_path = reports.write_paper_table(fake_runs(tmp_path), str(tmp_path / 'tables'))
+  assert md_path == str(tmp_path / 'tables' / 'table2.md')
+  assert csv_path == str(tmp_path / 'tables' / 'table2.csv')
+  lines = open(md_path, encoding='utf-8').read().splitlines()
   assert lines[0] == ('| Method | Test error (%) | Last-epoch error (%) | Params (M) '
-                      '| Search cost (GPU-days) | Dataset |')
-  assert lines[1].count('|') == 7 and set(lines[1]) <= set('|:-')
-  assert lines[2:] == [
-      '| P-DARTS | 2.71 | - | 3.43 | - | cifar10 |',
-      '| PC-DARTS | 2.57 | - | 3.63 | - | cifar10 |',
-      '| SS PCP-DARTS (ssf=1) | 3.28 | 3.49 | 4.21 | 0.195 | cifar10 |',
+                      '| Search cost (device-days) | Search method | n | Dataset |')
+  assert lines[1].count('|') == 9 and set(lines[1]) <= set('|:-')
+  assert lines[2:5] == [
+      '| P-DARTS | 2.71 | - | 3.43 | - | gradient-based | 1 | cifar10 |',
+      '| PC-DARTS | 2.57 | - | 3.63 | - | gradient-based | 1 | cifar10 |',
+      '| SS PCP-DARTS (ssf=1) | 3.28 | 3.49 | 4.21 | 0.195 | gradient-based | 1 | cifar10 |',
   ]
-  with open(csv_path, newline='') as f:
+  with open(csv_path, newline='', encoding='utf-8') as f:
     records = list(csv.reader(f))
-  assert records[0] == list(reports.COLUMNS)
+  assert records[0] == lines[0].strip('| ').split(' | ')
   assert records[1:] == [
-      ['P-DARTS', '2.71', '-', '3.43', '-', 'cifar10'],
-      ['PC-DARTS', '2.57', '-', '3.63', '-', 'cifar10'],
-      ['SS PCP-DARTS (ssf=1)', '3.28', '3.49', '4.21', '0.195', 'cifar10'],
+      ['P-DARTS', '2.71', '-', '3.43', '-', 'gradient-based', '1', 'cifar10'],
+      ['PC-DARTS', '2.57', '-', '3.63', '-', 'gradient-based', '1', 'cifar10'],
+      ['SS PCP-DARTS (ssf=1)', '3.28', '3.49', '4.21', '0.195', 'gradient-based', '1',
+       'cifar10'],
   ]
 
 
-def test_results_table_names_the_folder_without_results(tmp_path):
+def test_paper_table_names_the_folder_without_results(tmp_path):
   runs = fake_runs(tmp_path)
   (tmp_path / 'crashed_run').mkdir()
   with pytest.raises(FileNotFoundError, match='crashed_run'):
-    reports.results_table(runs + [str(tmp_path / 'crashed_run')])
+    reports.paper_table(runs + [str(tmp_path / 'crashed_run')])
 
 
-def test_results_table_rejects_a_percentage_accuracy(tmp_path):
-  run = write_run(tmp_path, 'percent', test_accuracy=97.2, params=1, dataset='cifar10')
-  with pytest.raises(ValueError, match='fraction'):
-    reports.results_table([run])
+@pytest.mark.parametrize('results, message', [
+    ({'test_accuracy': 97.2, 'params': 1, 'dataset': 'cifar10'}, 'test_accuracy must be a fraction'),
+    ({'test_accuracy': 0.97, 'last_test_accuracy': 96.5, 'params': 1, 'dataset': 'cifar10'},
+     'last_test_accuracy must be a fraction'),
+    ({'test_accuracy': 0.97}, r"missing the keys \['dataset', 'params'\]"),
+])
+def test_paper_table_names_the_file_of_bad_results(tmp_path, results, message):
+  run = write_run(tmp_path, 'bad', **results)
+  with pytest.raises(ValueError, match=message) as error:
+    reports.paper_table([run])
+  assert os.path.join(run, 'results.json') in str(error.value)
+  assert '\n' not in str(error.value)
+
+
+def test_paper_table_names_a_results_file_that_is_not_json(tmp_path):
+  run = tmp_path / 'truncated'
+  run.mkdir()
+  (run / 'results.json').write_text('{"test_accuracy": 0.9')
+  with pytest.raises(ValueError, match='not valid JSON') as error:
+    reports.paper_table([str(run)])
+  assert str(run / 'results.json') in str(error.value)
 
 
 # ---------------------------------------------------------------------------
@@ -154,11 +176,13 @@ def write_search(root, folder, method, ssf, hours=4.8, devices=1, platform='gpu'
   return search_dir
 
 
-def write_trained(root, folder, search_dir, accuracy, params=3_500_000, top5=None, **train):
+def write_trained(root, folder, search_dir, accuracy, params=3_500_000, top5=None, last=None,
+                  **train):
   run = write_run(root, folder, method=json.loads(
       (search_dir / 'search_summary.json').read_text())['method'], test_accuracy=accuracy,
                   params=params, dataset='cifar10', genotype_source=str(search_dir / 'genotype.json'),
-                  search_cost_days=0.2, **({'test_top5_accuracy': top5} if top5 else {}))
+                  search_cost_days=0.2, last_test_accuracy=last,
+                  **({'test_top5_accuracy': top5} if top5 else {}))
   if train:
     (root / folder / 'train_config.json').write_text(json.dumps({'seed': 0, 'train': train}))
   return run
@@ -166,9 +190,9 @@ def write_trained(root, folder, search_dir, accuracy, params=3_500_000, top5=Non
 
 def grouped_runs(tmp_path):
   runs = []
-  for seed, accuracy in enumerate((0.97, 0.968, 0.972)):
+  for seed, (accuracy, last) in enumerate(((0.97, 0.969), (0.968, 0.965), (0.972, 0.970))):
     search = write_search(tmp_path, f's_ss05_{seed}', 'SS PCP-DARTS', 0.5, seed=seed)
-    runs.append(write_trained(tmp_path, f't_ss05_{seed}', search, accuracy,
+    runs.append(write_trained(tmp_path, f't_ss05_{seed}', search, accuracy, last=last,
                               params=3_400_000 + 100_000 * seed))
   search = write_search(tmp_path, 's_ss075', 'SS PCP-DARTS', 0.75, hours=2.4, devices=4)
   runs.append(write_trained(tmp_path, 't_ss075', search, 0.9701))
@@ -179,19 +203,21 @@ def grouped_runs(tmp_path):
 
 def test_paper_table_groups_runs_of_a_method_and_ssf(tmp_path):
   columns, rows = reports.paper_table(grouped_runs(tmp_path))
-  assert columns == ['Method', 'Test error (%)', 'Params (M)', 'Search cost (GPU-days)',
-                     'Search method', 'n', 'Dataset']
+  assert columns == ['Method', 'Test error (%)', 'Last-epoch error (%)', 'Params (M)',
+                     'Search cost (GPU-days)', 'Search method', 'n', 'Dataset']
   by_method = {row['Method']: row for row in rows}
   assert list(by_method) == ['PCP-DARTS', 'SS PCP-DARTS (ssf 0.5)', 'SS PCP-DARTS (ssf 0.75)']
-  # Errors 3.0, 3.2, 2.8: mean 3.00, sample std 0.20.
+  # Errors 3.0, 3.2, 2.8: mean 3.00, sample std 0.20; last-epoch 3.1, 3.5, 3.0: 3.20 ± 0.26.
   assert by_method['SS PCP-DARTS (ssf 0.5)'] == {
       'Method': 'SS PCP-DARTS (ssf 0.5)', 'Test error (%)': '3.00 ± 0.20',
+      'Last-epoch error (%)': '3.20 ± 0.26',
       'Params (M)': '3.50 ± 0.10', 'Search cost (GPU-days)': '0.200 ± 0.000',
       'Search method': 'gradient-based, self-supervised', 'n': '3', 'Dataset': 'cifar10'}
   # Device-days: 2.4 hours on 4 devices.
   assert by_method['SS PCP-DARTS (ssf 0.75)']['Search cost (GPU-days)'] == '0.400'
   assert by_method['SS PCP-DARTS (ssf 0.75)']['n'] == '1'
   assert by_method['PCP-DARTS']['Test error (%)'] == '3.12'
+  assert by_method['PCP-DARTS']['Last-epoch error (%)'] == '-'
   assert by_method['PCP-DARTS']['Search method'] == 'gradient-based'
 
 
@@ -214,7 +240,7 @@ def test_paper_table_top5_and_differing_settings(tmp_path):
   short = write_trained(tmp_path, 't_short', search, 0.9, top5=0.995, epochs=50)
   long = write_trained(tmp_path, 't_long', search, 0.97, top5=0.999, epochs=600)
   columns, rows = reports.paper_table([short, long])
-  assert columns[2] == 'Top-5 accuracy (%)'
+  assert columns[2:4] == ['Top-5 accuracy (%)', 'Last-epoch error (%)']
   assert [(row['Method'], row['Top-5 accuracy (%)'], row['n']) for row in rows] == [
       ('SS PCP-DARTS (ssf 0.75, epochs 50)', '99.50', '1'),
       ('SS PCP-DARTS (ssf 0.75, epochs 600)', '99.90', '1')]
@@ -227,10 +253,10 @@ def test_table_cli_writes_markdown_and_csv(tmp_path):
       capture_output=True, text=True, check=False, timeout=120)
   assert result.returncode == 0, result.stderr
   lines = (tmp_path / 'out' / 'table2.md').read_text().splitlines()
-  assert lines[0] == ('| Method | Test error (%) | Params (M) | Search cost (GPU-days) '
-                      '| Search method | n | Dataset |')
-  assert lines[3] == ('| SS PCP-DARTS (ssf 0.5) | 3.00 ± 0.20 | 3.50 ± 0.10 | 0.200 ± 0.000 '
-                      '| gradient-based, self-supervised | 3 | cifar10 |')
+  assert lines[0] == ('| Method | Test error (%) | Last-epoch error (%) | Params (M) '
+                      '| Search cost (GPU-days) | Search method | n | Dataset |')
+  assert lines[3] == ('| SS PCP-DARTS (ssf 0.5) | 3.00 ± 0.20 | 3.20 ± 0.26 | 3.50 ± 0.10 '
+                      '| 0.200 ± 0.000 | gradient-based, self-supervised | 3 | cifar10 |')
   with open(tmp_path / 'out' / 'table2.csv', newline='', encoding='utf-8') as f:
     records = list(csv.DictReader(f))
   assert [r['n'] for r in records] == ['1', '3', '1']
@@ -248,6 +274,18 @@ def test_cli_names_the_run_folder_without_results(tmp_path):
     assert len(errors) == 1, result.stderr
     assert ('t_ss05_0' if command == 'fgsm' else 'crashed_run') in errors[0]
     assert ('fgsm.json' if command == 'fgsm' else 'results.json') in errors[0]
+
+
+def test_table_cli_names_a_bad_results_file_in_one_line(tmp_path):
+  run = write_run(tmp_path, 'percent', test_accuracy=97.2, params=1, dataset='cifar10')
+  result = subprocess.run(
+      [sys.executable, '-m', 'pcp_jax.reports', 'table', run, '--out', str(tmp_path / 'out')],
+      capture_output=True, text=True, check=False, timeout=120)
+  assert result.returncode == 1
+  errors = result.stderr.strip().splitlines()
+  assert len(errors) == 1, result.stderr
+  assert os.path.join(run, 'results.json') in errors[0] and 'fraction' in errors[0]
+  assert not (tmp_path / 'out').exists()
 
 
 def write_fgsm(run_dir, scale):

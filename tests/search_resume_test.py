@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 
 from pcp_jax import checkpoint
+from pcp_jax import loop
 from pcp_jax import search
 
 RUNNER = r'''
 import importlib, os, signal, sys
 from absl import logging
-from pcp_jax import checkpoint, main, search
+from pcp_jax import checkpoint, loop, main
 logging.set_verbosity(logging.INFO)
 workdir, every, kill_after_saves, kill_at_eval = sys.argv[1], *map(int, sys.argv[2:5])
 config = importlib.import_module('configs.pc_darts').get_config('tiny')
@@ -41,13 +42,13 @@ if kill_after_saves:
       os.kill(os.getpid(), signal.SIGKILL)
   checkpoint.Checkpointer.save = save_then_die
 if kill_at_eval:
-  evaluate, count = search.evaluate, [0]
+  evaluate, count = loop.evaluate, [0]
   def die_in_evaluation(*args, **kwargs):
     count[0] += 1
     if count[0] == kill_at_eval:
       os.kill(os.getpid(), signal.SIGKILL)
     return evaluate(*args, **kwargs)
-  search.evaluate = die_in_evaluation
+  loop.evaluate = die_in_evaluation
 main.run(config, workdir)
 '''
 TIMEOUT = 1200
@@ -156,14 +157,15 @@ def test_nan_stops_naming_the_step_and_the_kept_checkpoint_resumes(
   nan_weights = lambda s: s.replace(
       params=jax.tree_util.tree_map(lambda p: p * jnp.nan, s.params))
   fault_on_call(monkeypatch, 3, nan_weights)  # one step per call: the 3rd step of epoch 1
-  with pytest.raises(FloatingPointError, match=r'stage 1, epoch 1, step 3 of 4.*step 2\)'):
+  with pytest.raises(loop.NonFinite, match=r'stage 1/1, epoch 1, step 3 of 4.*\(step 2\)'):
     search.search(tiny_config(1), str(tmp_path))
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints'))
   assert ckpt.latest_step() == 2 and ckpt.restore_metadata(2)['step'] == 2
 
   changed = tiny_config(1)
-  changed.search.lr = 0.5
-  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r'search\.lr: 0\.1 -> 0\.5'):
+  changed.search.optim.weights.lr = 0.5
+  with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                     match=r'search\.optim\.weights\.lr: 0\.1 -> 0\.5'):
     search.search(changed, str(tmp_path))
 
   monkeypatch.undo()
@@ -176,12 +178,47 @@ def test_ctrl_c_saves_stops_and_resumes(uninterrupted, tmp_path, monkeypatch):
     os.kill(os.getpid(), signal.SIGINT)  # handled after this chunk of steps
     return state
   fault_on_call(monkeypatch, 6, interrupt)  # epoch 2, step 2 (chunks of one step)
-  handler = signal.getsignal(signal.SIGINT)
-  with pytest.raises(KeyboardInterrupt, match='Rerun the same command'):
+  handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+  with pytest.raises(loop.Interrupted, match='SIGINT.*Rerun the same command'):
     search.search(tiny_config(1), str(tmp_path))
-  assert signal.getsignal(signal.SIGINT) is handler
+  assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
   meta = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints')).restore_metadata(6)
   assert (meta['epoch'], meta['step']) == (1, 2)
   monkeypatch.undo()
   search.search(tiny_config(1), str(tmp_path))
+  assert_same(result(tmp_path), uninterrupted)
+
+
+CLI_RUNNER = r'''
+import os, signal, sys
+from absl import app
+from pcp_jax import checkpoint, main
+save, count = checkpoint.Checkpointer.save, [0]
+def save_then_sigterm(self, *args, **kwargs):
+  save(self, *args, **kwargs)
+  count[0] += 1
+  if count[0] == 2:  # as SLURM's time limit or a preemption would, mid-epoch
+    os.kill(os.getpid(), signal.SIGTERM)
+checkpoint.Checkpointer.save = save_then_sigterm
+root, workdir = sys.argv[1:3]
+sys.argv = ['pcp_jax.main', f'--config={root}/configs/pc_darts.py:tiny', f'--workdir={workdir}',
+            '--config.checkpoint.every_steps=1']
+app.run(main.main, flags_parser=main.parse_flags)
+'''
+
+
+def test_sigterm_on_the_command_line_saves_exits_143_and_resumes(uninterrupted, tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  stopped = subprocess.run([sys.executable, '-c', CLI_RUNNER, root, str(tmp_path)],
+                           env=subprocess_env(), capture_output=True, text=True,
+                           timeout=TIMEOUT)
+  assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+  assert 'The search stopped on SIGTERM; saved in' in stopped.stderr
+  assert 'Traceback' not in stopped.stderr
+  # The signal came after the 2nd checkpoint: the current chunk (one step) finished and was
+  # saved as the 3rd.
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints'))
+  assert ckpt.latest_step() == 3 and ckpt.restore_metadata(3)['step'] == 3
+  resumed = run(tmp_path, every=1)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert_same(result(tmp_path), uninterrupted)

@@ -213,8 +213,7 @@ def test_mix_arch_gradients_scales_bt_as_configured():
 @pytest.mark.parametrize('warmup', [True, False])
 def test_projector_trains_during_the_warm_up_only_when_asked(warmup):
   spec, state = tiny_stage(0.5, projector_warmup=warmup)
-  batch = {'train_images': IMAGES, 'train_labels': LABELS, 'valid_images': IMAGES,
-           'valid_labels': LABELS}
+  batch = {'train': (IMAGES, LABELS), 'valid': (IMAGES, LABELS)}
   after, metrics = jax.jit(lambda st: search.search_step(
       st, batch, jax.random.PRNGKey(7), 0.0, False, spec))(state)
   assert not changed(state.arch, after.arch) and not changed(state.arch_opt, after.arch_opt)
@@ -229,13 +228,6 @@ def test_skip_dropout_schedule():
   assert search.skip_dropout_rate(0.4, 9, 25, 10) == pytest.approx(0.4 * 15 / 25)
   assert search.skip_dropout_rate(0.4, 10, 25, 10) == pytest.approx(0.4)
   assert search.skip_dropout_rate(0.4, 15, 25, 10) == pytest.approx(0.4 * np.exp(-1.0))
-
-
-def test_weight_lr_is_cosine_per_epoch():
-  schedule = search.cosine_epoch_lr(0.1, 0.001, 10, 5)
-  assert float(schedule(0)) == pytest.approx(0.1)
-  assert float(schedule(4)) == pytest.approx(0.1)  # constant within an epoch
-  assert float(schedule(25)) == pytest.approx(0.001 + 0.5 * 0.099 * (1 + np.cos(np.pi / 2)))
 
 
 def test_config_errors_name_the_option():
@@ -260,9 +252,13 @@ def test_config_errors_name_the_option():
   with pytest.raises(ValueError, match=r'config\.op_impl'):
     main.run(config, '/nonexistent')  # before any work (the workdir does not exist)
   config.op_impl = 'auto'
-  config.modes = 'search,dance'
-  with pytest.raises(ValueError, match='config.modes'):
+  config.modes = 'search,train'
+  with pytest.raises(ValueError, match="mode 'train' needs a train config"):
     main.run(config, '/nonexistent')
+
+
+def pcp_arch_clip(config):
+  return config.search.optim.arch.grad_clip
 
 
 def test_configs_carry_the_paper_settings():
@@ -270,7 +266,8 @@ def test_configs_carry_the_paper_settings():
   assert ss.search.ss_factor == 0.75 and load_config('ss_pcp', 'ssf=0.25').search.ss_factor == 0.25
   pc = load_config('pc_darts', '')
   assert [s.layers for s in pc.search.stages] == [8] and pc.search.partial_k == 4
-  assert pc.search.batch_size == 256 and pc.search.lr == 0.1 and pc.search.use_betas
+  assert pc.search.batch_size == 256 and pc.search.optim.weights.lr == 0.1 and pc.search.use_betas
+  assert pc.search.optim.arch.grad_clip == 0 and pcp_arch_clip(load_config('pcp', '')) == 5
   pd = load_config('p_darts', '')
   assert [s.layers for s in pd.search.stages] == [5, 11, 17] and pd.search.partial_k == 1
   assert [s.num_keep for s in pd.search.stages] == [5, 3, 1] and not pd.search.use_betas
@@ -278,7 +275,8 @@ def test_configs_carry_the_paper_settings():
   assert pd.search.batch_size == 96
   pcp = load_config('pcp', '')
   assert pcp.search.partial_k == 4 and pcp.search.use_betas and pcp.search.ss_factor == 0
-  assert pcp.search.batch_size == 256 and pcp.search.lr == 0.025  # the paper
+  assert pcp.search.batch_size == 256 and pcp.search.optim.weights.lr == 0.025  # the paper
+  assert pcp.search.optim.arch.lr == 6e-4 and pcp.search.optim.arch.name == 'adam'
   assert pcp.search.channel_mode == 'random' and pcp.search.shared_channels
   assert pcp.search.bt_scale == 'none' and pcp.search.bt_views == 'asymmetric'
   assert [s.warmup_epochs for s in pcp.search.stages] == [15, 15, 15]
@@ -308,17 +306,3 @@ def test_new_search_fields_are_checked(field, value, message):
   config.search[field] = value
   with pytest.raises(ValueError, match=message):
     search.check_config(config)
-
-
-def test_command_line_entry_point_rejects_unknown_modes(tmp_path):
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'))
-  result = subprocess.run(
-      [sys.executable, '-m', 'pcp_jax.main', '--config=configs/pcp.py:tiny',
-       f'--workdir={tmp_path}', '--config.modes=search,dance'],
-      cwd=root, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
-  assert 'config.modes must be a comma list of' in result.stderr
-  assert "'search'" in result.stderr and "'train'" in result.stderr

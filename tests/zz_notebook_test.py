@@ -41,8 +41,9 @@ def test_notebook_runs_the_tiny_pipeline(tmp_path, monkeypatch):
   outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
   text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
   assert f'pcp_jax from {ROOT}' in text
-  # normal.png, reduce.png, the FGSM plot and the per-example FGSM curves are shown.
-  assert sum('image/png' in o.get('data', {}) for o in outputs) == 4
+  # The search's curves and op weights (normal, reduce), normal.png, reduce.png, the training
+  # curves, the FGSM plot and the per-example FGSM curves are shown.
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 8
 
   genotype = genotypes.load(str(run_dir / 'search' / 'genotype.json'))  # validates it
   assert {op for op, _ in genotype.normal + genotype.reduce} <= {
