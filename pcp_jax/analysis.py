@@ -16,6 +16,7 @@ import optax
 from pcp_jax import augment
 from pcp_jax import checkpoint
 from pcp_jax import data
+from pcp_jax import defaults
 from pcp_jax import parallel
 from pcp_jax import reports
 from pcp_jax import train
@@ -179,10 +180,27 @@ def plot_fgsm(results_by_name: Mapping[str, dict], out_dir: str, prefix: str = '
   ]
 
 
+def check_config(config) -> None:
+  """Validates the train config and its `fgsm` section, naming the field."""
+  train.check_config(config)
+  f = config.fgsm
+  defaults.check_fields(config, whole=(('fgsm.num_examples', 0), ('fgsm.batch_size', 1)))
+  eps = list(f.eps)
+  if not eps or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 <= e <= 1
+                    for e in eps):
+    raise ValueError(f'fgsm.eps must be numbers in [0, 1] (pixel scale), got {f.eps!r}.')
+  limit = f.num_examples or None
+  for i in f.example_indices:
+    if isinstance(i, bool) or not isinstance(i, int) or i < 0 or (limit and i >= limit):
+      raise ValueError(f'fgsm.example_indices must be whole numbers in '
+                       f'0..{(limit or 1) - 1 if limit else "the test set size - 1"}, '
+                       f'got {list(f.example_indices)}.')
+
+
 def fgsm(config, workdir: str) -> dict:
   """The `fgsm` mode: an FGSM sweep of a trained run's best checkpoint on the first
   `fgsm.num_examples` test images; writes fgsm.json and plots."""
-  train.check_config(config)
+  check_config(config)
   genotype = train.load_genotype(config, workdir)
   splits = data.train_splits(config)
   info = splits.info

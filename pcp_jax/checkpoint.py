@@ -129,8 +129,9 @@ class Checkpointer:
       return step, state, metadata
     if steps:
       raise IOError(
-          f'None of the checkpoints {steps} in {self.directory} restores ({error}). If the '
-          'run configuration changed, use a new workdir.') from error
+          f'None of the checkpoints {steps} in {self.directory} restores (the newest fails '
+          f'with {type(error).__name__}: {str(error)[:200]}): they are damaged, or of another '
+          'network than this config builds.') from error
     return None
 
   def close(self) -> None:

@@ -8,14 +8,17 @@ import dataclasses
 import gzip
 import hashlib
 import importlib
+import json
 import os
 import struct
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from typing import NamedTuple, Optional, Tuple
 
+from absl import logging
 import numpy as np
 
 SOURCES = ('files', 'tfds', 'subset')
@@ -288,8 +291,51 @@ def download_file(remote: RemoteFile, data_dir: str) -> str:
   return target
 
 
+def _verified_files_path() -> str:
+  folder = (os.environ.get('PCP_JAX_CACHE_DIR')
+            or os.path.join(os.path.expanduser('~'), '.cache', 'pcp_jax'))
+  return os.path.join(folder, 'verified_files.json')
+
+
+def verify_file(remote: RemoteFile, path: str) -> bool:
+  """Whether the file at `path` is the official `remote` (its checksum); a copy that is not is
+  logged with a warning naming it. Checked once per file version (path, size, modification
+  time), remembered in ~/.cache/pcp_jax/verified_files.json ($PCP_JAX_CACHE_DIR if set)."""
+  stat = os.stat(path)
+  key = f'{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}:{remote.digest}'
+  cache_path = _verified_files_path()
+  try:
+    with open(cache_path) as f:
+      known = json.load(f)
+  except (OSError, ValueError):
+    known = {}
+  if key not in known:
+    hasher = hashlib.new(remote.algorithm)
+    with open(path, 'rb') as f:
+      for block in iter(lambda: f.read(1 << 20), b''):
+        hasher.update(block)
+    known[key] = hasher.hexdigest() == remote.digest
+    try:
+      os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+      with open(cache_path + '.tmp', 'w') as f:
+        json.dump(known, f)
+      os.replace(cache_path + '.tmp', cache_path)
+    except OSError:
+      pass  # a read-only home: verified again next time
+  if not known[key]:
+    logging.warning('%s does not match the official %s checksum of %s: it is damaged or '
+                    'another copy, so results may differ from published ones.', path,
+                    remote.algorithm, remote.url)
+  return known[key]
+
+
 def _load_files(name, data_dir, download):
-  """Reads the official on-disk format, downloading it first if asked to."""
+  """Reads the official on-disk format, downloading it first if asked to; archives present
+  are checked against their official checksums (`verify_file`)."""
+  for remote in DOWNLOADS[name]:
+    path = os.path.join(data_dir, remote.filename)
+    if os.path.isfile(path):
+      verify_file(remote, path)
   read = _read_cifar if name in _CIFAR_LAYOUTS else _read_fashion_mnist
   arrays = read(name, data_dir)
   if arrays is None and download:
@@ -343,11 +389,15 @@ def _read_cifar(name, data_dir):
 def _read_tar_members(archive, wanted):
   """Returns {basename: bytes} of the wanted members, read in one pass over the stream."""
   contents = {}
-  with tarfile.open(archive, 'r:gz') as tar:
-    for member in tar:
-      base = os.path.basename(member.name)
-      if member.isfile() and base in wanted:
-        contents[base] = tar.extractfile(member).read()
+  try:
+    with tarfile.open(archive, 'r:gz') as tar:
+      for member in tar:
+        base = os.path.basename(member.name)
+        if member.isfile() and base in wanted:
+          contents[base] = tar.extractfile(member).read()
+  except (EOFError, tarfile.TarError, zlib.error, gzip.BadGzipFile) as e:
+    raise IOError(f'{archive} is damaged ({type(e).__name__}: {e}); delete it and download '
+                  'it again (data.download=True).') from None
   missing = [f for f in wanted if f not in contents]
   if missing:
     raise IOError(f'{archive} lacks {missing}; it is not the official archive.')
@@ -386,8 +436,12 @@ def _read_fashion_mnist(name, data_dir):
 
 def _read_idx(path):
   """Parses a gzipped IDX file of unsigned bytes (the MNIST format)."""
-  with gzip.open(path, 'rb') as f:
-    raw = f.read()
+  try:
+    with gzip.open(path, 'rb') as f:
+      raw = f.read()
+  except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+    raise IOError(f'{path} is damaged ({type(e).__name__}: {e}); delete it and download it '
+                  'again (data.download=True).') from None
   if len(raw) < 4 or raw[:3] != b'\x00\x00\x08':
     raise IOError(f'{path} is not an IDX file of unsigned bytes.')
   ndim = raw[3]

@@ -289,23 +289,44 @@ def apply_args(config: ml_collections.ConfigDict, arg=None) -> ml_collections.Co
 # Checks of the shared fields (the search and train modes check their own sections).
 
 
+def _get(config, name):
+  for part in name.split('.'):
+    config = config[part]
+  return config
+
+
 def _whole(config, name, minimum):
-  section, _, field = name.rpartition('.')
-  value = config[section][field] if section else config[field]
+  value = _get(config, name)
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise ValueError(f'{name} must be a whole number >= {minimum}, got {value!r}.')
+
+
+def check_fields(config, *, whole=(), booleans=(), at_least_zero=()) -> None:
+  """Checks `whole` ((name, minimum) pairs: whole numbers), `booleans` and `at_least_zero`
+  (numbers >= 0) by their dotted names, naming the first bad one."""
+  for name, minimum in whole:
+    _whole(config, name, minimum)
+  for name in booleans:
+    if not isinstance(_get(config, name), bool):
+      raise ValueError(f'{name} must be True or False, got {_get(config, name)!r}.')
+  for name in at_least_zero:
+    value = _get(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+      raise ValueError(f'{name} must be a number >= 0, got {value!r}.')
 
 
 def check_base(config) -> None:
   """Validates the fields every config shares, naming the field, the value and what is
   allowed (before any data is loaded or anything compiled)."""
-  for name, minimum in (('seed', 0), ('num_devices', 0), ('checkpoint.every_steps', 0),
-                        ('checkpoint.max_to_keep', 1), ('data.max_train', 0),
-                        ('data.max_test', 0)):
-    _whole(config, name, minimum)
+  check_fields(config, whole=(('seed', 0), ('num_devices', 0), ('checkpoint.every_steps', 0),
+                              ('checkpoint.max_to_keep', 1), ('data.max_train', 0),
+                              ('data.max_test', 0)))
   d = config.data
+  from pcp_jax import data  # pylint: disable=g-import-not-at-top; configs import this module
+  if d.dataset not in data.DATASETS:
+    raise ValueError(f'data.dataset must be one of {sorted(data.DATASETS)}, got {d.dataset!r}.')
+  if d.source not in data.SOURCES:
+    raise ValueError(f'data.source must be one of {list(data.SOURCES)}, got {d.source!r}.')
   if not 0 < d.train_portion < 1:
     raise ValueError(f'data.train_portion must be in (0, 1), got {d.train_portion!r}.')
-  for name in ('download', 'pad_to_32'):
-    if not isinstance(d[name], bool):
-      raise ValueError(f'data.{name} must be True or False, got {d[name]!r}.')
+  check_fields(config, booleans=('data.download', 'data.pad_to_32'))

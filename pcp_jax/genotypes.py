@@ -80,8 +80,10 @@ def validate(genotype: Genotype) -> Genotype:
             f'genotype.{cell}[{k}]: input {j} is out of range for node {node} '
             f'(allowed 0..{node + 1}).')
     concat = getattr(genotype, f'{cell}_concat')
-    if not concat or any(not 0 <= c < STEPS + 2 for c in concat):
-      raise ValueError(f'genotype.{cell}_concat must be node indices in 0..{STEPS + 1}.')
+    if (not concat or len(set(concat)) != len(concat)
+        or any(not 0 <= c < STEPS + 2 for c in concat)):
+      raise ValueError(f'genotype.{cell}_concat must be distinct node indices in '
+                       f'0..{STEPS + 1}, got {list(concat)}.')
   return genotype
 
 
@@ -94,15 +96,31 @@ def to_dict(genotype: Genotype) -> dict:
   }
 
 
+def _index(value, where: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f'{where} must be a whole number, got {value!r}.')
+  return int(value)
+
+
+def _edges(value, cell: str) -> tuple:
+  if not isinstance(value, (list, tuple)) or not all(
+      isinstance(e, (list, tuple)) and len(e) == 2 for e in value):
+    raise ValueError(f'genotype.{cell} must be a list of [op, input] pairs, got {value!r}.')
+  return tuple((op, _index(j, f'genotype.{cell}[{k}] input'))
+               for k, (op, j) in enumerate(value))
+
+
 def from_dict(d: Mapping) -> Genotype:
+  if not isinstance(d, Mapping):
+    raise ValueError(f'a genotype is a JSON object, got {type(d).__name__}.')
   missing = {'normal', 'normal_concat', 'reduce', 'reduce_concat'} - set(d)
   if missing:
     raise ValueError(f'genotype JSON is missing the keys {sorted(missing)}.')
+  concat = {c: tuple(_index(i, f'genotype.{c}_concat') for i in d[f'{c}_concat'])
+            for c in ('normal', 'reduce')}
   return validate(Genotype(
-      normal=tuple((op, int(j)) for op, j in d['normal']),
-      normal_concat=tuple(int(c) for c in d['normal_concat']),
-      reduce=tuple((op, int(j)) for op, j in d['reduce']),
-      reduce_concat=tuple(int(c) for c in d['reduce_concat'])))
+      normal=_edges(d['normal'], 'normal'), normal_concat=concat['normal'],
+      reduce=_edges(d['reduce'], 'reduce'), reduce_concat=concat['reduce']))
 
 
 def save(genotype: Genotype, path: str) -> None:
@@ -115,8 +133,14 @@ def save(genotype: Genotype, path: str) -> None:
 
 
 def load(path: str) -> Genotype:
+  """The genotype in a JSON file; a damaged or invalid one is a ValueError naming the file."""
   with open(path) as f:
-    return from_dict(json.load(f))
+    try:
+      return from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e.msg}, line {e.lineno}).') from None
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from None
 
 
 def get(name_or_path: str) -> Genotype:

@@ -24,6 +24,7 @@ import optax
 from pcp_jax import augment
 from pcp_jax import checkpoint
 from pcp_jax import data as data_lib
+from pcp_jax import defaults
 from pcp_jax import genotypes
 from pcp_jax import heads
 from pcp_jax import loop
@@ -370,9 +371,14 @@ def check_config(config):
   if cfg.bt_views not in augment.BT_VIEWS:
     raise ValueError(f'search.bt_views must be one of {list(augment.BT_VIEWS)}, '
                      f'got {cfg.bt_views!r}.')
-  for name in ('shared_channels', 'projector_warmup', 'use_betas'):
-    if not isinstance(cfg[name], bool):
-      raise ValueError(f'search.{name} must be True or False, got {cfg[name]!r}.')
+  defaults.check_fields(
+      config, whole=(('search.channels', 1), ('search.max_skip_normal', -1)),
+      booleans=('search.shared_channels', 'search.projector_warmup', 'search.use_betas'),
+      at_least_zero=('search.bt_lambda',))
+  sizes = cfg.projector_sizes
+  if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+    raise ValueError(f'search.projector_sizes must be whole numbers >= 1 (the layer widths), '
+                     f'got {sizes!r}.')
   if cfg.channel_mode not in supernet.CHANNEL_MODES:
     raise ValueError(f'search.channel_mode must be one of {supernet.CHANNEL_MODES}, '
                      f'got {cfg.channel_mode!r}.')

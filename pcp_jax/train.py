@@ -24,6 +24,7 @@ import optax
 from pcp_jax import augment
 from pcp_jax import checkpoint
 from pcp_jax import data
+from pcp_jax import defaults
 from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import losses
@@ -209,9 +210,11 @@ def check_config(config) -> None:
   ops.resolve_op_impl(config.get('op_impl', 'auto'))
   optim.check(t.optim, 'train.optim')
   data.parse_val_split(t.val_split)
-  for name in ('channels', 'layers', 'epochs', 'batch_size', 'eval_batch_size'):
-    if not (isinstance(t[name], int) and t[name] >= 1):
-      raise ValueError(f'train.{name} must be a whole number >= 1, got {t[name]!r}.')
+  defaults.check_fields(
+      config, whole=[(f'train.{name}', 1) for name in ('channels', 'epochs', 'batch_size',
+                                                       'eval_batch_size')]
+      + [('train.layers', 3), ('train.cutout_length', 0)],
+      booleans=('train.auxiliary', 'train.cutout'), at_least_zero=('train.auxiliary_weight',))
   if t.log_every_steps < 0:
     raise ValueError(f'train.log_every_steps must be >= 0, got {t.log_every_steps}.')
   if not 0 <= t.drop_path_prob < 1:
@@ -377,7 +380,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def restore_for_eval(config: ml_collections.ConfigDict, workdir: str, model, info):
   """(state, checkpoint name, metadata) of the best checkpoint, else the latest with a warning."""
   for name in ('best', 'checkpoints'):
-    restored = _restore_newest(config, os.path.join(workdir, name), model, info)
+    try:
+      restored = _restore_newest(config, os.path.join(workdir, name), model, info)
+    except IOError as e:
+      if name != 'best':
+        raise
+      logging.warning('%s', e)
+      restored = None
     if restored is not None:
       if name != 'best':
         logging.warning('No best checkpoint in %s; using the latest one.', workdir)

@@ -32,6 +32,8 @@ def fast_compiles():
   cache = (os.environ.get('PCP_JAX_TEST_XLA_CACHE') or
            tempfile.mkdtemp(prefix='pcp_jax_test_xla_cache_'))
   os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
+  # The data loader's record of verified archives: the tests' own, not the user's.
+  os.environ['PCP_JAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='pcp_jax_test_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   jax.config.update('jax_disable_most_optimizations', True)

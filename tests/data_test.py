@@ -348,3 +348,43 @@ def test_labels_out_of_range_name_the_dataset_and_folder(tmp_path):
   with pytest.raises(ValueError, match=rf'labels of cifar10 \(files in {tmp_path}\) must be in '
                      r'0\.\.9, found 12\.\.12'):
     data.load_dataset('cifar10', data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'fashion_mnist'])
+def test_damaged_archives_name_the_file(tmp_path, name):
+  if name == 'cifar10':
+    _write_cifar10(str(tmp_path), as_archive=True)
+    path = tmp_path / 'cifar-10-binary.tar.gz'
+  else:
+    _write_fashion_mnist(str(tmp_path))
+    path = tmp_path / 'train-images-idx3-ubyte.gz'
+  raw = path.read_bytes()
+  path.write_bytes(raw[:len(raw) // 2])  # a download cut short
+  with pytest.raises(IOError, match=rf'{path} is damaged .*download it again'):
+    data.load_dataset(name, data_dir=str(tmp_path))
+
+
+def test_archives_are_checked_once_against_the_official_checksum(tmp_path, monkeypatch, caplog):
+  monkeypatch.setenv('PCP_JAX_CACHE_DIR', str(tmp_path / 'cache'))
+  (tmp_path / 'data').mkdir()
+  _write_cifar10(str(tmp_path / 'data'), as_archive=True)
+  path = str(tmp_path / 'data' / 'cifar-10-binary.tar.gz')
+  # The loader checks the archives it reads: these test files are not the official ones.
+  data.load_dataset('cifar10', data_dir=str(tmp_path / 'data'))
+  assert f'{path} does not match the official sha256 checksum' in caplog.text
+  with open(path, 'rb') as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  official = data.RemoteFile('https://example.org/c.tar.gz', 'c.tar.gz', 'sha256', digest)
+  hashed = []
+  new = hashlib.new
+  monkeypatch.setattr(hashlib, 'new', lambda *a: hashed.append(a) or new(*a))
+  caplog.clear()
+  assert data.verify_file(official, path) and data.verify_file(official, path)
+  assert len(hashed) == 1 and not caplog.text  # remembered: the file is read once
+  with open(path, 'r+b') as f:  # one byte changed: a new version of the file
+    f.seek(100)
+    byte = f.read(1)
+    f.seek(100)
+    f.write(bytes([byte[0] ^ 1]))
+  assert not data.verify_file(official, path)
+  assert f'{path} does not match the official sha256 checksum' in caplog.text

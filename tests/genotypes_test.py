@@ -1,5 +1,7 @@
 """Genotype data, JSON round trip, op dropping and derivation on hand-made weights."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -44,6 +46,27 @@ def test_bad_genotypes_give_clear_errors(tmp_path):
     G.from_dict(d)
   with pytest.raises(ValueError, match='neither a reference name'):
     G.get(str(tmp_path / 'missing.json'))
+
+
+@pytest.mark.parametrize('cell, index, value, message', [
+    ('normal', 3, ['sep_conv_3x3', 1.7], r'genotype.normal\[3\] input must be a whole number'),
+    ('normal', 3, ['sep_conv_3x3'], r'genotype.normal must be a list of \[op, input\] pairs'),
+    ('reduce_concat', None, [2, 2, 2, 2], r'reduce_concat must be distinct node indices'),
+    ('normal_concat', None, [2, 3.5], r'genotype.normal_concat must be a whole number')])
+def test_malformed_genotype_files_name_the_file_and_the_field(tmp_path, cell, index, value,
+                                                              message):
+  d = G.to_dict(G.REFERENCE_GENOTYPES['DARTS_V2'])
+  if index is None:
+    d[cell] = value
+  else:
+    d[cell][index] = value
+  path = tmp_path / 'genotype.json'
+  path.write_text(json.dumps(d))
+  with pytest.raises(ValueError, match=f'{path}: .*{message}'):
+    G.load(str(path))
+  path.write_text('{"normal": [')
+  with pytest.raises(ValueError, match=rf'{path} is not valid JSON'):
+    G.load(str(path))
 
 
 def test_strongest_edges_first_and_none_never_chosen():

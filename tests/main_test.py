@@ -145,6 +145,13 @@ def _config(name):
     ('train_cifar10', 'train.batch_size', 0, 'train.batch_size must be a whole number >= 1'),
     ('train_cifar10', 'train.epochs', 0, 'train.epochs must be a whole number >= 1'),
     ('train_cifar10', 'data.train_portion', 1.5, r'data.train_portion must be in \(0, 1\)'),
+    ('pcp', 'data.dataset', 'mnist', 'data.dataset must be one of'),
+    ('pcp', 'search.projector_sizes', (32, 0), 'search.projector_sizes must be whole numbers'),
+    ('pcp', 'search.max_skip_normal', -3, 'search.max_skip_normal must be a whole number >= -1'),
+    ('train_cifar10', 'train.layers', 2, 'train.layers must be a whole number >= 3'),
+    ('train_cifar10', 'train.auxiliary_weight', -0.4, 'train.auxiliary_weight must be a number >= 0'),
+    ('train_cifar10', 'fgsm.eps', (0.0, 8.0), r'fgsm.eps must be numbers in \[0, 1\]'),
+    ('train_cifar10', 'fgsm.example_indices', (0, 40), r'fgsm.example_indices must be whole'),
 ])
 def test_bad_values_are_refused_naming_the_field(tmp_path, name, field, value, message):
   config = _config(name)
@@ -215,3 +222,11 @@ def test_search_then_train_sends_each_flag_where_it_belongs(tmp_path):
       '-m', 'pcp_jax.main', '--config=configs/train_cifar10.py', '--workdir=runs/x/train',
       '--config.genotype=runs/x/search', '--config.train.epochs=3',
       '--config.fgsm.num_examples=10', '--config.seed=1']
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_workdir(tmp_path):
+  config = _config('pcp')
+  config.data.source, config.data.dir = 'files', str(tmp_path / 'no_data')
+  with pytest.raises(FileNotFoundError, match='cifar-10'):
+    main.run(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
