@@ -357,10 +357,11 @@ def run_phase(run: Run, phase: Phase, state, epoch: int = 0, step: int = 0, sums
         t_compile = time.time()
       state, sums, bad = phase.run_chunk(state, sums, epoch, step, stop)
       bad = int(bad)  # waits for the chunk: the one host synchronisation per chunk
-      if not compiled:
+      just_compiled = not compiled
+      if just_compiled:
         compiled = True
         run.progress.compiled(f'{phase.name} (and ran its first {stop - step} steps)',
-                              time.time() - t_compile)
+                              time.time() - t_compile, step=stop)
       if bad >= 0:
         last = run.ckpt.latest_step()
         raise NonFinite(
@@ -370,7 +371,8 @@ def run_phase(run: Run, phase: Phase, state, epoch: int = 0, step: int = 0, sums
             + (f'The last good checkpoint (step {last}) is kept in {run.ckpt.directory}. '
                if last is not None else 'No checkpoint was written before it. ')
             + run.hint)
-      if run.log_every_steps and stop < steps and stop % run.log_every_steps == 0:
+      if (run.log_every_steps and stop < steps and stop % run.log_every_steps == 0
+          and not just_compiled):
         means = _sums_means(sums, stop)
         run.progress.update(stop, {'CE': means.get('train_loss'),
                                    'acc': means.get('train_acc')})

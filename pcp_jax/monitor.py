@@ -458,7 +458,12 @@ class Progress:
     """Logs that compiling `what` (e.g. 'stage 1') starts: the long silence that follows."""
     logging.info('compiling %s ...', what)
 
-  def compiled(self, what: str, seconds: float) -> None:
-    """Logs the compile time and restarts the rate's clock (compiling is no step time)."""
+  def compiled(self, what: str, seconds: float, step: Optional[int] = None) -> None:
+    """Logs the compile time and restarts the rate's clock (compiling is no step time).
+    `step`: the step of the current epoch reached by the call that compiled (its steps count
+    as done but not in the rate)."""
     logging.info('compiled %s in %.1f s', what, seconds)
+    if step is not None and self._epoch is not None:
+      self.run_step += max(int(step) - self._last_step, 0)
+      self._last_step = int(step)
     self._last_time = self._clock()

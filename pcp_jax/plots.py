@@ -135,22 +135,32 @@ def search_curves_figure(rows: list) -> Figure:
   fig = Figure(figsize=(17, 7.5), layout='constrained')
   axes = fig.subplots(2, 4, sharex=True)
 
+  def values(key):
+    v = _values(rows, key)
+    if key.startswith('arch_'):
+      # A frozen epoch has no architecture step: its zeros are no measurement.
+      v[np.asarray(frozen) & (v == 0)] = np.nan
+    return v
+
   def lines(ax, keys, title, ylabel=None, log=False):
     drawn = False
     for key, label, color in keys:
       if _has(rows, key):
-        ax.plot(x, _values(rows, key), marker='o', markersize=3, label=label, color=color)
+        v = values(key)
+        for i, (_, first, last) in enumerate(spans):  # no line across a stage boundary
+          ax.plot(x[first - 1:last], v[first - 1:last], marker='o', markersize=3,
+                  label=label if i == 0 else None, color=color)
         drawn = True
     ax.set_title(title, fontsize=10, pad=14 if len(spans) > 1 else 6)
     if ylabel:
       ax.set_ylabel(ylabel)
     if log == 'auto' and drawn:
-      values = np.concatenate([_values(rows, k) for k, _, _ in keys if _has(rows, k)])
-      values = values[np.isfinite(values)]
-      log = values.size > 0 and values.min() > 0 and values.max() / values.min() > 20
+      found = np.concatenate([values(k) for k, _, _ in keys if _has(rows, k)])
+      found = found[np.isfinite(found)]
+      log = found.size > 0 and found.min() > 0 and found.max() / found.min() > 20
       if log:
         ax.set_title(f'{title} (log scale)', fontsize=10, pad=14 if len(spans) > 1 else 6)
-    if log and drawn and np.nanmin([np.nanmin(_values(rows, k)) if _has(rows, k) else np.inf
+    if log and drawn and np.nanmin([np.nanmin(values(k)) if _has(rows, k) else np.inf
                                     for k, _, _ in keys]) > 0:
       ax.set_yscale('log')
     if drawn and len(keys) > 1:
@@ -230,8 +240,11 @@ def op_weights_figure(history: list, cell: str) -> Figure:
     for op_index, op in enumerate(primitives):
       series = alphas[:, edge, op_index]
       if np.isfinite(series).any():
-        ax.plot(x, series, color=OP_COLORS.get(op), linewidth=1.4, label=op,
-                marker='o' if n <= 3 else None, markersize=3)
+        # Each stage starts fresh architecture weights: no line across a stage boundary.
+        for i, (_, first, last) in enumerate(spans):
+          ax.plot(x[first - 1:last], series[first - 1:last], color=OP_COLORS.get(op),
+                  linewidth=1.4, label=op if i == 0 else None,
+                  marker='o' if last - first < 3 else None, markersize=3)
     _mark_stages(ax, spans)
     _epoch_axis(ax, n)
     ax.set_ylim(0, min(1.0, top * 1.08))
@@ -276,8 +289,10 @@ def betas_figure(history: list) -> Figure:
     for node in range(genotypes.STEPS):
       ax = grid[row, node]
       for j in range(node + 2):
-        ax.plot(x, betas[:, edge], color=colors[j], linewidth=1.5, label=f'from {sources[j]}',
-                marker='o' if n <= 3 else None, markersize=3)
+        for i, (_, first, last) in enumerate(spans):  # each stage starts fresh betas
+          ax.plot(x[first - 1:last], betas[first - 1:last, edge], color=colors[j],
+                  linewidth=1.5, label=f'from {sources[j]}' if i == 0 else None,
+                  marker='o' if last - first < 3 else None, markersize=3)
         edge += 1
       _mark_stages(ax, spans)
       _epoch_axis(ax, n)

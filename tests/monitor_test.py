@@ -196,3 +196,17 @@ def test_progress_line_for_training_and_durations():
   assert monitor.format_duration(float('nan')) == '?'
   assert monitor.format_duration(59.6) == '1:00'
   assert monitor.format_duration(3600) == '1:00:00'
+
+
+def test_steps_run_by_the_compiling_call_count_as_done_but_not_in_the_rate():
+  clock = FakeClock()
+  progress = monitor.Progress(total_steps=100, label='train', clock=clock)
+  progress.start_epoch(None, None, 0, 2, 50)
+  progress.compiling('training')
+  clock.now += 60.0  # compiling, then 10 steps in the same call
+  progress.compiled('training', 60.0, step=10)
+  assert progress.run_step == 10
+  clock.now += 5.0
+  line = progress.update(20)
+  assert '| 2 steps/s |' in line and 'epoch ETA 0:15' in line and 'run ETA 0:40' in line
+  assert progress.run_step == 20

@@ -1,5 +1,6 @@
 """Tests of the run pictures (pcp_jax.plots) on a synthetic run folder."""
 
+import collections
 import json
 import os
 import subprocess
@@ -138,12 +139,18 @@ def test_op_weights_figure_has_14_panels_a_line_per_op_still_on(tmp_path):
   assert [ax.get_title() for ax in panels] == plots.edge_names()
   assert panels[0].get_title() == 'c_{k-2} \u2192 node 0'
   assert panels[-1].get_title() == 'node 2 \u2192 node 3'
-  # Each panel: a line per op ever on; a dropped op's line stops at its last stage.
+  # Each panel: a line per op ever on (one segment per stage, no line across a boundary: each
+  # stage starts fresh weights); a dropped op's line stops at its last stage.
   for ax in panels:
-    lines = [line for line in ax.get_lines() if line.get_label() in genotypes.PRIMITIVES]
-    assert len(lines) == genotypes.NUM_OPS
-    finite = sorted(int(np.isfinite(line.get_ydata()).sum()) for line in lines)
-    assert finite == [5] * 3 + [10] * 2 + [15] * 3  # 8 ops, 5 kept, 3 kept; 5 epochs a stage.
+    labelled = [line for line in ax.get_lines() if line.get_label() in genotypes.PRIMITIVES]
+    assert len(labelled) == genotypes.NUM_OPS
+    points = collections.Counter()
+    for line in ax.get_lines():
+      if line.get_linestyle() != '--':
+        xs = line.get_xdata()
+        assert (min(xs) - 1) // 5 == (max(xs) - 1) // 5  # within one stage
+        points[line.get_color()] += int(np.isfinite(line.get_ydata()).sum())
+    assert sorted(points.values()) == [5] * 3 + [10] * 2 + [15] * 3  # 8, 5, 3 ops; 5 epochs
   # Two dashed stage boundaries per panel, at the global epochs 5.5 and 10.5.
   boundaries = [line.get_xdata()[0] for line in panels[0].get_lines()
                 if line.get_linestyle() == '--']
@@ -159,9 +166,12 @@ def test_search_curves_mark_stages_and_plot_every_epoch(tmp_path):
   titles = [ax.get_title() for ax in fig.axes]
   assert 'Architecture loss: Barlow Twins part' in titles and 'Skip-connect dropout' in titles
   ce = fig.axes[0]
-  valid = [line for line in ce.get_lines() if line.get_label() == 'valid'][0]
-  assert list(valid.get_xdata()) == list(range(1, 16))
-  assert np.allclose(valid.get_ydata(), [r['valid_loss'] for r in rows])
+  color = [line for line in ce.get_lines() if line.get_label() == 'valid'][0].get_color()
+  segments = [line for line in ce.get_lines() if line.get_color() == color]
+  assert [list(line.get_xdata()) for line in segments] == [  # one segment per stage
+      list(range(1, 6)), list(range(6, 11)), list(range(11, 16))]
+  assert np.allclose(np.concatenate([line.get_ydata() for line in segments]),
+                     [r['valid_loss'] for r in rows])
   assert sorted(t.get_text() for t in ce.texts) == ['stage 1', 'stage 2', 'stage 3']
   assert '5 cells, 8 ops/edge' in fig._suptitle.get_text()  # pylint: disable=protected-access
 

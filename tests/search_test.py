@@ -14,6 +14,7 @@ import pytest
 from pcp_jax import genotypes
 from pcp_jax import losses
 from pcp_jax import main
+from pcp_jax import monitor
 from pcp_jax import search
 
 
@@ -83,6 +84,35 @@ def test_tiny_search_end_to_end(name, arg, tmp_path):
     assert os.path.getsize(os.path.join(workdir, image)) > 1000
   summary = json.load(open(os.path.join(workdir, 'search_summary.json')))
   assert summary['search_cost_days'] > 0 and summary['method'] == config.method
+
+  # What a researcher watches: the history of the architecture weights (an entry per epoch,
+  # each op row a softmax over the ops on), TensorBoard events holding the rows' values, the
+  # log, the effective config, the pictures.
+  history = [json.loads(line) for line in open(os.path.join(workdir, 'arch_history.jsonl'))]
+  assert [(h['stage'], h['epoch'], h['step']) for h in history] == [
+      (r['stage'], r['epoch'], r['step']) for r in rows]
+  for h in history:
+    for cell in ('normal', 'reduce'):
+      alphas, switches = np.array(h[f'alphas_{cell}']), np.array(h[f'switches_{cell}'])
+      np.testing.assert_allclose(alphas.sum(axis=1), 1.0, rtol=1e-5)
+      assert not alphas[~switches].any()
+  events = monitor.read_scalars(os.path.join(workdir, 'tensorboard', 'search'))
+  for key in ('valid_acc', 'train_loss', 'arch_loss', 'lr', 'skip_dropout'):
+    np.testing.assert_allclose([v for _, v in events[key]], [r[key] for r in rows], rtol=1e-6)
+    assert [step for step, _ in events[key]] == [r['step'] for r in rows]
+  edge0 = f'arch/normal/edge00/{config.search.initial_ops[-1]}'
+  np.testing.assert_allclose(
+      [v for _, v in events[edge0]][:config.search.stages[0].epochs],
+      [h['alphas_normal'][0][genotypes.PRIMITIVES.index(config.search.initial_ops[-1])]
+       for h in history[:config.search.stages[0].epochs]], rtol=1e-5)
+  log = open(os.path.join(workdir, 'log.txt')).read()
+  assert 'compiling stage 1/' in log and 'stage 1/' in log and 'Search done' in log
+  assert json.load(open(os.path.join(workdir, 'config.json')))['search']['ss_factor'] == (
+      config.search.ss_factor)
+  assert json.load(open(os.path.join(workdir, 'environment.json')))['jax'] == jax.__version__
+  for name in ('search_curves.png', 'op_weights_normal.png', 'op_weights_reduce.png',
+               'stage_cells.png'):
+    assert os.path.getsize(os.path.join(workdir, 'plots', name)) > 10_000, name
 
 
 def tiny_stage(ss_factor, float64=False, **search_fields):

@@ -28,6 +28,7 @@ from pcp_jax import defaults
 from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import main
+from pcp_jax import monitor
 from pcp_jax import networks
 from pcp_jax import optim
 from pcp_jax import reports
@@ -116,6 +117,14 @@ def test_pipeline_from_a_reference_name(reference_run):
   assert len(pngs) == 3 and all('fgsm' in f for f in pngs)
   for name in pngs:
     _assert_valid_png(os.path.join(workdir, name))
+
+  rows = _rows(workdir)
+  events = monitor.read_scalars(os.path.join(workdir, 'tensorboard', 'train'))
+  for key in ('train_loss', 'valid_acc', 'lr', 'grad_norm'):
+    assert [(step, pytest.approx(v, rel=1e-6)) for step, v in events[key]] == [
+        (r['step'], r[key]) for r in rows]
+  assert 'compiling training' in open(os.path.join(workdir, 'log.txt')).read()
+  assert os.path.getsize(os.path.join(workdir, 'plots', 'train_curves.png')) > 10_000
 
   md_path, _ = reports.write_paper_table([workdir], os.path.join(workdir, 'table'))
   with open(md_path) as f:
