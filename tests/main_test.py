@@ -230,3 +230,19 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_workdir(tmp_path):
   with pytest.raises(FileNotFoundError, match='cifar-10'):
     main.run(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.parametrize('override, answer', [
+    ('--config.search.nope=1', 'error: --config: nope (given: '),
+    ('--config.search.stages[0].epochs=x', 'error: --config: '),
+    # Tuples and stage fields are settable: this run gets as far as the modes check.
+    ('--config.search.stages[0].epochs=3', "config.modes must be a comma list"),
+    ('--config.search.initial_ops=("none","skip_connect")', "config.modes must be a comma list"),
+])
+def test_command_line_overrides_answer_in_one_line(tmp_path, override, answer):
+  result = subprocess.run(
+      [sys.executable, '-m', 'pcp_jax.main', '--config=configs/pcp.py:tiny',
+       f'--workdir={tmp_path}/run', override, '--config.modes=dance'],
+      cwd=ROOT, capture_output=True, text=True, timeout=240)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert answer in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]

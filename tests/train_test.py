@@ -319,6 +319,22 @@ def test_resume_refuses_a_changed_config_but_extends_epochs(one_epoch_run, tmp_p
   assert _read_json(os.path.join(workdir, 'train_config.json'))['train']['epochs'] == 2
 
 
+def test_a_damaged_best_checkpoint_falls_back_to_the_latest_with_a_warning(
+    reference_run, tmp_path, caplog):
+  config, workdir = reference_run
+  workdir = shutil.copytree(workdir, str(tmp_path / 'run'))
+  for root, _, files in os.walk(os.path.join(workdir, 'best')):
+    if os.path.basename(root) == 'state' or '/state/' in root:
+      for name in files:
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+  splits = data.train_splits(config)
+  model = train.create_model(config, genotypes.get(GENOTYPE), splits.info)
+  _, name, meta = train.restore_for_eval(config, workdir, model, splits.info)
+  assert name == 'checkpoints' and meta['epoch'] == 2
+  assert 'best' in caplog.text and 'restores' in caplog.text
+
+
 def test_workdir_of_another_genotype_is_refused(reference_run):
   with pytest.raises(ValueError, match='another genotype'):
     train.test(_tiny_config(genotype='PDARTS'), reference_run[1])
