@@ -9,11 +9,14 @@ huge pages are on `madvise` (a common default), glibc asks for 2 MiB pages for i
 allocations when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: 512 times fewer faults.
 glibc reads the tunable only when a process starts, so the command-line entry points re-run
 themselves with it (`reexec`). PCP_JAX_HUGE_PAGES=0 turns this off; a glibc.malloc.hugetlb
-already in GLIBC_TUNABLES is left as it is.
+already in GLIBC_TUNABLES is left as it is. A host whose JAX backend will be a GPU or TPU (a
+JAX plugin for one installed, unless JAX_PLATFORMS says cpu) runs in one process: its
+buffers live on the device, where the tunable changes nothing.
 """
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import platform
 import re
@@ -24,6 +27,18 @@ THP_MODE_PATH = '/sys/kernel/mm/transparent_hugepage/enabled'
 TUNABLE = 'glibc.malloc.hugetlb'
 SWITCH = 'PCP_JAX_HUGE_PAGES'
 MIN_GLIBC = (2, 35)  # the first glibc with the tunable
+# Packages that give JAX a GPU or TPU backend.
+ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
+                       'jax_rocm7_plugin', 'libtpu')
+
+
+def accelerator_backend(environ: Mapping[str, str], find_spec=importlib.util.find_spec) -> bool:
+  """Whether JAX will run on a GPU or TPU here, judged without importing JAX:
+  JAX_PLATFORMS if set, else whether a GPU/TPU plugin is installed."""
+  platforms = environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() not in ('cpu', '')
+  return any(find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
 
 
 def thp_mode(path: str = THP_MODE_PATH) -> Optional[str]:
@@ -78,7 +93,7 @@ def reexec() -> None:
     env = environment(os.environ, thp_mode(), glibc_version())
   except ValueError as e:
     raise SystemExit(f'Error: {e}') from None
-  if env is None:
+  if env is None or accelerator_backend(os.environ):
     return
   sys.stdout.flush()
   sys.stderr.flush()

@@ -97,3 +97,14 @@ def test_status_says_whether_this_process_asked_for_huge_pages(monkeypatch):
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=0')
   assert hugepages.status().startswith('huge pages for host buffers: off ')
   assert 'PCP_JAX_HUGE_PAGES=0 turns them off' in hugepages.status()
+
+
+def test_a_gpu_or_tpu_host_runs_in_one_process():
+  installed = lambda *names: (lambda name: object() if name in names else None)
+  assert not hugepages.accelerator_backend({}, installed())
+  assert hugepages.accelerator_backend({}, installed('jax_cuda12_plugin'))
+  assert hugepages.accelerator_backend({}, installed('libtpu'))
+  # JAX_PLATFORMS decides when set: a CPU run on a GPU host still gets huge pages.
+  assert not hugepages.accelerator_backend({'JAX_PLATFORMS': 'cpu'},
+                                           installed('jax_cuda12_plugin'))
+  assert hugepages.accelerator_backend({'JAX_PLATFORMS': 'cuda,cpu'}, installed())
