@@ -187,10 +187,8 @@ def _number(name, value, kind, allowed):
 
 
 def _ssf(config, value):
-  ssf = _number('ssf', value, float, 'a number in [0, 1]')
-  if not 0.0 <= ssf <= 1.0:
-    raise ValueError(f'Config argument ssf must be in [0, 1], got {ssf}.')
-  config.search.ss_factor = ssf
+  # Its range is search.ss_factor's, checked with the other fields (search.check_config).
+  config.search.ss_factor = _number('ssf', value, float, 'a number in [0, 1]')
 
 
 def _dataset(config, value):

@@ -68,7 +68,7 @@ class StepSpec:
   """The static pieces of a stage's search step, bound once (`make_stage_fns`).
 
   `ss_factor`, `bt_lambda`, `bt_scale`, `bt_views`, `shared_channels` and
-  `projector_warmup` are the `search.*` fields of the same names (configs/search_common.py).
+  `projector_warmup` are the `search.*` fields of the same names (pcp_jax/defaults.py).
   `num_devices` > 1: the step runs on every device of a data-parallel step over
   `parallel.AXIS` and works on its slice of the global batch. `skip_dropout` False compiles
   the step without skip-connect dropout, for stages whose rate is 0 (the same function as
@@ -227,7 +227,7 @@ def arch_step(state: SearchState, images, labels, key, skip_rate, spec: StepSpec
   updates, arch_opt = spec.tx_arch.update(g_arch, state.arch_opt, state.arch)
   state = state.replace(arch=optax.apply_updates(state.arch, updates), arch_opt=arch_opt,
                         batch_stats=batch_stats)
-  if state.projector:
+  if spec.ss_factor > 0:
     state = _update_projector(state, jax.tree_util.tree_map(
         lambda g: spec.ss_factor * bt_weight * g, g_proj), proj_stats, spec)
   loss_bt = bt / bt_dim if spec.bt_scale == 'dim' else bt

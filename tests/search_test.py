@@ -263,8 +263,8 @@ def test_skip_dropout_schedule():
 def test_config_errors_name_the_option():
   with pytest.raises(ValueError, match='ssf'):
     load_config('ss_pcp', 'ssf=abc')
-  with pytest.raises(ValueError, match='ssf must be in'):
-    load_config('ss_pcp', 'ssf=1.5')
+  with pytest.raises(ValueError, match=r'search.ss_factor must be in \[0, 1\], got 1.5'):
+    search.check_config(load_config('ss_pcp', 'ssf=1.5'))
   with pytest.raises(ValueError, match='Unknown config argument'):
     load_config('pcp', 'huge')
   config = load_config('pcp')
