@@ -138,11 +138,11 @@ class Checkpointer:
     self._manager.close()
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, sort_keys: bool = False) -> None:
   """Writes JSON atomically (a crash never leaves half a file)."""
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
+    json.dump(obj, f, indent=1, sort_keys=sort_keys, default=str)
     f.write('\n')
   os.replace(tmp, path)
 

@@ -308,8 +308,10 @@ def session(workdir: str, config, mode: str, *, total_steps: int, resume_step: i
 class Phase:
   """One stage of a search, or a whole training.
 
-  run_chunk(state, sums, epoch, start, stop) -> (state, sums, bad_step) runs steps
-  start..stop-1 of `epoch` (on the device). end_epoch(state, means, epoch) -> row evaluates
+  chunk_fn(state, sums, *epoch_inputs(epoch), start, stop) -> (state, sums, bad_step) runs
+  steps start..stop-1 of `epoch` on the device (`run_steps`); `epoch_inputs` gives what an
+  epoch's chunks share (data, its order, its key, hyperparameters), computed once per epoch.
+  end_epoch(state, means, epoch) -> row evaluates
   and returns the epoch's metric row (`means`: the epoch's step metrics averaged).
   save_meta(state, epoch, step) -> the phase's checkpoint metadata at step `step` of
   `epoch` (`step` 0 of `epoch` + 1 after an epoch's end). log_row(row) logs the epoch's line.
@@ -321,7 +323,8 @@ class Phase:
   steps_per_epoch: int
   first_step: int  # global step number of the phase's step 0
   metric_names: tuple
-  run_chunk: Callable
+  chunk_fn: Callable
+  epoch_inputs: Callable
   end_epoch: Callable
   save_meta: Callable
   log_row: Callable
@@ -350,12 +353,13 @@ def run_phase(run: Run, phase: Phase, state, epoch: int = 0, step: int = 0, sums
       sums = run.place(zero_sums(phase.metric_names))
     run.progress.start_epoch(phase.index if phase.num_phases else None, phase.num_phases,
                              epoch, phase.epochs, steps, first_step=step)
+    inputs = phase.epoch_inputs(epoch)
     while step < steps:
       stop = _next_stop(step, steps, run.log_every_steps, run.every_steps)
       if not compiled:
         run.progress.compiling(phase.name)
         t_compile = time.time()
-      state, sums, bad = phase.run_chunk(state, sums, epoch, step, stop)
+      state, sums, bad = phase.chunk_fn(state, sums, *inputs, jnp.int32(step), jnp.int32(stop))
       bad = int(bad)  # waits for the chunk: the one host synchronisation per chunk
       just_compiled = not compiled
       if just_compiled:

@@ -37,7 +37,9 @@ from absl import logging
 import jax
 import numpy as np
 
+from pcp_jax import checkpoint
 from pcp_jax import genotypes
+from pcp_jax import parallel
 
 LOG_FILE = 'log.txt'
 CONFIG_FILE = 'config.json'
@@ -46,19 +48,6 @@ TENSORBOARD_DIR = 'tensorboard'
 
 _LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint')
-
-
-def _is_writer() -> bool:
-  # One process writes the shared files; the others would race it on the same paths.
-  return jax.process_index() == 0
-
-
-def _write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file, so a crash never leaves half a file."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------
@@ -80,7 +69,7 @@ def attach_log(workdir: str) -> Optional[str]:
   Idempotent: attaching the same workdir again adds nothing; another workdir moves the file
   handler there. Returns the log file's path (None on processes other than 0).
   """
-  if not _is_writer():
+  if not parallel.is_main_process():
     return None
   path = os.path.abspath(os.path.join(workdir, LOG_FILE))
   root = py_logging.getLogger()
@@ -118,16 +107,15 @@ def detach_log() -> None:
 
 def write_config(workdir: str, config, name: str = CONFIG_FILE) -> Optional[str]:
   """Writes the effective config (an ml_collections ConfigDict or a plain dict) as JSON."""
-  if not _is_writer():
+  if not parallel.is_main_process():
     return None
   if hasattr(config, 'to_json_best_effort'):
-    text = config.to_json_best_effort(indent=1, sort_keys=True)
-  else:
-    text = json.dumps(config.to_dict() if hasattr(config, 'to_dict') else dict(config),
-                      indent=1, sort_keys=True, default=str)
+    config = json.loads(config.to_json_best_effort())
+  elif hasattr(config, 'to_dict'):
+    config = config.to_dict()
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name)
-  _write_atomic(path, text + '\n')
+  checkpoint.write_json(path, dict(config), sort_keys=True)
   return path
 
 
@@ -187,10 +175,9 @@ def write_environment(workdir: str, mode: Optional[str] = None) -> Dict[str, Any
   """Logs the environment (every process, one line) and writes environment.json (process 0)."""
   env = environment(mode)
   logging.info('environment: %s', json.dumps(env, sort_keys=True))
-  if _is_writer():
+  if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
-    _write_atomic(os.path.join(workdir, ENVIRONMENT_FILE),
-                  json.dumps(env, indent=1, sort_keys=True) + '\n')
+    checkpoint.write_json(os.path.join(workdir, ENVIRONMENT_FILE), env, sort_keys=True)
   return env
 
 
@@ -249,7 +236,7 @@ class Scalars:
     self.logdir = os.path.join(workdir, TENSORBOARD_DIR, name)
     self._writer = None
     self._arch_layout_written = False
-    if not _is_writer():
+    if not parallel.is_main_process():
       return
     import tensorboardX  # pylint: disable=g-import-not-at-top; only process 0 needs it
     # SummaryWriter names its file by the second and host; a session restarted within the

@@ -372,7 +372,9 @@ def check_config(config):
     raise ValueError(f'search.bt_views must be one of {list(augment.BT_VIEWS)}, '
                      f'got {cfg.bt_views!r}.')
   defaults.check_fields(
-      config, whole=(('search.channels', 1), ('search.max_skip_normal', -1)),
+      config, whole=(('search.channels', 1), ('search.max_skip_normal', -1),
+                     ('search.batch_size', 2), ('search.eval_batch_size', 1),
+                     ('search.log_every_steps', 0)),
       booleans=('search.shared_channels', 'search.projector_warmup', 'search.use_betas'),
       at_least_zero=('search.bt_lambda',))
   sizes = cfg.projector_sizes
@@ -407,12 +409,6 @@ def check_config(config):
       raise ValueError(f'search.stages[{i}].skip_dropout must be in [0, 1), '
                        f'got {stage.skip_dropout}.')
     ops_on = stage.num_keep
-  if cfg.batch_size < 2:
-    raise ValueError(f'search.batch_size must be >= 2, got {cfg.batch_size}.')
-  if cfg.eval_batch_size < 1:
-    raise ValueError(f'search.eval_batch_size must be >= 1, got {cfg.eval_batch_size}.')
-  if cfg.log_every_steps < 0:
-    raise ValueError(f'search.log_every_steps must be >= 0, got {cfg.log_every_steps}.')
 
 
 def initial_switches(initial_ops) -> np.ndarray:
@@ -592,22 +588,17 @@ def _run_stage(run: _Search, driver: loop.Run, history: loop.Rows, s, switches, 
   n_ops = int(switches['normal'][0].sum())
   logging.info('Stage %d/%d: %d cells, %d ops per edge, %d epochs (%d warm-up).', s + 1,
                len(cfg.stages), stage.layers, n_ops, stage.epochs, stage.warmup_epochs)
-  epoch_args = {}
 
   def skip_rate(e):
     return skip_dropout_rate(stage.skip_dropout, e, stage.epochs, stage.warmup_epochs)
 
-  def run_chunk(state, sums, e, start, stop):
-    if e not in epoch_args:
-      k_o = jax.random.fold_in(k_order, e)
-      order = {split: jax.random.permutation(jax.random.fold_in(k_o, i), run.sizes[split])
-               for i, split in enumerate(('train', 'valid'))}
-      epoch_args.clear()
-      epoch_args[e] = (parallel.replicate(order, run.mesh), jax.random.fold_in(k_steps, e),
-                       (jnp.float32(skip_rate(e)), jnp.bool_(e >= stage.warmup_epochs)))
-    order, key, hparams = epoch_args[e]
-    return chunk_fn(state, sums, run.images, run.labels, order, key, hparams,
-                    jnp.int32(start), jnp.int32(stop))
+  def epoch_inputs(e):
+    k_o = jax.random.fold_in(k_order, e)
+    order = {split: jax.random.permutation(jax.random.fold_in(k_o, i), run.sizes[split])
+             for i, split in enumerate(('train', 'valid'))}
+    return (run.images, run.labels, parallel.replicate(order, run.mesh),
+            jax.random.fold_in(k_steps, e),
+            (jnp.float32(skip_rate(e)), jnp.bool_(e >= stage.warmup_epochs)))
 
   def genotype_of(arch):
     return genotypes.derive_genotype(arch, cfg.use_betas, switches['normal'],
@@ -652,8 +643,8 @@ def _run_stage(run: _Search, driver: loop.Run, history: loop.Rows, s, switches, 
   phase = loop.Phase(name=f'stage {s + 1}/{len(cfg.stages)}', index=s,
                      num_phases=len(cfg.stages), epochs=stage.epochs,
                      steps_per_epoch=run.steps, first_step=run.offsets[s],
-                     metric_names=METRICS, run_chunk=run_chunk, end_epoch=end_epoch,
-                     save_meta=save_meta, log_row=log_row)
+                     metric_names=METRICS, chunk_fn=chunk_fn, epoch_inputs=epoch_inputs,
+                     end_epoch=end_epoch, save_meta=save_meta, log_row=log_row)
   return loop.run_phase(driver, phase, state, epoch, step, sums)
 
 

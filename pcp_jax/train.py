@@ -213,10 +213,8 @@ def check_config(config) -> None:
   defaults.check_fields(
       config, whole=[(f'train.{name}', 1) for name in ('channels', 'epochs', 'batch_size',
                                                        'eval_batch_size')]
-      + [('train.layers', 3), ('train.cutout_length', 0)],
+      + [('train.layers', 3), ('train.cutout_length', 0), ('train.log_every_steps', 0)],
       booleans=('train.auxiliary', 'train.cutout'), at_least_zero=('train.auxiliary_weight',))
-  if t.log_every_steps < 0:
-    raise ValueError(f'train.log_every_steps must be >= 0, got {t.log_every_steps}.')
   if not 0 <= t.drop_path_prob < 1:
     raise ValueError(f'train.drop_path_prob must be in [0, 1), got {t.drop_path_prob}.')
 
@@ -287,21 +285,15 @@ def _phase(tr: _Training, best, fingerprint, best_val_loss, train_key, order_key
   images, labels = tr.place(({'train': splits.train_images},
                              {'train': splits.train_labels.astype(np.int32)}))
   best_val = {'loss': best_val_loss}
-  epoch_args = {}
 
   def drop_path_rate(e):
     return t.drop_path_prob * e / t.epochs if t.drop_path_prob else None
 
-  def run_chunk(state, sums, e, start, stop):
-    if e not in epoch_args:
-      epoch_args.clear()
-      rate = drop_path_rate(e)
-      order = jax.random.permutation(jax.random.fold_in(order_key, e), len(splits.train_images))
-      epoch_args[e] = (tr.place({'train': order}), jax.random.fold_in(train_key, e),
-                       (None if rate is None else jnp.float32(rate),))
-    order, key, hparams = epoch_args[e]
-    return chunk_fn(state, sums, images, labels, order, key, hparams, jnp.int32(start),
-                    jnp.int32(stop))
+  def epoch_inputs(e):
+    rate = drop_path_rate(e)
+    order = jax.random.permutation(jax.random.fold_in(order_key, e), len(splits.train_images))
+    return (images, labels, tr.place({'train': order}), jax.random.fold_in(train_key, e),
+            (None if rate is None else jnp.float32(rate),))
 
   def save_meta(state, e, st):
     del state, e, st
@@ -329,8 +321,8 @@ def _phase(tr: _Training, best, fingerprint, best_val_loss, train_key, order_key
 
   return loop.Phase(name='training', index=0, num_phases=None, epochs=t.epochs,
                     steps_per_epoch=tr.steps, first_step=0, metric_names=METRICS,
-                    run_chunk=run_chunk, end_epoch=end_epoch, save_meta=save_meta,
-                    log_row=log_row)
+                    chunk_fn=chunk_fn, epoch_inputs=epoch_inputs, end_epoch=end_epoch,
+                    save_meta=save_meta, log_row=log_row)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -137,9 +137,9 @@ def _config(name):
 
 @pytest.mark.parametrize('name, field, value, message', [
     ('pcp', 'checkpoint.max_to_keep', 0, 'checkpoint.max_to_keep must be a whole number >= 1'),
-    ('pcp', 'search.eval_batch_size', -1, 'search.eval_batch_size must be >= 1'),
+    ('pcp', 'search.eval_batch_size', -1, 'search.eval_batch_size must be a whole number >= 1'),
     ('pcp', 'data.max_train', -5, 'data.max_train must be a whole number >= 0'),
-    ('pcp', 'search.batch_size', 0, 'search.batch_size must be >= 2'),
+    ('pcp', 'search.batch_size', 0, 'search.batch_size must be a whole number >= 2'),
     ('pcp', 'search.optim.arch.name', 'rmsprop', r"search.optim.arch.name must be one of"),
     ('train_cifar10', 'train.eval_batch_size', -1, 'train.eval_batch_size must be a whole'),
     ('train_cifar10', 'train.batch_size', 0, 'train.batch_size must be a whole number >= 1'),
