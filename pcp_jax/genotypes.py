@@ -8,7 +8,7 @@ intermediate node j - 2.
 import collections
 import json
 import os
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Tuple
 
 import numpy as np
 

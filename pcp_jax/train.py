@@ -28,7 +28,6 @@ from pcp_jax import defaults
 from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import losses
-from pcp_jax import monitor
 from pcp_jax import networks
 from pcp_jax import ops
 from pcp_jax import optim
