@@ -16,6 +16,7 @@ since the process started. `XLA buffers` (arguments, outputs, temporaries) needs
 """
 
 import copy
+import gc
 import json
 import os
 import resource
@@ -32,11 +33,12 @@ from ml_collections import config_flags
 
 from pcp_jax import data
 from pcp_jax import genotypes
-from pcp_jax import hugepages
 from pcp_jax import loop
+from pcp_jax import ops
 from pcp_jax import parallel
 from pcp_jax import search
 from pcp_jax import train
+from pcp_jax.cpu import host
 
 WHAT = ('search', 'train')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -165,7 +167,8 @@ class _Program:
       switches = stage_switches(config, case['stage'])
       model, projector, state, _, optimizers = search.build_stage(
           cfg, stage.layers, stage.epochs, switches, info.num_classes, train.image_shape(info),
-          search_steps_per_epoch(config, b) or 1, key_init, mesh.size, config.op_impl)
+          search_steps_per_epoch(config, b) or 1, key_init, mesh.size,
+          ops.select_kernels(config.op_impl))
       self.carry = parallel.replicate((state, loop.zero_sums(search.METRICS)), mesh)
       self.fn, _ = search.make_stage_fns(cfg, model.clone(dtype=dtype), projector, optimizers,
                                          mesh, info.mean, info.std, stage.skip_dropout > 0)
@@ -213,6 +216,7 @@ def run_case(case, config, *, steps=5, warmup=2, dtype='float32', compile_only=F
   compiled = parallel.compile_lowered(program.fn.lower(*program.carry, *program._args(1, True)))
   m = compiled.memory_analysis()  # donated arguments are counted once (alias)
   result = dict(case, case=program.name, dtype=dtype, op_impl=config.op_impl,
+                kernels=ops.select_kernels(config.op_impl).name,
                 init_seconds=program.init_seconds,
                 compile_seconds=time.perf_counter() - t0, xla_buffer_bytes=m and int(
                     m.argument_size_in_bytes + m.output_size_in_bytes
@@ -275,8 +279,16 @@ def markdown_table(results):
 
 def benchmark(search_config, train_config, cases, *, out='', **timing):
   """Runs the planned `cases`, prints the table, writes the JSON report to `out`, returns it."""
-  results = [run_case(c, search_config if c['what'] == 'search' else train_config, **timing)
-             for c in cases]
+  results = []
+  for c in cases:
+    results.append(run_case(c, search_config if c['what'] == 'search' else train_config,
+                            **timing))
+    # Each case's programs and buffers go before the next case builds its own: on a CPU the
+    # stages of a progressive search do not fit in memory together.
+    gc.collect()
+    jax.clear_caches()
+    if jax.default_backend() == 'cpu':
+      host.trim_heap()
   projections = project_search(search_config, results) if timing.get('project') else []
   device = jax.local_devices()[0]
   print(markdown_table(results))
@@ -284,10 +296,10 @@ def benchmark(search_config, train_config, cases, *, out='', **timing):
     print(f"Projected search at batch {p['batch_size']}: {p['hours']:.2f} h, {p['device_days']:.3f}"
           f" {device.device_kind}-days (steps and compiling; no evaluation, data loading).")
   if device.platform == 'cpu':
-    print(hugepages.status())
+    print(host.status())
   report = dict(argv=sys.argv[1:], cases=results, projections=projections,
                 platform=device.platform, device_kind=device.device_kind,
-                jax_version=jax.__version__, host_memory=hugepages.status(),
+                jax_version=jax.__version__, host_memory=host.status(),
                 compilation_cache_dir=jax.config.jax_compilation_cache_dir)
   if out:
     with open(out, 'w') as f:
@@ -311,6 +323,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  hugepages.reexec()  # glibc reads its huge-page tunable only at start-up
+  host.reexec()  # glibc reads its huge-page tunable only at start-up
   define_flags()
   app.run(main)

@@ -61,9 +61,9 @@ def _base() -> ml_collections.ConfigDict:
   config.seed = 0  # drives everything: initialisation, data order, channel samples, augmentation
   config.modes = ''  # comma list run in order by pcp_jax.main
   config.num_devices = 0  # data-parallel over this many devices; 0 = all (of all processes)
-  # How convolutions and pools are computed (README, "Op implementations"): 'auto' (= 'cpu'
-  # on a CPU backend, 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (shifted slices and
-  # matrix products, faster under XLA:CPU). Same variables, same function.
+  # The models' kernel set (README, "Op implementations"): 'auto' (= 'cpu' on a CPU backend,
+  # 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (the CPU wing, pcp_jax/cpu: shifted
+  # slices and matrix products, faster under XLA:CPU). Same variables, same function.
   config.op_impl = 'auto'
 
   config.checkpoint = ml_collections.ConfigDict()

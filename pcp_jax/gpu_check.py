@@ -407,8 +407,8 @@ if __name__ == '__main__':
   if len(sys.argv) > 1 and sys.argv[1] == 'case':
     from absl import app
     from pcp_jax import bench
-    from pcp_jax import hugepages
-    hugepages.reexec()  # as pcp_jax.bench: glibc reads its huge-page tunable only at start-up
+    from pcp_jax.cpu import host
+    host.reexec()  # as pcp_jax.bench: glibc reads its huge-page tunable only at start-up
     bench.define_flags()
     sys.argv.pop(1)
     app.run(run_case)

@@ -23,6 +23,6 @@ class Projector(nn.Module):
     x = features
     for size in self.sizes[:-1]:
       x = nn.Dense(size, use_bias=False)(x)
-      x = ops.batch_norm(train, True, self.bn_axis_name, None, op_impl='xla')(x)
+      x = ops.batch_norm(train, True, self.bn_axis_name, None)(x)
       x = nn.relu(x)
     return nn.Dense(self.sizes[-1], use_bias=False)(x)

@@ -19,12 +19,12 @@ from ml_collections import config_flags
 from pcp_jax import analysis
 from pcp_jax import checkpoint
 from pcp_jax import defaults
-from pcp_jax import hugepages
 from pcp_jax import loop
 from pcp_jax import parallel
 from pcp_jax import plots
 from pcp_jax import search
 from pcp_jax import train
+from pcp_jax.cpu import host
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -166,7 +166,7 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count(),
                jax.config.jax_compilation_cache_dir)
   if jax.default_backend() == 'cpu':
-    logging.info('%s', hugepages.status())
+    logging.info('%s', host.status())
   try:
     run(FLAGS.config, FLAGS.workdir)
   except loop.Interrupted as e:
@@ -199,5 +199,5 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
-  hugepages.reexec()  # glibc reads its huge-page tunable only at start-up
+  host.reexec()  # glibc reads its huge-page tunable only at start-up
   app.run(main, flags_parser=parse_flags)

@@ -22,12 +22,12 @@ class EvalCell(nn.Module):
   reduction_prev: bool
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
-  op_impl: str = 'auto'
+  kernels: ops.Kernels = ops.XLA
 
   @nn.compact
   def __call__(self, s0, s1, train: bool = True, drop_path_rate=None):
     common = dict(affine=True, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                  op_impl=self.op_impl)
+                  kernels=self.kernels)
     if self.reduction_prev:
       s0 = ops.FactorizedReduce(self.channels, **common, name='preprocess0')(s0, train)
     else:
@@ -43,7 +43,7 @@ class EvalCell(nn.Module):
         stride = 2 if self.reduction and j < 2 else 1
         op = ops.make_op(name, self.channels, stride, affine=True,
                          bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                         module_name=f'edge{k}_{name}', op_impl=self.op_impl)
+                         module_name=f'edge{k}_{name}', kernels=self.kernels)
         h = ops.apply_op(name, op, states[j], stride, train)
         is_identity = name == 'skip_connect' and stride == 1
         if train and drop_path_rate is not None and not is_identity:
@@ -58,20 +58,20 @@ class AuxiliaryHead(nn.Module):
   num_classes: int
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
-  op_impl: str = 'auto'
+  kernels: ops.Kernels = ops.XLA
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     x = nn.relu(x)
     x = nn.avg_pool(x, (5, 5), strides=(3, 3), padding='VALID')
-    x = ops.conv(128, 1, dtype=self.dtype, op_impl=self.op_impl)(x)
+    x = ops.conv(128, 1, dtype=self.dtype, kernels=self.kernels)(x)
     x = nn.relu(ops.batch_norm(train, True, self.bn_axis_name, self.dtype,
-                                op_impl=self.op_impl)(x))
+                                kernels=self.kernels)(x))
     # 2x2 on 32-px inputs as in DARTS; 28-px inputs leave a 1x1 map, so the kernel shrinks.
     kernel = min(2, x.shape[1])
-    x = ops.conv(768, kernel, dtype=self.dtype, op_impl=self.op_impl)(x)
+    x = ops.conv(768, kernel, dtype=self.dtype, kernels=self.kernels)(x)
     x = nn.relu(ops.batch_norm(train, True, self.bn_axis_name, self.dtype,
-                                op_impl=self.op_impl)(x))
+                                kernels=self.kernels)(x))
     x = ops.upcast(x.reshape(x.shape[0], -1))
     return nn.Dense(self.num_classes)(x)
 
@@ -89,18 +89,17 @@ class EvalNetwork(nn.Module):
   stem_multiplier: int = 3
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
-  op_impl: str = 'auto'  # see ops.OP_IMPLS
+  kernels: ops.Kernels = ops.XLA  # see ops.select_kernels
 
   @nn.compact
   def __call__(self, x, train: bool = True, drop_path_rate=None):
     if self.layers < 3:
       raise ValueError(f'train.layers must be >= 3 (two reduction cells), got {self.layers}.')
-    ops.resolve_op_impl(self.op_impl)
     x = x.astype(self.dtype)
     x = ops.conv(self.stem_multiplier * self.channels, 3, padding=1, dtype=self.dtype,
-                 name='stem_conv', op_impl=self.op_impl)(x)
+                 name='stem_conv', kernels=self.kernels)(x)
     x = ops.batch_norm(train, True, self.bn_axis_name, self.dtype, name='stem_bn',
-                       op_impl=self.op_impl)(x)
+                       kernels=self.kernels)(x)
     s0 = s1 = x
     c = self.channels
     reductions = genotypes.reduction_indices(self.layers)
@@ -111,12 +110,12 @@ class EvalNetwork(nn.Module):
       if reduction:
         c *= 2
       cell = EvalCell(self.genotype, c, reduction, reduction_prev, self.bn_axis_name,
-                      self.dtype, self.op_impl, name=f'cell{i}')
+                      self.dtype, self.kernels, name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, train, drop_path_rate)
       reduction_prev = reduction
       if i == reductions[1] and self.auxiliary and (train or self.is_initializing()):
         aux_logits = AuxiliaryHead(self.num_classes, self.bn_axis_name, self.dtype,
-                                   self.op_impl, name='auxiliary_head')(s1, train)
+                                   self.kernels, name='auxiliary_head')(s1, train)
     features = ops.upcast(jnp.mean(s1, axis=(1, 2)))
     logits = nn.Dense(self.num_classes, name='classifier')(features)
     return logits, (aux_logits if train else None)

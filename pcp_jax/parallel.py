@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from pcp_jax import hugepages
+from pcp_jax.cpu import host
 
 AXIS = 'batch'
 
@@ -92,23 +92,19 @@ def run_once(fn: Callable, *args):
   """`fn(*args)` jit-compiled without optimisations: much faster than running a large
   network's init op by op, and cached by the persistent compilation cache."""
   out = jax.jit(fn).lower(*args).compile(_ONE_OFF_COMPILER_OPTIONS)(*args)
-  hugepages.trim_heap()
+  if jax.default_backend() == 'cpu':
+    host.trim_heap()
   return out
 
 
-# XLA:CPU's memory-optimised scheduler: a 3-cell search step at batch 64 needs 932 MB of
-# scratch instead of the default (concurrency-optimised) 1057 MB, at the same speed.
-_CPU_COMPILER_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
-
-
 def compile_lowered(lowered):
-  """Compiles a `jit(...).lower(...)` result as the loops' steps are compiled (on a CPU with
-  the memory-optimised scheduler), then hands the compiler's freed memory back to the system
-  (`hugepages.trim_heap`), so that the program's buffers do not come on top of it: on a CPU
-  the peak host memory of a 3-cell search step at batch 64 drops from 3.7 to 2.3 GB."""
-  options = dict(_CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else None
-  compiled = lowered.compile(options)
-  hugepages.trim_heap()
+  """Compiles a `jit(...).lower(...)` result as the loops' steps are compiled: on a CPU with
+  the CPU wing's compiler options, then handing the compiler's freed heap back
+  (`cpu.host.trim_heap`)."""
+  cpu = jax.default_backend() == 'cpu'
+  compiled = lowered.compile(dict(host.COMPILER_OPTIONS) if cpu else None)
+  if cpu:
+    host.trim_heap()
   return compiled
 
 

@@ -363,7 +363,7 @@ BT_SCALES = ('none', 'dim', 'balance')
 def check_config(config):
   """Validates the search config, naming the option and the allowed values."""
   cfg = config.search
-  ops.resolve_op_impl(config.get('op_impl', 'auto'))
+  ops.select_kernels(config.get('op_impl', 'auto'))
   if not 0.0 <= cfg.ss_factor <= 1.0:
     raise ValueError(f'search.ss_factor must be in [0, 1], got {cfg.ss_factor}.')
   if cfg.bt_scale not in BT_SCALES:
@@ -419,16 +419,16 @@ def initial_switches(initial_ops) -> np.ndarray:
 
 
 def stage_pieces(cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch,
-                 num_devices=1, op_impl='auto'):
+                 num_devices=1, kernels=ops.XLA):
   """(model, projector, init, lr_schedule, optimizers) of a stage: a fresh supernet over the
-  ops still on, its Barlow Twins projector, `init(key) -> SearchState` (not jitted) and the
-  (weights, arch, projector) optimisers."""
+  ops still on, computing with `kernels`, its Barlow Twins projector, `init(key) -> SearchState`
+  (not jitted) and the (weights, arch, projector) optimisers."""
   model = supernet.SearchNetwork(
       num_classes=num_classes, channels=cfg.channels, layers=layers,
       partial_k=cfg.partial_k, channel_mode=cfg.channel_mode, use_betas=cfg.use_betas,
       switches_normal=genotypes.switches_to_tuple(switches['normal']),
       switches_reduce=genotypes.switches_to_tuple(switches['reduce']),
-      bn_axis_name=parallel.axis_name(num_devices), op_impl=op_impl)
+      bn_axis_name=parallel.axis_name(num_devices), kernels=kernels)
   tx_weights, lr_schedule = optim.make(cfg.optim.weights, epochs, steps_per_epoch)
   tx_arch, _ = optim.make(cfg.optim.arch)
   tx_projector, _ = optim.make(cfg.optim.projector)
@@ -454,12 +454,12 @@ def stage_pieces(cfg, layers, epochs, switches, num_classes, image_shape, steps_
 
 
 def build_stage(cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch, key,
-                num_devices=1, op_impl='auto'):
+                num_devices=1, kernels=ops.XLA):
   """`stage_pieces` with the stage's initial state computed from `key`: (model, projector,
   state, lr_schedule, optimizers)."""
   model, projector, init, lr_schedule, optimizers = stage_pieces(
       cfg, layers, epochs, switches, num_classes, image_shape, steps_per_epoch, num_devices,
-      op_impl)
+      kernels)
   return model, projector, parallel.run_once(init, key), lr_schedule, optimizers
 
 
@@ -502,7 +502,7 @@ class _Search:
     stage = self.cfg.stages[s]
     return stage_pieces(self.cfg, stage.layers, stage.epochs, switches, self.info.num_classes,
                         self.sizes['shape'], self.steps, self.mesh.size,
-                        self.config.get('op_impl', 'auto'))
+                        ops.select_kernels(self.config.get('op_impl', 'auto')))
 
   def path(self, name):
     return os.path.join(self.workdir, name)

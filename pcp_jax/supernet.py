@@ -3,7 +3,13 @@
 Variable collections: `'params'` (network weights), `'arch'` (alphas_normal,
 alphas_reduce and, with edge normalisation, betas_normal, betas_reduce),
 `'batch_stats'` (BN statistics). Rng streams: `'channels'` (partial-channel
-sampling in `random` mode) and `'dropout'` (skip-connect dropout).
+sampling in `random` mode) and `'dropout'` (skip-connect dropout), one draw each per call;
+cell i uses `fold_in(draw, i)`.
+
+Runs of identical cells (`cell_runs`: normal cells whose two inputs are normal-cell-shaped
+outputs, as in the 11- and 17-cell stages of a progressive search) are one `nn.scan` over
+per-cell weights stacked on a leading axis (module `cells{first}-{last}`), so tracing and
+compiling a deep network costs about as much as its distinct cells.
 """
 
 from typing import Any, Optional, Sequence, Tuple
@@ -56,7 +62,7 @@ class PartialChannelMixedOp(nn.Module):
   train: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
-  op_impl: str = 'auto'
+  kernels: ops.Kernels = ops.XLA
 
   @nn.compact
   def __call__(self, xs, weights, perms=None, skip_keep_masks=None, skip_keep_prob=None):
@@ -71,28 +77,20 @@ class PartialChannelMixedOp(nn.Module):
     n, c = len(xs), xs[0].shape[-1]
     c_part = c // self.partial_k
     partial, random = self.partial_k > 1, self.channel_mode == 'random'
-    # Under op_impl 'cpu' the sampled channels move by products with one-hot matrices:
-    # XLA:CPU runs those several times faster than gathers and their scatter gradients.
-    one_hot = partial and random and ops.resolve_op_impl(self.op_impl) == 'cpu'
     runs = []  # (input, its edges)
     for e, x in enumerate(xs):
       if runs and runs[-1][0] is x:
         runs[-1][1].append(e)
       else:
         runs.append((x, [e]))
-    chosen = [None] * n
     parts = []
     for x, edges in runs:
       if not partial:
         parts += [x] * len(edges)
       elif not random:
         parts += [x[..., :c_part]] * len(edges)
-      elif one_hot:
-        for e in edges:
-          chosen[e] = jax.nn.one_hot(perms[e, :c_part], c, dtype=x.dtype)  # (c_part, c)
-        parts.append(ops.channel_matmul(x, jnp.concatenate([chosen[e] for e in edges]).T))
       else:
-        parts.append(jnp.take(x, perms[np.asarray(edges), :c_part].reshape(-1), axis=-1))
+        parts.append(self.kernels.take_channels(x, perms[np.asarray(edges), :c_part]))
     x_all = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
     def block(y, i):
@@ -107,7 +105,7 @@ class PartialChannelMixedOp(nn.Module):
           [block(x_all, e) for e in members], axis=-1)
       op = ops.make_op(name, len(members) * c_part, self.stride, affine=False,
                        bn_axis_name=self.bn_axis_name, dtype=self.dtype, module_name=name,
-                       op_impl=self.op_impl, blocks=len(members))
+                       kernels=self.kernels, blocks=len(members))
       y = ops.apply_op(name, op, x_in, self.stride, self.train)
       if name == 'skip_connect' and self.stride == 1 and skip_keep_masks is not None:
         mask = jnp.moveaxis(skip_keep_masks, 0, -2).reshape(y.shape)
@@ -127,18 +125,13 @@ class PartialChannelMixedOp(nn.Module):
 
     results = []
     for x, edges in runs:
-      bypass = x if self.stride == 1 else ops.max_pool_2x2(x, self.op_impl)
+      bypass = x if self.stride == 1 else self.kernels.max_pool(x, 2, 2, 0)
       for e in edges:
-        if not random:
+        if random:
+          results.append(self.kernels.put_channels(bypass, block(out, e), perms[e]))
+        else:
           merged = jnp.concatenate([block(out, e), bypass[..., c_part:]], axis=-1)
           results.append(ops.channel_shuffle(merged, self.partial_k))
-        elif one_hot:
-          results.append(bypass * (1 - jnp.sum(chosen[e], axis=0))
-                         + ops.channel_matmul(block(out, e), chosen[e]))
-        else:
-          merged = jnp.concatenate(
-              [block(out, e), jnp.take(bypass, perms[e, c_part:], axis=-1)], axis=-1)
-          results.append(jnp.take(merged, jnp.argsort(perms[e]), axis=-1))
     return results
 
 
@@ -163,12 +156,15 @@ class SearchCell(nn.Module):
   train: bool = True
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
-  op_impl: str = 'auto'
+  kernels: ops.Kernels = ops.XLA
 
   @nn.compact
-  def __call__(self, s0, s1, weights, edge_weights=None, skip_drop_rate=None):
+  def __call__(self, s0, s1, weights, edge_weights=None, skip_drop_rate=None,
+               channel_key=None, dropout_key=None):
+    """The cell's output; `channel_key` draws the partial channels (`random` mode),
+    `dropout_key` the skip-connect dropout masks (with `skip_drop_rate`)."""
     common = dict(affine=False, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                  op_impl=self.op_impl)
+                  kernels=self.kernels)
     if self.reduction_prev:
       s0 = ops.FactorizedReduce(self.channels, **common, name='preprocess0')(s0, self.train)
     else:
@@ -178,7 +174,7 @@ class SearchCell(nn.Module):
     # each random-number call is a sizeable piece of compiled code.
     perms = masks = keep = None
     if self.partial_k > 1 and self.channel_mode == 'random':
-      noise = jax.random.uniform(self.make_rng('channels'), (genotypes.NUM_EDGES, self.channels))
+      noise = jax.random.uniform(channel_key, (genotypes.NUM_EDGES, self.channels))
       perms = jnp.argsort(noise, axis=-1)
     # Skip-connect dropout acts on identities: the stride-1 edges that have skip_connect.
     def stride_of(e):
@@ -191,7 +187,7 @@ class SearchCell(nn.Module):
       shape = (len(dropped), b, -(-h // stride), -(-w // stride),
                self.channels // self.partial_k)
       keep = 1.0 - skip_drop_rate
-      masks = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+      masks = jax.random.bernoulli(dropout_key, keep, shape)
     states = [s0, s1]
     nodes = [None] * genotypes.STEPS
     for group, name in zip(EDGE_GROUPS, GROUP_NAMES):
@@ -200,7 +196,7 @@ class SearchCell(nn.Module):
       rows = [dropped.index(e) for e in group if e in dropped]
       outs = PartialChannelMixedOp(
           tuple(self.edge_op_names[e] for e in group), stride, self.partial_k,
-          self.channel_mode, self.train, self.bn_axis_name, self.dtype, self.op_impl,
+          self.channel_mode, self.train, self.bn_axis_name, self.dtype, self.kernels,
           name=name)(
               [states[EDGES[e][0]] for e in group], weights[index],
               None if perms is None else perms[index],
@@ -212,6 +208,54 @@ class SearchCell(nn.Module):
         nodes[j] = y if nodes[j] is None else nodes[j] + y
       states.append(nodes[len(states) - 2])
     return jnp.concatenate(states[2:], axis=-1)
+
+
+def cell_runs(layers: int) -> Tuple[Tuple[int, ...], ...]:
+  """The network's cells in order, grouped into runs of identical ones: a normal cell at
+  index >= 2 whose previous cell is no reduction reads two normal-cell-shaped outputs, so
+  consecutive such cells have the same shapes and differ only in their weights."""
+  reductions = genotypes.reduction_indices(layers)
+
+  def repeatable(i):
+    return i >= 2 and i not in reductions and i - 1 not in reductions
+
+  runs = []
+  for i in range(layers):
+    if runs and repeatable(i) and repeatable(runs[-1][-1]):
+      runs[-1].append(i)
+    else:
+      runs.append([i])
+  return tuple(tuple(run) for run in runs)
+
+
+def _cell_step(cell, carry, index, weights, edge_weights, skip_drop_rate, channel_key,
+               dropout_key):
+  """Cell `index` on the carried (s0, s1): returns (s1, its output)."""
+  s0, s1 = carry
+  keys = [None if k is None else jax.random.fold_in(k, index)
+          for k in (channel_key, dropout_key)]
+  return (s1, cell(s0, s1, weights, edge_weights, skip_drop_rate, *keys)), None
+
+
+# A run of identical cells as one loop: weights, BN statistics (and captured intermediates)
+# stacked over the run, the cell index scanned over, the rest broadcast.
+_ScannedCells = nn.scan(
+    _cell_step, variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
+    split_rngs={'params': True}, in_axes=(0,) + (nn.broadcast,) * 5)
+
+
+def stack_cells(collection, layers: int):
+  """A variable collection of the network with `scan_cells=False` (modules `cell{i}`) as the
+  scanned network holds it: each run's cells stacked on a leading axis under `cells{a}-{b}`."""
+  out = {k: v for k, v in collection.items() if not k.startswith('cell')}
+  for run in cell_runs(layers):
+    members = [collection[f'cell{i}'] for i in run if f'cell{i}' in collection]
+    if not members:
+      continue
+    name = f'cell{run[0]}' if len(run) == 1 else f'cells{run[0]}-{run[-1]}'
+    out[name] = members[0] if len(run) == 1 else jax.tree_util.tree_map(
+        lambda *xs: jnp.stack(xs), *members)
+  return out
 
 
 class SearchNetwork(nn.Module):
@@ -231,7 +275,8 @@ class SearchNetwork(nn.Module):
   stem_multiplier: int = 3
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
-  op_impl: str = 'auto'  # see ops.OP_IMPLS
+  kernels: ops.Kernels = ops.XLA  # see ops.select_kernels
+  scan_cells: bool = True  # False: every cell its own module `cell{i}`, same function
 
   def _check(self):
     if self.channel_mode not in CHANNEL_MODES:
@@ -243,7 +288,6 @@ class SearchNetwork(nn.Module):
           f'got {self.partial_k}.')
     if self.layers < 3:
       raise ValueError(f'search.layers must be >= 3 (two reduction cells), got {self.layers}.')
-    ops.resolve_op_impl(self.op_impl)
 
   @nn.compact
   def __call__(self, x, train: bool = True, skip_drop_rate=None):
@@ -271,24 +315,37 @@ class SearchNetwork(nn.Module):
     x = x.astype(self.dtype)
     c_stem = self.stem_multiplier * self.channels
     x = ops.conv(c_stem, 3, padding=1, dtype=self.dtype, name='stem_conv',
-                 op_impl=self.op_impl)(x)
+                 kernels=self.kernels)(x)
     # The reference search network's stem BN is affine, unlike the cells'.
     x = ops.batch_norm(train, True, self.bn_axis_name, self.dtype, name='stem_bn',
-                       op_impl=self.op_impl)(x)
+                       kernels=self.kernels)(x)
+    random_channels = self.partial_k > 1 and self.channel_mode == 'random'
+    channel_key = self.make_rng('channels') if random_channels else None
+    has_skip = any('skip_connect' in names for names in ops_normal + ops_reduce)
+    dropout_key = (self.make_rng('dropout') if skip_drop_rate is not None and has_skip
+                   else None)
+
+    reductions = genotypes.reduction_indices(self.layers)
     s0 = s1 = x
     c = self.channels
-    reduction_prev = False
-    for i in range(self.layers):
-      reduction = i in genotypes.reduction_indices(self.layers)
+    runs = cell_runs(self.layers)
+    if not self.scan_cells:
+      runs = tuple((i,) for run in runs for i in run)
+    for cells in runs:
+      i = cells[0]
+      reduction = i in reductions
       if reduction:
         c *= 2
-      cell = SearchCell(c, reduction, reduction_prev,
+      cell = SearchCell(c, reduction, i - 1 in reductions,
                         ops_reduce if reduction else ops_normal,
                         self.partial_k, self.channel_mode, train, self.bn_axis_name,
-                        self.dtype, self.op_impl, name=f'cell{i}')
-      s0, s1 = s1, cell(s0, s1, w_reduce if reduction else w_normal,
-                        ew_reduce if reduction else ew_normal, skip_drop_rate)
-      reduction_prev = reduction
+                        self.dtype, self.kernels,
+                        name=f'cell{i}' if len(cells) == 1 else f'cells{i}-{cells[-1]}')
+      args = (w_reduce if reduction else w_normal, ew_reduce if reduction else ew_normal,
+              skip_drop_rate)
+      index = i if len(cells) == 1 else jnp.arange(i, cells[-1] + 1)
+      step = _cell_step if len(cells) == 1 else _ScannedCells
+      s0, s1 = step(cell, (s0, s1), index, *args, channel_key, dropout_key)[0]
     features = ops.upcast(jnp.mean(s1, axis=(1, 2)))
     logits = nn.Dense(self.num_classes, name='classifier')(features)
     return logits, features

@@ -73,7 +73,7 @@ def create_model(config: ml_collections.ConfigDict, genotype: genotypes.Genotype
                               channels=config.train.channels, layers=config.train.layers,
                               auxiliary=config.train.auxiliary,
                               bn_axis_name=parallel.axis_name(num_devices),
-                              op_impl=config.get('op_impl', 'auto'))
+                              kernels=ops.select_kernels(config.get('op_impl', 'auto')))
 
 
 def make_optimizer(config, steps_per_epoch: int = 1):
@@ -206,7 +206,7 @@ def is_better(val_loss: float, best_val_loss: Optional[float]) -> bool:
 def check_config(config) -> None:
   """Validates the train config, naming the option and the allowed values."""
   t = config.train
-  ops.resolve_op_impl(config.get('op_impl', 'auto'))
+  ops.select_kernels(config.get('op_impl', 'auto'))
   optim.check(t.optim, 'train.optim')
   data.parse_val_split(t.val_split)
   defaults.check_fields(

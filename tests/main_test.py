@@ -5,6 +5,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tomllib
 
 import jax
 import pytest
@@ -246,3 +247,13 @@ def test_command_line_overrides_answer_in_one_line(tmp_path, override, answer):
       cwd=ROOT, capture_output=True, text=True, timeout=240)
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   assert answer in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+
+
+def test_the_installed_package_includes_every_subpackage():
+  # pyproject.toml lists packages by name: a new subpackage (the CPU wing) left out of it
+  # would be missing from `pip install .`.
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    listed = set(tomllib.load(f)['tool']['setuptools']['packages'])
+  found = {os.path.relpath(d, ROOT).replace(os.sep, '.')
+           for d, _, files in os.walk(os.path.join(ROOT, 'pcp_jax')) if '__init__.py' in files}
+  assert 'pcp_jax.cpu' in found and listed == found

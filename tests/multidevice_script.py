@@ -32,6 +32,7 @@ import numpy as np
 
 from pcp_jax import data
 from pcp_jax import genotypes
+from pcp_jax import ops
 from pcp_jax import loop
 from pcp_jax import parallel
 from pcp_jax import search
@@ -105,7 +106,7 @@ def run_search(num_devices, float64=False):
   mesh = parallel.make_mesh(num_devices)
   model, projector, state, _, optimizers = search.build_stage(
       cfg, 3, 2, switches, 10, SHAPE, STEPS, jax.random.PRNGKey(0), num_devices,
-      op_impl='xla' if float64 else 'auto')
+      kernels=ops.select_kernels('xla' if float64 else 'auto'))
   sums = loop.zero_sums(search.METRICS)
   if float64:
     model, state, sums = model.clone(dtype=jnp.float64), to_float64(state), to_float64(sums)

@@ -1,9 +1,12 @@
-"""The ops: every `op_impl` has the same variables and computes the same function.
+"""The ops: both kernel sets give the same variables and compute the same function.
 
-'xla' (XLA's convolution and reduce-window ops) is the simple reference; 'cpu' is the
-fast path. Outputs and gradients (w.r.t. inputs and parameters) must agree within float
-tolerance for every op, stride and flavour, and for whole networks.
+`ops.XLA` (XLA's convolution and reduce-window ops) is the simple reference; the CPU wing's
+`cpu.kernels.KERNELS` is the fast path on a CPU. Outputs and gradients (w.r.t. inputs and
+parameters) must agree within float tolerance for every op, stride and flavour, and for
+whole cells.
 """
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -15,8 +18,9 @@ from pcp_jax import genotypes
 from pcp_jax import networks
 from pcp_jax import ops
 from pcp_jax import supernet
+from pcp_jax.cpu import kernels as cpu_kernels
 
-IMPLS = ('xla', 'cpu')
+IMPLS = (ops.XLA, cpu_kernels.KERNELS)
 
 
 def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
@@ -31,20 +35,42 @@ def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_op_impl_is_validated_and_auto_follows_the_backend(monkeypatch):
+def test_op_impl_selects_a_kernel_set_and_auto_follows_the_backend(monkeypatch):
   with pytest.raises(ValueError, match="op_impl must be one of .*'xla'.*got 'fast'"):
-    ops.resolve_op_impl('fast')
-  x = jnp.zeros((1, 8, 8, 3))
-  with pytest.raises(ValueError, match='op_impl'):
-    supernet.SearchNetwork(channels=4, layers=3, op_impl='conv').init(jax.random.PRNGKey(0), x)
-  with pytest.raises(ValueError, match='op_impl'):
-    networks.EvalNetwork(genotypes.REFERENCE_GENOTYPES['PDARTS'], channels=4, layers=3,
-                         op_impl='shifts').init(jax.random.PRNGKey(0), x)
-  assert ops.resolve_op_impl('xla') == 'xla' and ops.resolve_op_impl('cpu') == 'cpu'
+    ops.select_kernels('fast')
+  assert ops.select_kernels('xla') is ops.XLA
+  assert ops.select_kernels('cpu') is cpu_kernels.KERNELS
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  assert ops.resolve_op_impl('auto') == 'cpu'
+  assert ops.select_kernels('auto') is cpu_kernels.KERNELS
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert ops.resolve_op_impl('auto') == 'xla'
+  assert ops.select_kernels('auto') is ops.XLA
+
+
+def test_models_compute_with_the_kernel_set_they_are_given():
+  # No model module decides by itself: a set that counts its convolutions, pools and batch
+  # norms sees every one of them, and the XLA set is the default.
+  seen = []
+
+  def counting(name, fn):
+    def wrapped(*args):
+      seen.append(name)
+      return fn(*args)
+    return wrapped
+
+  counted = ops.Kernels('counted', *[counting(f.name, getattr(ops.XLA, f.name))
+                                     for f in dataclasses.fields(ops.Kernels)[1:]])
+  x = jnp.zeros((2, 32, 32, 3))
+  for model in (supernet.SearchNetwork(channels=4, layers=3, partial_k=2),
+                networks.EvalNetwork(genotypes.REFERENCE_GENOTYPES['PDARTS'], channels=4,
+                                     layers=3)):  # PDARTS' reduction cell has both pools
+    assert model.kernels is ops.XLA
+    rngs = {'params': jax.random.PRNGKey(0), 'channels': jax.random.PRNGKey(1)}
+    seen.clear()
+    jax.eval_shape(lambda m=model: m.clone(kernels=counted).init(rngs, x))
+    expected = {'conv2d', 'normalize', 'max_pool', 'avg_pool'}
+    if isinstance(model, supernet.SearchNetwork):
+      expected |= {'take_channels', 'put_channels'}
+    assert set(seen) >= expected
 
 
 @pytest.mark.parametrize('kernel,groups,stride,padding', [
@@ -57,7 +83,7 @@ def test_conv_has_the_variables_of_the_equivalent_nn_conv(kernel, groups, stride
                       feature_group_count=groups, use_bias=False)
   variables = reference.init(jax.random.PRNGKey(1), x)
   for impl in IMPLS:
-    ours = ops.conv(5, kernel, stride, padding, groups=groups, op_impl=impl)
+    ours = ops.conv(5, kernel, stride, padding, groups=groups, kernels=impl)
     mine = ours.init(jax.random.PRNGKey(1), x)
     assert jax.tree_util.tree_structure(mine) == jax.tree_util.tree_structure(variables)
     np.testing.assert_array_equal(mine['params']['kernel'], variables['params']['kernel'])
@@ -89,7 +115,7 @@ def test_depthwise_conv_values_and_gradients_agree():
     x = jax.random.normal(jax.random.PRNGKey(i), shape)
     w = jax.random.normal(jax.random.PRNGKey(100 + i), (kernel, kernel, 1, shape[-1]))
     fn = lambda impl, s=stride, p=padding, d=dilation, g=shape[-1]: (
-        lambda x, w: ops.conv2d(x, w, s, p, d, groups=g, impl=impl))
+        lambda x, w: impl.conv2d(x, w, s, p, d, g))
     cases.append((fn, (x, w)))
   assert_trees_close(*[all_cases(cases, impl) for impl in IMPLS])
 
@@ -99,7 +125,7 @@ def test_pointwise_conv_values_and_gradients_agree():
   for shape, stride in [((2, 8, 8, 6), 1), ((2, 9, 7, 6), 2)]:
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     w = jax.random.normal(jax.random.PRNGKey(1), (1, 1, shape[-1], 4))
-    cases.append((lambda impl, s=stride: lambda x, w: ops.conv2d(x, w, s, impl=impl), (x, w)))
+    cases.append((lambda impl, s=stride: lambda x, w: impl.conv2d(x, w, s), (x, w)))
   assert_trees_close(*[all_cases(cases, impl) for impl in IMPLS])
 
 
@@ -112,7 +138,7 @@ def test_dense_conv_values_and_gradients_agree():
     x = jax.random.normal(jax.random.PRNGKey(i), shape)
     w = jax.random.normal(jax.random.PRNGKey(100 + i), (kernel, kernel, shape[-1], c_out))
     fn = lambda impl, s=stride, p=padding, d=dilation: (
-        lambda x, w: ops.conv2d(x, w, s, p, d, impl=impl))
+        lambda x, w: impl.conv2d(x, w, s, p, d))
     cases.append((fn, (x, w)))
   assert_trees_close(*[all_cases(cases, impl) for impl in IMPLS])
 
@@ -128,10 +154,11 @@ def test_pools_agree_including_gradients_at_ties():
   for shape in [(2, 8, 8, 3), (2, 7, 9, 3)]:
     for x in (jax.random.normal(jax.random.PRNGKey(0), shape), tied(shape)):
       for stride in (1, 2):
-        for pool in (ops.max_pool_3x3, ops.avg_pool_3x3):
-          cases.append((lambda impl, p=pool, s=stride: lambda x: p(x, s, impl), (x,)))
-          is_max.append(pool is ops.max_pool_3x3)
-      cases.append((lambda impl: lambda x: ops.max_pool_2x2(x, impl), (x,)))
+        for pool in ('max_pool', 'avg_pool'):
+          cases.append((lambda impl, p=pool, s=stride: lambda x: getattr(impl, p)(x, 3, s, 1),
+                        (x,)))
+          is_max.append(pool == 'max_pool')
+      cases.append((lambda impl: lambda x: impl.max_pool(x, 2, 2, 0), (x,)))
       is_max.append(True)
   reference, fast = [all_cases(cases, impl) for impl in IMPLS]
   assert_trees_close(reference, fast)
@@ -144,7 +171,7 @@ def test_pools_agree_including_gradients_at_ties():
 def op_results(names_strides, affine, channels, impl):
   """Variables and (value, output, new batch stats, grads) of each op under `impl`."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, channels))
-  built = [ops.make_op(name, channels, stride, affine=affine, op_impl=impl)
+  built = [ops.make_op(name, channels, stride, affine=affine, kernels=impl)
            for name, stride in names_strides]
   variables = jax.jit(lambda k: [op.init(k, x, True) for op in built])(jax.random.PRNGKey(1))
 
@@ -165,8 +192,8 @@ def test_every_op_agrees_across_impls(affine):
   # Stride-1 skip_connect is the identity in every implementation (make_op gives None).
   names_strides = [(name, stride) for name in genotypes.PRIMITIVES if name != 'none'
                    for stride in (1, 2) if (name, stride) != ('skip_connect', 1)]
-  reference_vars, reference = op_results(names_strides, affine, 6, 'xla')
-  variables, result = op_results(names_strides, affine, 6, 'cpu')
+  reference_vars, reference = op_results(names_strides, affine, 6, IMPLS[0])
+  variables, result = op_results(names_strides, affine, 6, IMPLS[1])
   assert_trees_close(reference_vars, variables, rtol=0, atol=0)
   assert_trees_close(reference, result)
 
@@ -180,11 +207,12 @@ def one_op_per_edge(offset):
 
 
 def cell_results(cell, inputs, call_args, key):
-  """Initial variables and (value, grads w.r.t. params, inputs and the array call
-  arguments: op and edge weights) of a cell under train."""
-  rngs = {'channels': key, 'dropout': key, 'drop_path': key}
+  """Initial variables and (value, grads w.r.t. params, inputs and the float call arguments:
+  op and edge weights) of a cell under train."""
+  rngs = {'drop_path': key}
   variables = jax.jit(lambda k: cell.init(dict(rngs, params=k), *inputs, *call_args))(key)
-  arrays = [i for i, a in enumerate(call_args) if isinstance(a, jax.Array)]
+  arrays = [i for i, a in enumerate(call_args)
+            if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)]
 
   def loss(params, inputs, array_args):
     args = list(call_args)
@@ -210,8 +238,9 @@ def test_search_cell_agrees_across_impls(channel_mode):
   results = []
   for impl in IMPLS:
     cell = supernet.SearchCell(8, True, True, op_names, partial_k=2, channel_mode=channel_mode,
-                               op_impl=impl)
-    results.append(cell_results(cell, inputs, (weights, edge_weights, 0.3),
+                               kernels=impl)
+    results.append(cell_results(cell, inputs, (weights, edge_weights, 0.3,
+                                               jax.random.PRNGKey(5), jax.random.PRNGKey(6)),
                                 jax.random.PRNGKey(4)))
   (vars_a, out_a), (vars_b, out_b) = results
   assert_trees_close(vars_a, vars_b, rtol=0, atol=0)
@@ -224,7 +253,7 @@ def test_eval_cell_agrees_across_impls():
   results = []
   for impl in IMPLS:
     cell = networks.EvalCell(genotypes.REFERENCE_GENOTYPES['PDARTS'], 8, True, True,
-                             op_impl=impl)
+                             kernels=impl)
     results.append(cell_results(cell, inputs, (True, 0.2), jax.random.PRNGKey(4)))
   (vars_a, out_a), (vars_b, out_b) = results
   assert_trees_close(vars_a, vars_b, rtol=0, atol=0)
@@ -239,7 +268,7 @@ def test_batch_norm_agrees_across_impls_including_across_devices(affine):
   weights = jax.random.normal(jax.random.PRNGKey(1), x.shape)
   results = []
   for impl in IMPLS:
-    bn = ops.batch_norm(True, affine, 'devices', jnp.float32, op_impl=impl)
+    bn = ops.batch_norm(True, affine, 'devices', jnp.float32, kernels=impl)
     variables = bn.init(jax.random.PRNGKey(2), x[0])
     variables = jax.tree_util.tree_map(lambda v: v + 0.5, variables)  # non-trivial scale/bias
 
@@ -255,12 +284,12 @@ def test_batch_norm_agrees_across_impls_including_across_devices(affine):
   np.testing.assert_allclose(np.mean(y, axis=(0, 1, 2, 3)), 0.5 if affine else 0, atol=1e-5)
 
 
-@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('impl', IMPLS, ids=lambda k: k.name)
 def test_batch_norm_running_variance_is_unbiased_over_the_global_batch(impl):
   # PyTorch's update: running_var = 0.9 * running_var + 0.1 * var_batch * n / (n - 1), n the
   # count over the global batch (both devices of the vmapped device axis here).
   x = 3 * np.random.default_rng(0).normal(size=(2, 4, 5, 5, 3)) + 1
-  bn = ops.batch_norm(True, False, 'devices', jnp.float32, op_impl=impl)
+  bn = ops.batch_norm(True, False, 'devices', jnp.float32, kernels=impl)
   variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x[0], jnp.float32))
   _, state = jax.vmap(lambda xi: bn.apply(variables, xi, mutable=['batch_stats']),
                       axis_name='devices')(jnp.asarray(x, jnp.float32))

@@ -15,6 +15,7 @@ from pcp_jax import genotypes
 from pcp_jax import losses
 from pcp_jax import main
 from pcp_jax import monitor
+from pcp_jax import ops
 from pcp_jax import search
 
 
@@ -130,7 +131,7 @@ def tiny_stage(ss_factor, float64=False, **search_fields):
   spec = search.StepSpec.from_config(config.search, model, projector, optimizers,
                                      (0.5,) * 3, (0.25,) * 3)
   if float64:
-    spec = dataclasses.replace(spec, model=model.clone(dtype=jnp.float64, op_impl='xla'))
+    spec = dataclasses.replace(spec, model=model.clone(dtype=jnp.float64, kernels=ops.XLA))
     state = jax.tree_util.tree_map(
         lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)
   return spec, state

@@ -1,5 +1,6 @@
 """The search supernet: shapes, parameter counts, partial channels, skip dropout."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,9 +114,8 @@ def test_cell_channel_sampling_differs_between_keys_and_repeats_per_key():
                              partial_k=4)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
   w = jnp.tile(jnp.array([0.3, 0.7]), (14, 1))
-  variables = cell.init({'params': jax.random.PRNGKey(1), 'channels': jax.random.PRNGKey(2)},
-                        x, x, w)
-  run = jax.jit(lambda key: cell.apply(variables, x, x, w, rngs={'channels': key},
+  variables = cell.init(jax.random.PRNGKey(1), x, x, w, channel_key=jax.random.PRNGKey(2))
+  run = jax.jit(lambda key: cell.apply(variables, x, x, w, channel_key=key,
                                        mutable=['batch_stats'])[0])
   a, b = run(jax.random.PRNGKey(3)), run(jax.random.PRNGKey(4))
   assert a.shape == (2, 4, 4, 32)
@@ -277,3 +277,76 @@ def test_darts_style_network_has_no_betas_and_all_channels():
   # The stride-2 skip_connect of the reduction cell sees all 8 channels of its input.
   kernel = variables['params']['cell1']['from_inputs']['skip_connect']['Conv_0']['kernel']
   assert kernel.shape == (1, 1, 8, 8 * 8 // 2)
+
+
+def test_cell_runs_group_the_cells_that_have_identical_shapes():
+  # P-DARTS' 17-cell stage (reductions at 5 and 11): after each reduction the first cell
+  # reads the reduction's input too, so only the cells after it repeat.
+  assert supernet.cell_runs(17) == ((0,), (1,), (2, 3, 4), (5,), (6,), (7, 8, 9, 10), (11,),
+                                    (12,), (13, 14, 15, 16))
+  assert supernet.cell_runs(11) == ((0,), (1,), (2,), (3,), (4,), (5, 6), (7,), (8,), (9, 10))
+  assert all(len(run) == 1 for run in supernet.cell_runs(8))  # PC-DARTS: nothing repeats
+
+
+def deep_model(**kwargs):
+  # Ten cells: reductions at 3 and 6, cells 8 and 9 one scanned run.
+  return supernet.SearchNetwork(num_classes=5, channels=4, layers=10, partial_k=2,
+                                switches_normal=only('max_pool_3x3', 'skip_connect',
+                                                     'sep_conv_3x3'),
+                                switches_reduce=only('avg_pool_3x3', 'skip_connect'), **kwargs)
+
+
+@jax.enable_x64()
+def test_scanned_cells_compute_what_unrolled_cells_do():
+  # In float64 with XLA's ops: random channels and skip dropout drawn per cell, batch-norm
+  # statistics, and the gradients of weights and architecture all agree.
+  unrolled = deep_model(dtype=jnp.float64, scan_cells=False)
+  scanned = unrolled.clone(scan_cells=True)
+  k_init, k_x, k_channels, k_dropout = jax.random.split(jax.random.PRNGKey(0), 4)
+  variables = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                     supernet.init_variables(unrolled, k_init, (8, 8, 3)))
+  x = jax.random.normal(k_x, (4, 8, 8, 3), jnp.float64)
+
+  def run(model, v):
+    def loss(params, arch):
+      (logits, features), state = model.apply(
+          dict(v, params=params, arch=arch), x, skip_drop_rate=0.3,
+          rngs={'channels': k_channels, 'dropout': k_dropout}, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(logits)) + jnp.sum(features ** 2), (logits, state)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(v['params'],
+                                                                           v['arch'])
+
+  (loss_u, (logits_u, state_u)), (g_params_u, g_arch_u) = run(unrolled, variables)
+  stacked = {name: supernet.stack_cells(c, 10) for name, c in variables.items()}
+  assert 'cells8-9' in stacked['params'] and 'cell8' not in stacked['params']
+  (loss_s, (logits_s, state_s)), (g_params_s, g_arch_s) = run(scanned, stacked)
+  close = lambda a, b: chex.assert_trees_all_close(a, b, rtol=1e-10, atol=1e-12)
+  close(loss_s, loss_u)
+  close(logits_s, logits_u)
+  close(g_arch_s, g_arch_u)
+  close(g_params_s, supernet.stack_cells(g_params_u, 10))
+  close(state_s['batch_stats'], supernet.stack_cells(state_u['batch_stats'], 10))
+  assert float(jnp.max(jnp.abs(g_arch_u['alphas_normal']))) > 0
+
+
+def test_a_scanned_run_is_traced_once_not_per_cell():
+  # What makes a deep stage compile fast: the program holds each distinct cell once, so three
+  # more repeated cells (17 -> 20, the same runs, each longer) leave its size as it was, while
+  # the unrolled 17-cell network's program is much larger.
+  def program_lines(layers, scan_cells=True):
+    model = supernet.SearchNetwork(num_classes=5, channels=4, layers=layers, partial_k=2,
+                                   switches_normal=only('max_pool_3x3', 'sep_conv_3x3'),
+                                   switches_reduce=only('avg_pool_3x3', 'skip_connect'),
+                                   scan_cells=scan_cells)
+    variables = jax.eval_shape(lambda k: supernet.init_variables(model, k, (8, 8, 3)),
+                               jax.random.PRNGKey(0))
+
+    def forward(v, k):
+      return model.apply(v, jnp.zeros((2, 8, 8, 3)), rngs={'channels': k},
+                         mutable=['batch_stats'])[0]
+    return len(jax.jit(forward).lower(variables, jax.random.PRNGKey(0)).as_text().splitlines())
+
+  assert supernet.cell_runs(20)[2::3] == ((2, 3, 4, 5), (8, 9, 10, 11, 12), (15, 16, 17, 18, 19))
+  scanned = program_lines(17)
+  assert program_lines(20) <= 1.01 * scanned
+  assert program_lines(17, scan_cells=False) > 1.5 * scanned

@@ -1,10 +1,11 @@
-"""Host memory for XLA:CPU's buffers (Linux, glibc): transparent huge pages, heap trimming.
+"""Host memory for XLA:CPU's buffers (Linux, glibc): transparent huge pages, heap trimming,
+the memory-optimised scheduler.
 
 Huge pages (glibc >= 2.35):
 
-XLA:CPU maps each call's scratch buffer fresh from the kernel (about 1.9 GB for a PC-DARTS
-search step at batch 64) and unmaps it when the call ends, so every call faults it in again,
-4 KiB page by page: a quarter of a CPU search step went to page faults. Where transparent
+XLA:CPU maps each call's scratch buffer (gigabytes for a search step) fresh from the kernel
+and unmaps it when the call ends, so every call faults it in again, 4 KiB page by page: a
+large part of a CPU step. Where transparent
 huge pages are on `madvise` (a common default), glibc asks for 2 MiB pages for its large
 allocations when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: 512 times fewer faults.
 glibc reads the tunable only when a process starts, so the command-line entry points re-run
@@ -23,6 +24,9 @@ import re
 import sys
 from typing import Mapping, Optional
 
+# XLA:CPU's memory-optimised scheduler needs less scratch per call than the default
+# (concurrency-optimised) one, at the same speed.
+COMPILER_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 THP_MODE_PATH = '/sys/kernel/mm/transparent_hugepage/enabled'
 TUNABLE = 'glibc.malloc.hugetlb'
 SWITCH = 'PCP_JAX_HUGE_PAGES'
@@ -112,9 +116,8 @@ def trim_heap() -> bool:
   """Hands the C heap's free memory back to the kernel (glibc's `malloc_trim`); False where
   the C library is not glibc.
 
-  Compiling a large program leaves gigabytes of freed heap memory resident (a 3-cell search
-  step at batch 64: 2.55 GB resident after compiling, 1.16 GB after trimming), and every call's
-  scratch buffer then comes on top of it. `parallel.compile_lowered` trims after compiling.
+  Compiling a large program leaves gigabytes of freed heap memory resident, and every call's
+  scratch buffer would come on top of it. `parallel.compile_lowered` trims after compiling.
   """
   if glibc_version() is None:
     return False
