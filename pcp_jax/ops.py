@@ -39,6 +39,9 @@ class Kernels:
   avg_pool: Callable  # (x, window, stride, padding) -> y; padding not counted
   take_channels: Callable  # (x, indices (edges, n)) -> the edges' n channels, concatenated
   put_channels: Callable  # (x, y, perm) -> x with its channels perm[:n] replaced by y's n
+  # Whether a network runs its repeated layers as one loop (smaller programs, faster
+  # compiles) rather than written out: XLA:CPU runs such loops over search cells slower.
+  loops: bool = True
 
 
 def compute_dtype(dtype: Dtype):

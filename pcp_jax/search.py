@@ -428,7 +428,8 @@ def stage_pieces(cfg, layers, epochs, switches, num_classes, image_shape, steps_
       partial_k=cfg.partial_k, channel_mode=cfg.channel_mode, use_betas=cfg.use_betas,
       switches_normal=genotypes.switches_to_tuple(switches['normal']),
       switches_reduce=genotypes.switches_to_tuple(switches['reduce']),
-      bn_axis_name=parallel.axis_name(num_devices), kernels=kernels)
+      bn_axis_name=parallel.axis_name(num_devices), kernels=kernels,
+      scan_cells=kernels.loops)
   tx_weights, lr_schedule = optim.make(cfg.optim.weights, epochs, steps_per_epoch)
   tx_arch, _ = optim.make(cfg.optim.arch)
   tx_projector, _ = optim.make(cfg.optim.projector)

@@ -6,9 +6,9 @@ alphas_reduce and, with edge normalisation, betas_normal, betas_reduce),
 sampling in `random` mode) and `'dropout'` (skip-connect dropout), one draw each per call;
 cell i uses `fold_in(draw, i)`.
 
-Runs of identical cells (`cell_runs`: normal cells whose two inputs are normal-cell-shaped
-outputs, as in the 11- and 17-cell stages of a progressive search) are one `nn.scan` over
-per-cell weights stacked on a leading axis (module `cells{first}-{last}`), so tracing and
+Runs of three or more identical cells (`cell_runs`: normal cells whose two inputs are
+normal-cell-shaped outputs, as in the 17-cell stage of a progressive search) are one `nn.scan`
+over per-cell weights stacked on a leading axis (module `cells{first}-{last}`), so tracing and
 compiling a deep network costs about as much as its distinct cells.
 """
 
@@ -228,6 +228,22 @@ def cell_runs(layers: int) -> Tuple[Tuple[int, ...], ...]:
   return tuple(tuple(run) for run in runs)
 
 
+# A loop over two cells compiles slower than the two cells written out; from three on it pays.
+MIN_SCANNED_RUN = 3
+
+
+def cell_modules(layers: int, scan_cells: bool = True) -> Tuple[Tuple[int, ...], ...]:
+  """The cells of each cell module in order: a run of `MIN_SCANNED_RUN` or more identical
+  cells is one scanned module (`cells{a}-{b}`), every other cell its own (`cell{i}`)."""
+  modules = []
+  for run in cell_runs(layers):
+    if scan_cells and len(run) >= MIN_SCANNED_RUN:
+      modules.append(run)
+    else:
+      modules.extend((i,) for i in run)
+  return tuple(modules)
+
+
 def _cell_step(cell, carry, index, weights, edge_weights, skip_drop_rate, channel_key,
                dropout_key):
   """Cell `index` on the carried (s0, s1): returns (s1, its output)."""
@@ -248,12 +264,12 @@ def stack_cells(collection, layers: int):
   """A variable collection of the network with `scan_cells=False` (modules `cell{i}`) as the
   scanned network holds it: each run's cells stacked on a leading axis under `cells{a}-{b}`."""
   out = {k: v for k, v in collection.items() if not k.startswith('cell')}
-  for run in cell_runs(layers):
-    members = [collection[f'cell{i}'] for i in run if f'cell{i}' in collection]
+  for cells in cell_modules(layers):
+    members = [collection[f'cell{i}'] for i in cells if f'cell{i}' in collection]
     if not members:
       continue
-    name = f'cell{run[0]}' if len(run) == 1 else f'cells{run[0]}-{run[-1]}'
-    out[name] = members[0] if len(run) == 1 else jax.tree_util.tree_map(
+    name = f'cell{cells[0]}' if len(cells) == 1 else f'cells{cells[0]}-{cells[-1]}'
+    out[name] = members[0] if len(cells) == 1 else jax.tree_util.tree_map(
         lambda *xs: jnp.stack(xs), *members)
   return out
 
@@ -328,10 +344,7 @@ class SearchNetwork(nn.Module):
     reductions = genotypes.reduction_indices(self.layers)
     s0 = s1 = x
     c = self.channels
-    runs = cell_runs(self.layers)
-    if not self.scan_cells:
-      runs = tuple((i,) for run in runs for i in run)
-    for cells in runs:
+    for cells in cell_modules(self.layers, self.scan_cells):
       i = cells[0]
       reduction = i in reductions
       if reduction:

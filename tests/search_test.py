@@ -288,6 +288,17 @@ def test_config_errors_name_the_option():
     main.run(config, '/nonexistent')
 
 
+def test_the_kernel_set_decides_whether_a_stage_loops_over_its_repeated_cells():
+  # XLA (GPUs, TPUs) runs the 17-cell stage's repeated cells as one loop, which compiles
+  # faster; the CPU wing writes them out, since XLA:CPU runs the looped step slower.
+  from pcp_jax.cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
+  cfg = load_config('ss_pcp', 'tiny').search
+  switches = {c: search.initial_switches(cfg.initial_ops) for c in ('normal', 'reduce')}
+  for kernels, loops in ((ops.XLA, True), (cpu_kernels.KERNELS, False)):
+    model = search.stage_pieces(cfg, 17, 1, switches, 10, (8, 8, 3), 1, kernels=kernels)[0]
+    assert model.kernels is kernels and model.scan_cells is loops
+
+
 def pcp_arch_clip(config):
   return config.search.optim.arch.grad_clip
 

@@ -286,11 +286,15 @@ def test_cell_runs_group_the_cells_that_have_identical_shapes():
                                     (12,), (13, 14, 15, 16))
   assert supernet.cell_runs(11) == ((0,), (1,), (2,), (3,), (4,), (5, 6), (7,), (8,), (9, 10))
   assert all(len(run) == 1 for run in supernet.cell_runs(8))  # PC-DARTS: nothing repeats
+  # Runs of two stay unrolled (a two-cell loop compiles slower than the cells written out).
+  assert all(len(m) == 1 for m in supernet.cell_modules(11))
+  assert supernet.cell_modules(17)[2] == (2, 3, 4) and len(supernet.cell_modules(17)) == 9
+  assert all(len(m) == 1 for m in supernet.cell_modules(17, scan_cells=False))
 
 
 def deep_model(**kwargs):
-  # Ten cells: reductions at 3 and 6, cells 8 and 9 one scanned run.
-  return supernet.SearchNetwork(num_classes=5, channels=4, layers=10, partial_k=2,
+  # 13 cells: reductions at 4 and 8, cells 10 to 12 one scanned run.
+  return supernet.SearchNetwork(num_classes=5, channels=4, layers=13, partial_k=2,
                                 switches_normal=only('max_pool_3x3', 'skip_connect',
                                                      'sep_conv_3x3'),
                                 switches_reduce=only('avg_pool_3x3', 'skip_connect'), **kwargs)
@@ -317,15 +321,15 @@ def test_scanned_cells_compute_what_unrolled_cells_do():
                                                                            v['arch'])
 
   (loss_u, (logits_u, state_u)), (g_params_u, g_arch_u) = run(unrolled, variables)
-  stacked = {name: supernet.stack_cells(c, 10) for name, c in variables.items()}
-  assert 'cells8-9' in stacked['params'] and 'cell8' not in stacked['params']
+  stacked = {name: supernet.stack_cells(c, 13) for name, c in variables.items()}
+  assert 'cells10-12' in stacked['params'] and 'cell10' not in stacked['params']
   (loss_s, (logits_s, state_s)), (g_params_s, g_arch_s) = run(scanned, stacked)
   close = lambda a, b: chex.assert_trees_all_close(a, b, rtol=1e-10, atol=1e-12)
   close(loss_s, loss_u)
   close(logits_s, logits_u)
   close(g_arch_s, g_arch_u)
-  close(g_params_s, supernet.stack_cells(g_params_u, 10))
-  close(state_s['batch_stats'], supernet.stack_cells(state_u['batch_stats'], 10))
+  close(g_params_s, supernet.stack_cells(g_params_u, 13))
+  close(state_s['batch_stats'], supernet.stack_cells(state_u['batch_stats'], 13))
   assert float(jnp.max(jnp.abs(g_arch_u['alphas_normal']))) > 0
 
 
