@@ -244,6 +244,11 @@ def cell_modules(layers: int, scan_cells: bool = True) -> Tuple[Tuple[int, ...],
   return tuple(modules)
 
 
+def module_name(cells) -> str:
+  """The variable name of the module of `cells` (one of `cell_modules`)."""
+  return f'cell{cells[0]}' if len(cells) == 1 else f'cells{cells[0]}-{cells[-1]}'
+
+
 def _cell_step(cell, carry, index, weights, edge_weights, skip_drop_rate, channel_key,
                dropout_key):
   """Cell `index` on the carried (s0, s1): returns (s1, its output)."""
@@ -268,8 +273,7 @@ def stack_cells(collection, layers: int):
     members = [collection[f'cell{i}'] for i in cells if f'cell{i}' in collection]
     if not members:
       continue
-    name = f'cell{cells[0]}' if len(cells) == 1 else f'cells{cells[0]}-{cells[-1]}'
-    out[name] = members[0] if len(cells) == 1 else jax.tree_util.tree_map(
+    out[module_name(cells)] = members[0] if len(cells) == 1 else jax.tree_util.tree_map(
         lambda *xs: jnp.stack(xs), *members)
   return out
 
@@ -352,8 +356,7 @@ class SearchNetwork(nn.Module):
       cell = SearchCell(c, reduction, i - 1 in reductions,
                         ops_reduce if reduction else ops_normal,
                         self.partial_k, self.channel_mode, train, self.bn_axis_name,
-                        self.dtype, self.kernels,
-                        name=f'cell{i}' if len(cells) == 1 else f'cells{i}-{cells[-1]}')
+                        self.dtype, self.kernels, name=module_name(cells))
       args = (w_reduce if reduction else w_normal, ew_reduce if reduction else ew_normal,
               skip_drop_rate)
       index = i if len(cells) == 1 else jnp.arange(i, cells[-1] + 1)

@@ -293,17 +293,18 @@ def test_cell_runs_group_the_cells_that_have_identical_shapes():
 
 
 def deep_model(**kwargs):
-  # 13 cells: reductions at 4 and 8, cells 10 to 12 one scanned run.
-  return supernet.SearchNetwork(num_classes=5, channels=4, layers=13, partial_k=2,
-                                switches_normal=only('max_pool_3x3', 'skip_connect',
-                                                     'sep_conv_3x3'),
+  # Ten cells: reductions at 3 and 6, cells 8 and 9 one run (scanned when runs of two are).
+  return supernet.SearchNetwork(num_classes=5, channels=4, layers=10, partial_k=2,
+                                switches_normal=only('max_pool_3x3', 'skip_connect'),
                                 switches_reduce=only('avg_pool_3x3', 'skip_connect'), **kwargs)
 
 
 @jax.enable_x64()
-def test_scanned_cells_compute_what_unrolled_cells_do():
+def test_scanned_cells_compute_what_unrolled_cells_do(monkeypatch):
   # In float64 with XLA's ops: random channels and skip dropout drawn per cell, batch-norm
-  # statistics, and the gradients of weights and architecture all agree.
+  # statistics, and the gradients of weights and architecture all agree. A run of two cells
+  # is scanned here (the loop is the same for any length) to keep the programs small.
+  monkeypatch.setattr(supernet, 'MIN_SCANNED_RUN', 2)
   unrolled = deep_model(dtype=jnp.float64, scan_cells=False)
   scanned = unrolled.clone(scan_cells=True)
   k_init, k_x, k_channels, k_dropout = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -321,15 +322,15 @@ def test_scanned_cells_compute_what_unrolled_cells_do():
                                                                            v['arch'])
 
   (loss_u, (logits_u, state_u)), (g_params_u, g_arch_u) = run(unrolled, variables)
-  stacked = {name: supernet.stack_cells(c, 13) for name, c in variables.items()}
-  assert 'cells10-12' in stacked['params'] and 'cell10' not in stacked['params']
+  stacked = {name: supernet.stack_cells(c, 10) for name, c in variables.items()}
+  assert 'cells8-9' in stacked['params'] and 'cell8' not in stacked['params']
   (loss_s, (logits_s, state_s)), (g_params_s, g_arch_s) = run(scanned, stacked)
   close = lambda a, b: chex.assert_trees_all_close(a, b, rtol=1e-10, atol=1e-12)
   close(loss_s, loss_u)
   close(logits_s, logits_u)
   close(g_arch_s, g_arch_u)
-  close(g_params_s, supernet.stack_cells(g_params_u, 13))
-  close(state_s['batch_stats'], supernet.stack_cells(state_u['batch_stats'], 13))
+  close(g_params_s, supernet.stack_cells(g_params_u, 10))
+  close(state_s['batch_stats'], supernet.stack_cells(state_u['batch_stats'], 10))
   assert float(jnp.max(jnp.abs(g_arch_u['alphas_normal']))) > 0
 
 
