@@ -287,8 +287,7 @@ def benchmark(search_config, train_config, cases, *, out='', **timing):
     # stages of a progressive search do not fit in memory together.
     gc.collect()
     jax.clear_caches()
-    if jax.default_backend() == 'cpu':
-      host.trim_heap()
+    host.trim_heap()
   projections = project_search(search_config, results) if timing.get('project') else []
   device = jax.local_devices()[0]
   print(markdown_table(results))

@@ -92,19 +92,17 @@ def run_once(fn: Callable, *args):
   """`fn(*args)` jit-compiled without optimisations: much faster than running a large
   network's init op by op, and cached by the persistent compilation cache."""
   out = jax.jit(fn).lower(*args).compile(_ONE_OFF_COMPILER_OPTIONS)(*args)
-  if jax.default_backend() == 'cpu':
-    host.trim_heap()
+  host.trim_heap()
   return out
 
 
 def compile_lowered(lowered):
   """Compiles a `jit(...).lower(...)` result as the loops' steps are compiled: on a CPU with
-  the CPU wing's compiler options, then handing the compiler's freed heap back
-  (`cpu.host.trim_heap`)."""
+  the CPU wing's compiler options; then the compiler's freed heap (host memory on any
+  backend) goes back to the system (`cpu.host.trim_heap`)."""
   cpu = jax.default_backend() == 'cpu'
   compiled = lowered.compile(dict(host.COMPILER_OPTIONS) if cpu else None)
-  if cpu:
-    host.trim_heap()
+  host.trim_heap()
   return compiled
 
 
