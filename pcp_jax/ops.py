@@ -37,7 +37,9 @@ class Kernels:
   normalize: Callable  # training-mode batch norm: (x, epsilon, axis_name) -> (y, mean, var)
   max_pool: Callable  # (x, window, stride, padding) -> y; padding never the maximum
   avg_pool: Callable  # (x, window, stride, padding) -> y; padding not counted
-  take_channels: Callable  # (x, indices (edges, n)) -> the edges' n channels, concatenated
+  # (x, indices (edges, n), traced or a static numpy array) -> the edges' n channels,
+  # concatenated
+  take_channels: Callable
   put_channels: Callable  # (x, y, perm) -> x with its channels perm[:n] replaced by y's n
   # Whether a network runs its repeated layers as one loop (smaller programs, faster
   # compiles) rather than written out: XLA:CPU runs such loops over search cells slower.
@@ -93,7 +95,15 @@ def _avg_pool(x, window: int, stride: int, padding: int):
 
 
 def _take_channels(x, indices):
+  if isinstance(indices, np.ndarray):  # static (the reference's first C/K channels): slices
+    return jnp.concatenate([_static_channels(x, row) for row in indices], axis=-1)
   return jnp.take(x, indices.reshape(-1), axis=-1)
+
+
+def _static_channels(x, row):
+  if np.array_equal(row, np.arange(row[0], row[0] + len(row))):
+    return x[..., row[0]:row[0] + len(row)]
+  return jnp.take(x, row, axis=-1)
 
 
 def _put_channels(x, y, perm):

@@ -87,10 +87,10 @@ class PartialChannelMixedOp(nn.Module):
     for x, edges in runs:
       if not partial:
         parts += [x] * len(edges)
-      elif not random:
-        parts += [x[..., :c_part]] * len(edges)
-      else:
-        parts.append(self.kernels.take_channels(x, perms[np.asarray(edges), :c_part]))
+      else:  # static indices in `shuffle` mode: the kernel set moves them its own way
+        parts.append(self.kernels.take_channels(
+            x, perms[np.asarray(edges), :c_part] if random
+            else np.tile(np.arange(c_part), (len(edges), 1))))
     x_all = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
     def block(y, i):

@@ -169,6 +169,17 @@ def test_pools_agree_including_gradients_at_ties():
       np.testing.assert_array_equal(g_xla != 0, g_cpu != 0)
 
 
+@pytest.mark.parametrize('impl', IMPLS, ids=lambda k: k.name)
+def test_take_channels_with_static_or_traced_indices(impl):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 8))
+  for indices in (np.tile(np.arange(2), (3, 1)),  # `shuffle` mode: the first C/K, per edge
+                  np.array([[5, 6], [1, 0]])):  # not a run of channels
+    expected = np.asarray(x)[..., indices.reshape(-1)]
+    np.testing.assert_array_equal(impl.take_channels(x, indices), expected)
+    np.testing.assert_array_equal(
+        jax.jit(impl.take_channels)(x, jnp.asarray(indices)), expected)
+
+
 def op_results(names_strides, affine, channels, impl):
   """Variables and (value, output, new batch stats, grads) of each op under `impl`."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, channels))
