@@ -107,7 +107,10 @@ def all_cases(cases, impl):
 
 DEPTHWISE_CASES = [  # shape, kernel, stride, padding, dilation
     ((2, 8, 8, 3), 3, 1, 1, 1), ((2, 8, 8, 3), 5, 1, 2, 1), ((2, 8, 8, 3), 3, 1, 2, 2),
-    ((2, 9, 9, 3), 5, 2, 4, 2), ((2, 7, 10, 3), 3, 2, 1, 1), ((2, 6, 6, 2), 3, 1, 0, 1)]
+    ((2, 9, 9, 3), 5, 2, 4, 2), ((2, 7, 10, 3), 3, 2, 1, 1), ((2, 6, 6, 2), 3, 1, 0, 1),
+    # the reduction cells' (even sizes), and a stride whose phases differ in length
+    ((2, 8, 8, 3), 3, 2, 1, 1), ((2, 8, 8, 3), 5, 2, 2, 1), ((2, 8, 8, 3), 3, 2, 2, 2),
+    ((2, 8, 8, 3), 5, 2, 4, 2), ((2, 10, 11, 2), 3, 3, 1, 1)]
 
 
 def test_depthwise_conv_values_and_gradients_agree():

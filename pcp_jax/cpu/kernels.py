@@ -3,7 +3,8 @@ as XLA:CPU runs them several times faster at DARTS sizes (`KERNELS`, `config.op_
 
 Same variables and, up to float rounding, the same function as `ops.XLA`:
   - depthwise convolutions as sums of shifted slices times per-channel weights, with a
-    hand-written gradient whose kernel part comes from FFTs;
+    hand-written gradient whose kernel part comes from FFTs and whose input part is computed
+    per stride phase;
   - 1x1 convolutions (grouped too) as 2-D matrix products; other dense convolutions (the
     stems, the auxiliary head) as one product of stacked shifted windows (im2col);
   - pools as maxima or sums over slices (a max pool's gradient goes to the first maximum of
@@ -15,6 +16,7 @@ Same variables and, up to float rounding, the same function as `ops.XLA`:
 """
 
 import functools
+import itertools
 
 import jax
 from jax import lax
@@ -152,19 +154,56 @@ def _depthwise_kernel_grad(x, g, k: int, stride: int, padding: int, dilation: in
 
 def _depthwise_slices_bwd(stride, padding, dilation, residuals, g):
   x, kernel = residuals
+  g_kernel = _depthwise_kernel_grad(x, g, kernel.shape[0], stride, padding,
+                                    dilation).astype(kernel.dtype)
+  return _depthwise_input_grad(g, kernel, x.shape[1:3], stride, padding, dilation), g_kernel
+
+
+def _phase_taps(size: int, size_out: int, k: int, stride: int, padding: int, dilation: int):
+  """Along one axis, per phase r (the input pixels y = q * stride + r): its length and the
+  (tap, offset) pairs that reach it, input pixel q * stride + r receiving tap i of output
+  pixel q + offset; and the (low, high) zero padding of the output gradient that keeps
+  every phase's windows inside it."""
+  phases = []
+  for r in range(stride):
+    shifts = [r + padding - i * dilation for i in range(k)]
+    phases.append((-(-(size - r) // stride),
+                   [(i, d // stride) for i, d in enumerate(shifts) if d % stride == 0]))
+  offsets = [(n, o) for n, taps in phases for _, o in taps]
+  low = max([0] + [-o for _, o in offsets])
+  high = max([0] + [n - 1 + o - (size_out - 1) for n, o in offsets])
+  return phases, (low, high)
+
+
+def _depthwise_input_grad(g, kernel, in_hw, stride: int, padding: int, dilation: int):
+  """The input gradient of a depthwise conv, phase by phase: the input pixels of one phase
+  per axis (y % stride == r) each receive a stride-1 correlation of `g` with the kernel taps
+  that reach that phase, and the phases are interleaved at the end. (Spreading `g` over the
+  input grid instead, zeros between its pixels, would spend all but 1/stride^2 of a
+  strided convolution's products on those zeros.)"""
   k = kernel.shape[0]
-  h, w = x.shape[1:3]
-  h_out, w_out = g.shape[1:3]
-  g_kernel = _depthwise_kernel_grad(x, g, k, stride, padding, dilation).astype(kernel.dtype)
-  # The input gradient is a stride-1 correlation of g (strides turned into zeros between
-  # its pixels, then padded) with the flipped kernel, cut to the unpadded input.
-  edge = dilation * (k - 1)
-  config = [(0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)]
-  config[1] = (edge - padding, h + padding - (h_out - 1) * stride - 1, stride - 1)
-  config[2] = (edge - padding, w + padding - (w_out - 1) * stride - 1, stride - 1)
-  g_padded = lax.optimization_barrier(lax.pad(g, jnp.zeros((), g.dtype), config))
-  g_x = _weighted_windows(g_padded, kernel, 1, dilation, (h, w), flip=True)
-  return g_x, g_kernel
+  b, h_out, w_out, c = g.shape
+  (rows, pad_h), (cols, pad_w) = [
+      _phase_taps(n, n_out, k, stride, padding, dilation)
+      for n, n_out in zip(in_hw, (h_out, w_out))]
+  g_padded = lax.optimization_barrier(
+      lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)]))
+  n_h, n_w = rows[0][0], cols[0][0]  # phase 0 is the longest
+  grid = []
+  for n_r, row_taps in rows:
+    grid.append([])
+    for n_c, col_taps in cols:
+      phase = jnp.zeros((b, n_r, n_c, c), g.dtype)  # no tap reaches it (dilated, stride 2)
+      for t, ((i, o_i), (j, o_j)) in enumerate(itertools.product(row_taps, col_taps)):
+        top, left = o_i + pad_h[0], o_j + pad_w[0]
+        term = lax.slice(g_padded, (0, top, left, 0),
+                         (b, top + n_r, left + n_c, c)) * kernel[i, j, 0]
+        phase = term if t == 0 else phase + term
+      grid[-1].append(jnp.pad(phase, ((0, 0), (0, n_h - n_r), (0, n_w - n_c), (0, 0))))
+  if stride == 1:
+    return grid[0][0]
+  interleaved = jnp.stack([jnp.stack(row, axis=3) for row in grid], axis=2)
+  return interleaved.reshape(b, n_h * stride, n_w * stride, c)[:, :in_hw[0], :in_hw[1], :]
 
 
 _depthwise_slices.defvjp(_depthwise_slices_fwd, _depthwise_slices_bwd)
