@@ -74,14 +74,13 @@ def _window(x, top: int, left: int, stride: int, out_hw):
                    (1, stride, stride, 1))
 
 
-def _weighted_windows(x_padded, kernel, stride: int, dilation: int, out_hw, flip=False):
+def _weighted_windows(x_padded, kernel, stride: int, dilation: int, out_hw):
   """sum over taps (i, j) of kernel[i, j, 0] times the (i, j) window of `x_padded`."""
   k = kernel.shape[0]
   out = None
   for i in range(k):
     for j in range(k):
-      ti, tj = (k - 1 - i, k - 1 - j) if flip else (i, j)
-      term = _window(x_padded, ti * dilation, tj * dilation, stride, out_hw) * kernel[i, j, 0]
+      term = _window(x_padded, i * dilation, j * dilation, stride, out_hw) * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
 
@@ -193,12 +192,14 @@ def _depthwise_input_grad(g, kernel, in_hw, stride: int, padding: int, dilation:
   for n_r, row_taps in rows:
     grid.append([])
     for n_c, col_taps in cols:
-      phase = jnp.zeros((b, n_r, n_c, c), g.dtype)  # no tap reaches it (dilated, stride 2)
-      for t, ((i, o_i), (j, o_j)) in enumerate(itertools.product(row_taps, col_taps)):
+      phase = None
+      for (i, o_i), (j, o_j) in itertools.product(row_taps, col_taps):
         top, left = o_i + pad_h[0], o_j + pad_w[0]
         term = lax.slice(g_padded, (0, top, left, 0),
                          (b, top + n_r, left + n_c, c)) * kernel[i, j, 0]
-        phase = term if t == 0 else phase + term
+        phase = term if phase is None else phase + term
+      if phase is None:  # no tap reaches this phase (a dilated kernel at stride 2)
+        phase = jnp.zeros((b, n_r, n_c, c), g.dtype)
       grid[-1].append(jnp.pad(phase, ((0, 0), (0, n_h - n_r), (0, n_w - n_c), (0, 0))))
   if stride == 1:
     return grid[0][0]
