@@ -22,7 +22,7 @@ class Projector(nn.Module):
       raise ValueError('Projector.sizes must list at least the output size.')
     x = features
     for size in self.sizes[:-1]:
-      x = nn.Dense(size, use_bias=False)(x)
+      x = ops.dense(x, size, use_bias=False)
       x = ops.batch_norm(train, True, self.bn_axis_name, None)(x)
       x = nn.relu(x)
-    return nn.Dense(self.sizes[-1], use_bias=False)(x)
+    return ops.dense(x, self.sizes[-1], use_bias=False)

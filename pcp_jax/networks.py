@@ -73,7 +73,7 @@ class AuxiliaryHead(nn.Module):
     x = nn.relu(ops.batch_norm(train, True, self.bn_axis_name, self.dtype,
                                 kernels=self.kernels)(x))
     x = ops.upcast(x.reshape(x.shape[0], -1))
-    return nn.Dense(self.num_classes)(x)
+    return ops.dense(x, self.num_classes)
 
 
 class EvalNetwork(nn.Module):
@@ -117,7 +117,7 @@ class EvalNetwork(nn.Module):
         aux_logits = AuxiliaryHead(self.num_classes, self.bn_axis_name, self.dtype,
                                    self.kernels, name='auxiliary_head')(s1, train)
     features = ops.upcast(jnp.mean(s1, axis=(1, 2)))
-    logits = nn.Dense(self.num_classes, name='classifier')(features)
+    logits = ops.dense(features, self.num_classes, name='classifier')
     return logits, (aux_logits if train else None)
 
 

@@ -13,9 +13,14 @@ wing's (`pcp_jax.cpu.kernels`), which XLA:CPU runs several times faster. Both ha
 variables (each convolution keeps an `nn.Conv`-shaped kernel under the name Flax would give
 that `nn.Conv`, so checkpoints are interchangeable) and compute the same function up to float
 rounding.
+
+Weights start as in the reference code, which keeps PyTorch's defaults: a convolution's or a
+linear layer's weight, and a linear layer's bias, uniform in +-1/sqrt(fan_in) (`WEIGHT_INIT`,
+`bias_init`; `dense` makes such a linear layer), batch norms at scale 1 and bias 0.
 """
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -126,6 +131,29 @@ def select_kernels(op_impl: str) -> Kernels:
   return kernels.KERNELS
 
 
+# PyTorch's default for nn.Conv2d and nn.Linear weights, kaiming_uniform_(a=sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = k * k * (input channels / groups) of the
+# (k, k, in / groups, out) kernel, or the inputs of a (in, out) linear kernel.
+WEIGHT_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def bias_init(fan_in: int) -> Callable:
+  """PyTorch's default for an nn.Linear bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def dense(x, features: int, use_bias: bool = True, name: Optional[str] = None):
+  """`nn.Dense(features)(x)` initialised as PyTorch's nn.Linear (call inside a compact
+  method; same variables and names as that `nn.Dense`)."""
+  return nn.Dense(features, use_bias=use_bias, kernel_init=WEIGHT_INIT,
+                  bias_init=bias_init(x.shape[-1]), name=name)(x)
+
+
 def batch_norm(train: bool, affine: bool, axis_name: Optional[str], dtype: Dtype,
                name: Optional[str] = None, kernels: Kernels = XLA) -> 'BatchNorm':
   # PyTorch momentum 0.1 is Flax momentum 0.9.
@@ -184,7 +212,7 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+    kernel = self.param('kernel', WEIGHT_INIT,
                         (k, k, x.shape[-1] // self.groups, self.features), jnp.float32)
     return self.kernels.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
                                self.padding, self.dilation, self.groups)

@@ -363,7 +363,7 @@ class SearchNetwork(nn.Module):
       step = _cell_step if len(cells) == 1 else _ScannedCells
       s0, s1 = step(cell, (s0, s1), index, *args, channel_key, dropout_key)[0]
     features = ops.upcast(jnp.mean(s1, axis=(1, 2)))
-    logits = nn.Dense(self.num_classes, name='classifier')(features)
+    logits = ops.dense(features, self.num_classes, name='classifier')
     return logits, features
 
 
