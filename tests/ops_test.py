@@ -77,11 +77,11 @@ def test_models_compute_with_the_kernel_set_they_are_given():
 @pytest.mark.parametrize('kernel,groups,stride,padding', [
     (3, 1, 1, 1), (1, 1, 2, 0), (3, 5, 1, 1), (5, 5, 2, 2)])
 def test_conv_has_the_variables_of_the_equivalent_nn_conv(kernel, groups, stride, padding):
-  # Same names, shapes and initial values: checkpoints load across implementations and
-  # from before ops.Conv existed.
+  # Same names and shapes (checkpoints load across implementations and from before ops.Conv
+  # existed), and the initial values of an nn.Conv initialised as PyTorch's nn.Conv2d.
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 5))
   reference = nn.Conv(5, (kernel, kernel), strides=stride, padding=padding,
-                      feature_group_count=groups, use_bias=False)
+                      feature_group_count=groups, use_bias=False, kernel_init=ops.WEIGHT_INIT)
   variables = reference.init(jax.random.PRNGKey(1), x)
   for impl in IMPLS:
     ours = ops.conv(5, kernel, stride, padding, groups=groups, kernels=impl)
