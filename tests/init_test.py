@@ -12,17 +12,17 @@ from pcp_jax import networks
 from pcp_jax import supernet
 
 
+# Two ops per edge: the depthwise, grouped pointwise and dilated kernels, a smaller program.
+TWO_OPS = tuple(tuple(p in ('sep_conv_3x3', 'dil_conv_5x5') for p in genotypes.PRIMITIVES)
+                for _ in range(genotypes.NUM_EDGES))
+
+
 def _variables(which, key):
   if which == 'search':
-    model = supernet.SearchNetwork(num_classes=10, channels=8, layers=3, partial_k=4,
-                                   scan_cells=False)
-    return supernet.init_variables(model, key, (32, 32, 3))
-  if which == 'search, cells scanned':  # stacked weights: the initialiser sees one cell's
-    convs = tuple(tuple(p in ('sep_conv_3x3', 'dil_conv_5x5') for p in genotypes.PRIMITIVES)
-                  for _ in range(genotypes.NUM_EDGES))  # two ops: a smaller program
-    model = supernet.SearchNetwork(num_classes=10, channels=4, layers=14, partial_k=4,
-                                   switches_normal=convs, switches_reduce=convs)
-    return supernet.init_variables(model, key, (32, 32, 3))
+    # 3 cells: a normal cell, a reduction, a reduction after one (a factorised reduce).
+    model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3, partial_k=4,
+                                   switches_normal=TWO_OPS, switches_reduce=TWO_OPS)
+    return supernet.init_variables(model, key, (16, 16, 3))
   if which == 'eval':
     model = networks.EvalNetwork(genotypes.REFERENCE_GENOTYPES['PDARTS'], num_classes=10,
                                  channels=8, layers=8, auxiliary=True)
@@ -31,22 +31,19 @@ def _variables(which, key):
 
 
 def _leaves(params):
-  """(path, float64 array, its cell-stack axis or None) of every parameter."""
+  """(path, float64 array) of every parameter."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = [p.key for p in path]
-    stacked = any(k.startswith('cells') for k in keys)
-    yield keys, np.asarray(leaf, np.float64), stacked
+    yield [p.key for p in path], np.asarray(leaf, np.float64)
 
 
-@pytest.mark.parametrize('which', ['search', 'search, cells scanned', 'eval', 'projector'])
+@pytest.mark.parametrize('which', ['search', 'eval', 'projector'])
 def test_weights_start_as_pytorchs_defaults(which):
   params = _variables(which, jax.random.PRNGKey(0))['params']
   scaled = []  # every kernel entry times sqrt(its fan-in): U(-1, 1) if initialised right
   kernels = {}
-  for keys, leaf, stacked in _leaves(params):
-    per_cell = leaf.shape[1:] if stacked else leaf.shape
+  for keys, leaf in _leaves(params):
     if keys[-1] == 'kernel':
-      fan_in = int(np.prod(per_cell[:-1]))  # (k, k, in / groups, out) or (in, out)
+      fan_in = int(np.prod(leaf.shape[:-1]))  # (k, k, in / groups, out) or (in, out)
       u = leaf * np.sqrt(fan_in)
       assert np.all(np.abs(u) <= 1 + 1e-6), keys
       if u.size >= 1000:  # large enough to reach both ends of the range
@@ -54,14 +51,13 @@ def test_weights_start_as_pytorchs_defaults(which):
       scaled.append(u.ravel())
       kernels[tuple(keys[:-1])] = fan_in
   assert kernels
-  assert (which == 'search, cells scanned') == any(s for _, _, s in _leaves(params))
   scaled = np.concatenate(scaled)
   # E[u^2] = 1/3 for u ~ U(-1, 1); the mean of n samples has standard deviation sqrt(4/45/n).
   tolerance = 6 * np.sqrt(4 / 45 / scaled.size)
   assert abs(np.mean(scaled ** 2) - 1 / 3) < tolerance
   assert abs(np.mean(scaled)) < 6 * np.sqrt(1 / 3 / scaled.size)
 
-  for keys, leaf, _ in _leaves(params):
+  for keys, leaf in _leaves(params):
     if keys[-1] != 'bias':
       continue
     owner = tuple(keys[:-1])
@@ -70,6 +66,6 @@ def test_weights_start_as_pytorchs_defaults(which):
       assert np.all(np.abs(leaf) <= bound * (1 + 1e-6)) and np.any(leaf != 0), keys
     else:  # a batch norm's
       assert np.all(leaf == 0), keys
-  for keys, leaf, _ in _leaves(params):
+  for keys, leaf in _leaves(params):
     if keys[-1] == 'scale':
       assert np.all(leaf == 1), keys
