@@ -195,8 +195,7 @@ def _depthwise_input_grad(g, kernel, in_hw, stride: int, padding: int, dilation:
       phase = None
       for (i, o_i), (j, o_j) in itertools.product(row_taps, col_taps):
         top, left = o_i + pad_h[0], o_j + pad_w[0]
-        term = lax.slice(g_padded, (0, top, left, 0),
-                         (b, top + n_r, left + n_c, c)) * kernel[i, j, 0]
+        term = _window(g_padded, top, left, 1, (n_r, n_c)) * kernel[i, j, 0]
         phase = term if phase is None else phase + term
       if phase is None:  # no tap reaches this phase (a dilated kernel at stride 2)
         phase = jnp.zeros((b, n_r, n_c, c), g.dtype)
