@@ -23,8 +23,19 @@ PRIMITIVES = (
     'dil_conv_5x5',
 )
 NUM_OPS = len(PRIMITIVES)
+
+# The cell topology, enumerated here only: node j (0..STEPS-1) has an edge from each state
+# i < 2 + j (0, 1: the cell inputs c_{k-2}, c_{k-1}; 2 + k: node k). Edges are numbered node
+# by node, so node j's incoming edges are EDGES[NODE_EDGES[j]].
 STEPS = 4
-NUM_EDGES = sum(2 + i for i in range(STEPS))  # 14
+EDGES = tuple((i, j) for j in range(STEPS) for i in range(2 + j))  # (source state, node)
+NUM_EDGES = len(EDGES)  # 14
+NODE_EDGES = tuple(slice(j * (j + 3) // 2, (j + 1) * (j + 4) // 2) for j in range(STEPS))
+
+
+def state_name(i: int) -> str:
+  """'c_{k-2}', 'c_{k-1}' for the cell inputs, 'node k' for state 2 + k."""
+  return ('c_{k-2}', 'c_{k-1}')[i] if i < 2 else f'node {i - 2}'
 
 Genotype = collections.namedtuple(
     'Genotype', 'normal normal_concat reduce reduce_concat')
@@ -205,12 +216,9 @@ def node_softmax(betas) -> np.ndarray:
   """Edge-normalisation weights: softmax of the betas within each node's incoming edges."""
   betas = np.asarray(betas, dtype=np.float64)
   out = np.empty_like(betas)
-  start = 0
-  for i in range(STEPS):
-    end = start + 2 + i
-    e = np.exp(betas[start:end] - betas[start:end].max())
-    out[start:end] = e / e.sum()
-    start = end
+  for edges in NODE_EDGES:
+    e = np.exp(betas[edges] - betas[edges].max())
+    out[edges] = e / e.sum()
   return out
 
 
@@ -241,15 +249,13 @@ def _parse_cell(weights: np.ndarray, allowed: np.ndarray):
   best_op = masked.argmax(axis=1)  # argmax: ties go to the lower index
   strength = masked.max(axis=1)
   gene = []
-  start = 0
-  for i in range(STEPS):
-    n = 2 + i
-    edges = sorted(range(n), key=lambda j: (-strength[start + j], j))[:2]
+  for node_edges in NODE_EDGES:
+    start = node_edges.start
+    edges = sorted(range(node_edges.stop - start), key=lambda j: (-strength[start + j], j))[:2]
     for j in edges:
       if not np.isfinite(strength[start + j]):
         raise ValueError(f'edge {start + j} has no op left to choose besides `none`.')
       gene.append((PRIMITIVES[best_op[start + j]], j, start + j))
-    start += n
   return gene
 
 
