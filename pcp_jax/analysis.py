@@ -1,24 +1,25 @@
-"""The paper's robustness analysis: FGSM attacks swept over eps, their plots and the `fgsm`
-mode on a trained run (several runs side by side, the paper's Fig. 13: `reports.fgsm_overlay`).
+"""The paper's robustness analysis: FGSM attacks swept over eps and the `fgsm` mode on a
+trained run, drawn by `plots.plot_fgsm` (several runs side by side, the paper's Fig. 13:
+`reports.fgsm_overlay`).
 """
 
-import math
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-from matplotlib.figure import Figure
 import numpy as np
 import optax
 
 from pcp_jax import augment
-from pcp_jax import checkpoint
 from pcp_jax import data
 from pcp_jax import defaults
+from pcp_jax import loop
+from pcp_jax import models
 from pcp_jax import parallel
-from pcp_jax import reports
+from pcp_jax import plots
+from pcp_jax import runs
 from pcp_jax import train
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -64,7 +65,8 @@ def fgsm_sweep(logits_fn: LogitsFn, images, labels, eps_list: Sequence[float],
     labels: (N,) integer labels.
     eps_list: the attack strengths; 0 gives the clean accuracy.
     batch_size: examples per jitted call. The last partial batch is padded to this size
-      (and the padding ignored), so the function compiles once for all batches and eps.
+      (`loop.padded_batches`; the padding ignored), so the function compiles once for all
+      batches and eps.
     example_indices: images whose true-class probability is recorded for every eps
       (the paper's per-example curves, Fig. 13).
 
@@ -90,16 +92,11 @@ def fgsm_sweep(logits_fn: LogitsFn, images, labels, eps_list: Sequence[float],
   accuracy, mean_true_prob, true_prob_by_eps = [], [], []
   for eps in eps_list:
     correct_parts, prob_parts = [], []
-    for start in range(0, num_examples, batch_size):
-      x = images[start:start + batch_size]
-      y = labels[start:start + batch_size]
-      valid = len(x)
-      if valid < batch_size:
-        x = np.concatenate([x, np.zeros((batch_size - valid,) + x.shape[1:], x.dtype)])
-        y = np.concatenate([y, np.zeros(batch_size - valid, y.dtype)])
-      correct, true_prob = attack_batch(x, y, np.float32(eps))
-      correct_parts.append(np.asarray(correct)[:valid])
-      prob_parts.append(np.asarray(true_prob)[:valid])
+    for idx, mask in loop.padded_batches(num_examples, batch_size):
+      correct, true_prob = attack_batch(images[idx], labels[idx], np.float32(eps))
+      keep = mask > 0
+      correct_parts.append(np.asarray(correct)[keep])
+      prob_parts.append(np.asarray(true_prob)[keep])
     correct = np.concatenate(correct_parts)
     true_prob = np.concatenate(prob_parts)
     accuracy.append(float(correct.mean()))
@@ -113,71 +110,6 @@ def fgsm_sweep(logits_fn: LogitsFn, images, labels, eps_list: Sequence[float],
       'examples': {
           str(int(i)): [float(p[i]) for p in true_prob_by_eps] for i in example_indices},
   }
-
-
-def _line_plot(results_by_name, key, ylabel, title, path):
-  fig = Figure(figsize=(6, 4.5), layout='constrained')
-  ax = fig.add_subplot()
-  for name, results in results_by_name.items():
-    ax.plot(results['eps'], results[key], marker='o', markersize=3, label=name)
-  ax.set_xlabel('FGSM eps (pixel scale [0, 1])')
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.set_ylim(-0.02, 1.02)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.savefig(path, dpi=120)
-  return path
-
-
-def _examples_plot(results_by_name, path):
-  indices = sorted({i for r in results_by_name.values() for i in r['examples']}, key=int)
-  if not indices:
-    raise ValueError('plot_fgsm: no results hold any per-example curves.')
-  ncols = min(4, len(indices))
-  nrows = math.ceil(len(indices) / ncols)
-  fig = Figure(figsize=(3.2 * ncols, 2.8 * nrows), layout='constrained')
-  axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
-  for ax, index in zip(axes.flat, indices):
-    for name, results in results_by_name.items():
-      if index in results['examples']:
-        ax.plot(results['eps'], results['examples'][index], marker='o', markersize=3,
-                label=name)
-    ax.set_title(f'example {index}')
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-  for ax in axes.flat[len(indices):]:
-    ax.set_visible(False)
-  for ax in axes[-1]:
-    ax.set_xlabel('eps')
-  for ax in axes[:, 0]:
-    ax.set_ylabel('true-class probability')
-  axes.flat[0].legend(fontsize='small')
-  fig.savefig(path, dpi=120)
-  return path
-
-
-def plot_fgsm(results_by_name: Mapping[str, dict], out_dir: str, prefix: str = 'fgsm') -> list:
-  """Plots `fgsm_sweep` results, one line per architecture name; returns the PNG paths.
-
-  Writes `{prefix}_accuracy.png`, `{prefix}_true_prob.png` (mean true-class probability)
-  and `{prefix}_examples.png` (one panel per recorded example) to `out_dir`.
-  """
-  if not results_by_name:
-    raise ValueError('plot_fgsm needs at least one architecture\'s results.')
-  # Keys become strings in JSON; accept results straight from fgsm_sweep or from disk.
-  results_by_name = {
-      name: dict(r, examples={str(i): p for i, p in r.get('examples', {}).items()})
-      for name, r in results_by_name.items()}
-  os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.join(out_dir, prefix)
-  return [
-      _line_plot(results_by_name, 'accuracy', 'accuracy', 'Accuracy under FGSM',
-                 f'{stem}_accuracy.png'),
-      _line_plot(results_by_name, 'mean_true_prob', 'mean true-class probability',
-                 'True-class probability under FGSM', f'{stem}_true_prob.png'),
-      _examples_plot(results_by_name, f'{stem}_examples.png'),
-  ]
 
 
 def check_config(config) -> None:
@@ -204,7 +136,7 @@ def fgsm(config, workdir: str) -> dict:
   genotype = train.load_genotype(config, workdir)
   splits = data.train_splits(config)
   info = splits.info
-  model = train.create_model(config, genotype, info)
+  model = models.eval_network(config, genotype, info.num_classes)
   state, checkpoint_name, meta = train.restore_for_eval(config, workdir, model, info)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
 
@@ -218,13 +150,13 @@ def fgsm(config, workdir: str) -> dict:
   sweep = fgsm_sweep(logits_fn, images, splits.test_labels[:num], list(config.fgsm.eps),
                      batch_size=config.fgsm.batch_size,
                      example_indices=list(config.fgsm.example_indices))
-  method = reports.method_name(config.genotype, config.train.method)
+  method = runs.method_name(config.genotype, config.train.method)
   results = dict(sweep, method=method, dataset=info.name, genotype_source=config.genotype,
                  num_examples=len(images), checkpoint=checkpoint_name,
                  checkpoint_epoch=meta.get('epoch'))
   if parallel.is_main_process():
-    checkpoint.write_json(os.path.join(workdir, 'fgsm.json'), results)
-    plot_fgsm({method: sweep}, workdir, prefix='fgsm')
+    runs.write_json(os.path.join(workdir, runs.FGSM), results)
+    plots.plot_fgsm({method: sweep}, workdir, prefix='fgsm')
   logging.info('FGSM accuracy by eps %s: %s', sweep['eps'],
                ', '.join(f'{a:.4f}' for a in sweep['accuracy']))
   return results

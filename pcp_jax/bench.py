@@ -9,13 +9,15 @@ A pre-flight check before a long run (on its GPU): does the batch fit, how long 
 how many images per second does a step run. Per case (a search stage or the train step at a
 batch size) it times building the state (`init s`), compiling the step as the loops do
 (`compile s`), then, after `--warmup` steps, `--steps` steps ending in one `block_until_ready`:
-the search step (architecture + weight step) in one call of `search.make_stage_fns`' on-device
+the search step (architecture + weight step) in one call of `search.build_stage`'s on-device
 loop, as the search runs an epoch; `train.make_train_step` as queued calls. Inputs: random uint8
 images on the device. Peak memory: the GPU's `peak_bytes_in_use` or the process's peak RSS,
 since the process started. `XLA buffers` (arguments, outputs, temporaries) needs no run.
 """
 
 import copy
+import dataclasses
+import functools
 import gc
 import json
 import os
@@ -34,9 +36,10 @@ from ml_collections import config_flags
 from pcp_jax import data
 from pcp_jax import genotypes
 from pcp_jax import loop
-from pcp_jax import ops
+from pcp_jax import models
 from pcp_jax import parallel
 from pcp_jax import search
+from pcp_jax import search_step
 from pcp_jax import train
 from pcp_jax.cpu import host
 
@@ -161,17 +164,18 @@ class _Program:
     b, self.search = case['batch_size'], case['what'] == 'search'
     t0 = time.perf_counter()
     if self.search:
-      cfg = copy.deepcopy(config.search)
-      cfg.batch_size = b  # the on-device loop slices batches of this size
-      stage = cfg.stages[case['stage']]
+      config = copy.deepcopy(config)
+      config.search.batch_size = b  # the on-device loop slices batches of this size
+      stage = config.search.stages[case['stage']]
       switches = stage_switches(config, case['stage'])
-      model, projector, state, _, optimizers = search.build_stage(
-          cfg, stage.layers, stage.epochs, switches, info.num_classes, train.image_shape(info),
-          search_steps_per_epoch(config, b) or 1, key_init, mesh.size,
-          ops.select_kernels(config.op_impl))
-      self.carry = parallel.replicate((state, loop.zero_sums(search.METRICS)), mesh)
-      self.fn, _ = search.make_stage_fns(cfg, model.clone(dtype=dtype), projector, optimizers,
-                                         mesh, info.mean, info.std, stage.skip_dropout > 0)
+      built = search.build_stage(config, stage.layers, stage.epochs, switches, info,
+                                 train.image_shape(info), search_steps_per_epoch(config, b) or 1,
+                                 mesh, stage.skip_dropout > 0)
+      state = parallel.run_once(built.init, key_init)
+      self.carry = parallel.replicate((state, loop.zero_sums(search_step.METRICS)), mesh)
+      spec = dataclasses.replace(built.spec, model=built.spec.model.clone(dtype=dtype))
+      self.fn = loop.make_chunk_fn(functools.partial(search_step.search_step, spec=spec), b,
+                                   mesh)
       n = b * max_steps  # every step of a call gets its own rows
       self.data = (*_inputs(n, info, ('train', 'valid'), mesh), parallel.replicate(
           {s: np.arange(n, dtype=np.int32) for s in ('train', 'valid')}, mesh), self.key)
@@ -179,12 +183,14 @@ class _Program:
       self.name = (f"search stage {case['stage'] + 1} ({stage.layers} cells, "
                    f"{switches['normal'][0].sum()} ops)")
     else:
-      model = train.create_model(config, genotypes.get(config.genotype), info, mesh.size)
+      model = models.eval_network(config, genotypes.get(config.genotype), info.num_classes,
+                                  mesh.size)
       tx, _ = train.make_optimizer(config, max(1, TRAIN_SET_SIZES[info.name] // b))
       state = train.initial_state(model, tx, key_init, train.image_shape(info))
       self.carry = (parallel.replicate(state, mesh),)
       self.fn = train.make_train_step(config, model.clone(dtype=dtype), tx, info, mesh)
-      self.data = (*(x['train'] for x in _inputs(b, info, ('train',), mesh)), self.key)
+      images, labels = _inputs(b, info, ('train',), mesh)
+      self.data = ({'train': (images['train'], labels['train'])}, self.key)
       self.rate = jnp.float32(config.train.drop_path_prob)
       self.name = f'train ({config.train.layers} cells, {config.genotype})'
     jax.block_until_ready(self.carry)
@@ -192,8 +198,9 @@ class _Program:
 
   def _args(self, steps, update_arch):
     if self.search:
-      return (*self.data, (self.rate, jnp.bool_(update_arch)), jnp.int32(0), jnp.int32(steps))
-    return (*self.data, self.rate)
+      return (*self.data, search_step.HParams(self.rate, jnp.bool_(update_arch)), jnp.int32(0),
+              jnp.int32(steps))
+    return (*self.data, train.HParams(self.rate))
 
   def run(self, compiled, steps, update_arch=True):
     """Returns a device bool: all losses finite."""
@@ -216,7 +223,7 @@ def run_case(case, config, *, steps=5, warmup=2, dtype='float32', compile_only=F
   compiled = parallel.compile_lowered(program.fn.lower(*program.carry, *program._args(1, True)))
   m = compiled.memory_analysis()  # donated arguments are counted once (alias)
   result = dict(case, case=program.name, dtype=dtype, op_impl=config.op_impl,
-                kernels=ops.select_kernels(config.op_impl).name,
+                kernels=models.select_kernels(config.op_impl).name,
                 init_seconds=program.init_seconds,
                 compile_seconds=time.perf_counter() - t0, xla_buffer_bytes=m and int(
                     m.argument_size_in_bytes + m.output_size_in_bytes

@@ -8,7 +8,6 @@ truncated later) is skipped with a warning in favour of the one before it.
 
 import fcntl
 import hashlib
-import json
 import os
 import socket
 import time
@@ -18,6 +17,8 @@ from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from pcp_jax import runs
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -138,15 +139,6 @@ class Checkpointer:
     self._manager.close()
 
 
-def write_json(path: str, obj, sort_keys: bool = False) -> None:
-  """Writes JSON atomically (a crash never leaves half a file)."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=sort_keys, default=str)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
 class WorkdirBusy(RuntimeError):
   """Another run holds the workdir."""
 
@@ -156,7 +148,7 @@ class WorkdirLock:
   holder). The lock is the operating system's (`flock`), so a killed run never leaves it
   held. A workdir this run created and left empty (an early failure) is removed again."""
 
-  NAME = '.lock'
+  NAME = runs.LOCK
 
   def __init__(self, workdir: str):
     self.workdir = os.path.abspath(workdir)

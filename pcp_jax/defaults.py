@@ -29,8 +29,9 @@ Train configs:
 
 import ml_collections
 
-PRIMITIVES = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3',
-              'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
+from pcp_jax import data
+from pcp_jax import genotypes
+
 SEARCH_DATASETS = ('cifar10', 'cifar100')
 
 
@@ -93,7 +94,7 @@ def search_config() -> ml_collections.ConfigDict:
   s.partial_k = 4  # 1 = plain DARTS edges
   s.channel_mode = 'random'  # 'random' (sampled per step) or 'shuffle' (reference code)
   s.use_betas = True  # PC-DARTS edge normalisation
-  s.initial_ops = PRIMITIVES  # ops on every edge in the first stage
+  s.initial_ops = genotypes.PRIMITIVES  # ops on every edge in the first stage
   # P-DARTS stages: 5/11/17 cells, 8 -> 5 -> 3 ops; after the last stage the genotype takes
   # the strongest op per edge. Skip dropout 0.1/0.4/0.7 is the P-DARTS CIFAR-10 code
   # (its paper: 0.0/0.4/0.7). The paper freezes the architecture for 15 epochs here.
@@ -117,6 +118,15 @@ def search_config() -> ml_collections.ConfigDict:
                                 grad_clip=5.0)
   # Self-supervision: architecture loss = ss_factor * BT + (1 - ss_factor) * CE.
   s.ss_factor = 0.0
+  # The step's augmentation (the paper's): random crop and flip of the CE batches (weight
+  # step and the architecture step's CE batch), and the two BT views' augmentation. False
+  # feeds the images as they are (normalised only), for pre-augmented data and for runs
+  # compared step by step.
+  s.augment = True
+  s.bt_augment = True
+  # The supernet's and its state's float type: 'float32' (the paper) or 'float64' (reference
+  # runs and decisive comparisons; needs JAX_ENABLE_X64=1).
+  s.dtype = 'float32'
   # The CE batch and both BT views go through one channel sample per architecture step (the
   # paper's "two identical networks"); False draws one per forward (earlier releases).
   s.shared_channels = True
@@ -320,7 +330,6 @@ def check_base(config) -> None:
                               ('checkpoint.max_to_keep', 1), ('data.max_train', 0),
                               ('data.max_test', 0)))
   d = config.data
-  from pcp_jax import data  # pylint: disable=g-import-not-at-top; configs import this module
   if d.dataset not in data.DATASETS:
     raise ValueError(f'data.dataset must be one of {sorted(data.DATASETS)}, got {d.dataset!r}.')
   if d.source not in data.SOURCES:

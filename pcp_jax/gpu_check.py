@@ -26,7 +26,13 @@ import math
 import os
 import sys
 
+from absl import app
+from absl import logging
+import jax
 import numpy as np
+
+from pcp_jax import bench
+from pcp_jax.cpu import host
 
 # The published search costs set beside the projections: (GPU-days, source).
 PAPER_PCP_GPU_DAYS = 0.163  # PCP-DARTS, the paper (Table I; V100)
@@ -105,9 +111,6 @@ def determinism_args(tiny=False):
 
 def run_case(argv):
   """`case`: times the one case pcp_jax.bench's flags name and writes its JSON to --out."""
-  import jax
-  from absl import logging
-  from pcp_jax import bench
   FLAGS = bench.FLAGS
   if len(argv) > 1:
     raise SystemExit(f'Error: unexpected arguments {argv[1:]}')
@@ -155,7 +158,6 @@ def run_case(argv):
 
 
 def device_info():
-  import jax
   device = jax.local_devices()[0]
   return dict(platform=device.platform, device_kind=device.device_kind,
               device_count=jax.device_count(), jax_version=jax.__version__,
@@ -175,7 +177,7 @@ def _read(path, default=None):
 
 
 def _last_line(path):
-  lines = [l.strip() for l in (_read(path, '') or '').splitlines() if l.strip()]
+  lines = [line.strip() for line in (_read(path, '') or '').splitlines() if line.strip()]
   return lines[-1][:300] if lines else ''
 
 
@@ -405,9 +407,6 @@ def main(argv):
 
 if __name__ == '__main__':
   if len(sys.argv) > 1 and sys.argv[1] == 'case':
-    from absl import app
-    from pcp_jax import bench
-    from pcp_jax.cpu import host
     host.reexec()  # as pcp_jax.bench: glibc reads its huge-page tunable only at start-up
     bench.define_flags()
     sys.argv.pop(1)

@@ -1,9 +1,12 @@
 """Heads put on top of a network's pooled features."""
 
-from typing import Optional, Sequence
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 
+from pcp_jax import kernels as kernels_lib
 from pcp_jax import ops
 
 
@@ -15,14 +18,18 @@ class Projector(nn.Module):
   """
   sizes: Sequence[int]
   bn_axis_name: Optional[str] = None
+  dtype: Optional[Any] = None  # None: the features' own
+  kernels: kernels_lib.Kernels = dataclasses.field(kw_only=True)  # models.select_kernels
 
   @nn.compact
   def __call__(self, features, train: bool = True):
     if not self.sizes:
       raise ValueError('Projector.sizes must list at least the output size.')
+    norm = functools.partial(ops.BatchNorm, use_running_average=not train,
+                             axis_name=self.bn_axis_name, dtype=self.dtype,
+                             kernels=self.kernels)
     x = features
     for size in self.sizes[:-1]:
-      x = ops.dense(x, size, use_bias=False)
-      x = ops.batch_norm(train, True, self.bn_axis_name, None)(x)
-      x = nn.relu(x)
-    return ops.dense(x, self.sizes[-1], use_bias=False)
+      x = ops.dense(x, size, use_bias=False, dtype=self.dtype)
+      x = nn.relu(norm()(x))
+    return ops.dense(x, self.sizes[-1], use_bias=False, dtype=self.dtype)

@@ -1,12 +1,11 @@
-"""The epoch driver shared by the search and training.
+"""What the search and training loops share: on-device chunks of steps, the NaN stop,
+signals and periodic saves, metric rows, padded evaluation and resume.
 
-A run is a sequence of phases (the stages of a search; training is one phase), each of
-`epochs` epochs of `steps_per_epoch` steps. The driver runs a phase's steps in chunks on the
-device (`run_steps`: no host round trip per step), ends each chunk where a progress line or
-a periodic checkpoint is due, evaluates and writes one metric row per epoch, and saves a
-checkpoint (`{'state', 'sums'}` plus JSON metadata) at every epoch's end and every
-`checkpoint.every_steps` steps. What makes a phase a search stage or training is what it
-hands the driver: its chunk function, its end-of-epoch row and its checkpoint metadata.
+Each mode writes its own stage/epoch loop (`search.search`, `train.train_and_evaluate`) and
+calls `run_epoch` for an epoch's steps: they run in chunks on the device (`run_steps`: no
+host round trip per step), each ending where a progress line or a periodic checkpoint is
+due. Checkpoints hold `{'state', 'sums'}` plus JSON metadata that the mode writes in one
+place (its `save`), at every epoch's end and every `checkpoint.every_steps` steps.
 
 One interrupt path: the first SIGINT (Ctrl-C) or SIGTERM (SLURM's time limit, preemption,
 Colab's shutdown) lets the current chunk finish, saves, and stops with `Interrupted`; a second
@@ -18,12 +17,12 @@ checkpoint that restores (`restore`), dropping the metric rows written after it.
 
 import contextlib
 import dataclasses
+import functools
 import json
-import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 from absl import logging
 import jax
@@ -31,8 +30,12 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from pcp_jax import augment
 from pcp_jax import checkpoint
+from pcp_jax import losses
 from pcp_jax import monitor
+from pcp_jax import parallel
+from pcp_jax import runs
 
 
 class Interrupted(KeyboardInterrupt):
@@ -89,68 +92,27 @@ class Signals:
 
 
 # ---------------------------------------------------------------------------
-# Metric rows.
+# On-device steps.
 
 
-class Rows:
-  """A JSON-lines file of rows, each with a global `step`, written by the main process.
-
-  A line cut short (a kill or a full disk during an append) is dropped with a warning when
-  it is the last one; anywhere else the file is reported with the line number.
-  """
-
-  def __init__(self, path: str, write: bool = True):
-    self.path = path
-    self.write = write
-
-  def read(self) -> list:
-    if not os.path.isfile(self.path):
-      return []
-    with open(self.path) as f:
-      lines = f.read().split('\n')
-    rows = []
-    for number, line in enumerate(lines, 1):
-      if not line.strip():
-        continue
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        if all(not rest.strip() for rest in lines[number:]):
-          logging.warning('%s: line %d is cut short (an interrupted write); ignoring it.',
-                          self.path, number)
-          break
-        raise ValueError(f'{self.path}: line {number} is not valid JSON; repair or delete '
-                         'that line.') from None
-    return rows
-
-  def keep_until(self, step: int) -> None:
-    """Keeps only the rows up to global step `step` (those after it are redone on resume)."""
-    if self.write and os.path.exists(self.path):
-      rows = [r for r in self.read() if r['step'] <= step]
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in rows)
-      os.replace(tmp, self.path)
-
-  def append(self, row: Mapping) -> None:
-    if self.write:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
-        f.flush()
-
-
-# ---------------------------------------------------------------------------
-# On-device steps and padded evaluation.
+class EpochInputs(NamedTuple):
+  """What an epoch's chunks share: the splits (dicts keyed by split, on every device), a
+  permutation of each split, the epoch's key and the step's hyperparameters (a pytree of
+  traced values, e.g. `search_step.HParams`)."""
+  images: Mapping[str, Any]
+  labels: Mapping[str, Any]
+  order: Mapping[str, Any]
+  key: Any
+  hparams: Any
 
 
 def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, step_fn,
               batch_size):
   """Runs steps `start`..`stop - 1` of an epoch in one on-device loop.
 
-  `images`, `labels` and `order` (a permutation of each split) are dicts keyed by split;
-  step `i` gets `batch = {split: (images, labels)}` of rows `order[split][i * batch_size:
+  Step `i` gets `batch = {split: (images, labels)}` of rows `order[split][i * batch_size:
   (i + 1) * batch_size]` and the key `fold_in(key, i)`: `step_fn(state, batch, key,
-  *hparams) -> (state, metrics)`. Running an epoch in one call or in chunks (`start`, `stop`
+  hparams) -> (state, metrics)`. Running an epoch in one call or in chunks (`start`, `stop`
   are traced: one compile serves all) gives the same result. `sums` accumulates the metrics.
   The loop stops after the first step whose metrics are not finite and returns its index
   as `bad_step` (else -1).
@@ -169,7 +131,7 @@ def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, 
     for split in order:
       idx = jax.lax.dynamic_slice_in_dim(order[split], i * batch_size, batch_size)
       batch[split] = (images[split][idx], labels[split][idx])
-    state, metrics = step_fn(state, batch, jax.random.fold_in(key, i), *hparams)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(key, i), hparams)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in metrics.values()]))
     sums = {name: sums[name] + metrics[name] for name in sums}
     return i + 1, state, sums, jnp.where(finite, bad, i)
@@ -179,27 +141,54 @@ def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, 
   return state, sums, bad
 
 
+def make_chunk_fn(step_fn: Callable, batch_size: int, mesh) -> parallel.CompiledOnFirstCall:
+  """`run_steps` of `step_fn`, data-parallel over `mesh`, jitted and compiled at its first
+  call: chunk(state, sums, *EpochInputs, start, stop) -> (state, sums, bad_step), donating
+  `state` and `sums`. Later calls must pass the same shapes, types and shardings."""
+  chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=batch_size)
+  return parallel.CompiledOnFirstCall(
+      jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1)))
+
+
 def zero_sums(names) -> dict:
   return {name: jnp.zeros((), jnp.float32) for name in names}
 
 
-def evaluate(eval_fn, variables, images, labels, batch_size: int, key=None) -> dict:
-  """Means over a whole split of what `eval_fn(variables, images, labels, mask, key)` sums
-  per batch (a dict, e.g. {'loss', 'accuracy'}); the last batch is padded (repeating the
-  last image, masked out) so one compile serves every batch. `images` may live on the host
-  or the device."""
-  n = images.shape[0]
+# ---------------------------------------------------------------------------
+# Padded evaluation.
+
+
+def eval_sums(variables, images, labels, mask, key, *, model, mean, std):
+  """Summed CE, correct and top-5 correct counts of a (padded) uint8 batch where `mask` is
+  1, the network in eval mode (BN's running statistics; `key` draws a supernet's channels)."""
+  x = augment.normalize(augment.to_float(images), mean, std)
+  logits, _ = model.apply(variables, x, train=False, rngs={'channels': key})
+  return losses.classification_sums(logits, labels, mask)
+
+
+def make_eval_fn(model, mean, std) -> Callable:
+  """`eval_sums` of `model` for `evaluate`, jitted."""
+  return jax.jit(functools.partial(eval_sums, model=model, mean=mean, std=std))
+
+
+def padded_batches(n: int, batch_size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """(indices, mask) of each batch of `batch_size` over `n` examples: the last batch is
+  padded with the last index and masked out, so one compile serves every batch."""
   if n == 0:
     raise ValueError('Cannot evaluate on an empty split.')
-  batch_size = min(batch_size, n)
-  key = jax.random.key(0) if key is None else key
-  totals = []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size)
-    mask = np.asarray(idx < n, np.float32)
-    idx = np.minimum(idx, n - 1)
-    totals.append(eval_fn(variables, images[idx], labels[idx], mask,
-                          jax.random.fold_in(key, start)))
+    yield np.minimum(idx, n - 1), np.asarray(idx < n, np.float32)
+
+
+def evaluate(eval_fn, variables, images, labels, batch_size: int, key=None) -> dict:
+  """Means over a whole split of what `eval_fn(variables, images, labels, mask, key)` sums
+  per batch (`eval_sums`); `images` may live on the host or the device."""
+  n = images.shape[0]
+  batch_size = min(batch_size, max(n, 1))
+  key = jax.random.key(0) if key is None else key
+  totals = [eval_fn(variables, images[idx], labels[idx], mask, jax.random.fold_in(key, i))
+            for i, (idx, mask) in enumerate(padded_batches(n, batch_size))]
   totals = jax.device_get(totals)
   return {name: float(sum(np.float64(t[name]) for t in totals)) / n for name in totals[0]}
 
@@ -256,147 +245,130 @@ def zeros_like_shapes(shapes):
 
 
 # ---------------------------------------------------------------------------
-# The driver.
+# A session's epochs.
 
 
 @dataclasses.dataclass
-class Run:
-  """What the phases of one run share."""
+class Session:
+  """What the epochs of one session of a mode share."""
   ckpt: checkpoint.Checkpointer
-  rows: Rows
+  rows: runs.Rows  # the mode's metric rows, one per epoch
   what: str  # 'the search', 'training': in messages
+  hint: str  # what to change after a non-finite loss
   every_steps: int  # periodic checkpoints; 0: only at epoch ends
   log_every_steps: int  # progress lines; 0: none
-  meta: dict  # metadata saved with every checkpoint (e.g. the config fingerprint)
-  hint: str  # what to change after a non-finite loss
   signals: Signals
-  progress: Any  # monitor.Progress: the lines at chunk ends
-  scalars: Any  # monitor.Scalars: TensorBoard events of the rows
-  place: Callable = lambda tree: tree  # puts step inputs where the steps expect them
+  progress: monitor.Progress
+  scalars: monitor.Scalars
+  place: Callable  # puts host values where the steps expect them
   elapsed: float = 0.0  # seconds of earlier sessions
-  session_start: float = dataclasses.field(default_factory=time.time)
+  started: float = dataclasses.field(default_factory=time.time)
 
   def elapsed_seconds(self) -> float:
-    return self.elapsed + time.time() - self.session_start
+    return self.elapsed + time.time() - self.started
 
   def save(self, global_step: int, state, sums, meta: Mapping) -> None:
+    """A checkpoint of `{'state', 'sums'}` with the mode's metadata and the elapsed time."""
     self.ckpt.save(global_step, {'state': state, 'sums': sums},
-                   dict(self.meta, **meta, elapsed_seconds=self.elapsed_seconds()))
+                   dict(meta, elapsed_seconds=self.elapsed_seconds()))
 
-  def stop_if_requested(self, signum: Optional[int]) -> None:
+  def stop_if_requested(self) -> None:
+    """Raises `Interrupted` if a signal reached any process (call after a save)."""
+    signum = self.signals.agreed()
     if signum:
       raise Interrupted(f'{self.what.capitalize()} stopped on {signal.Signals(signum).name}; '
                         f'saved in {self.ckpt.directory}. Rerun the same command to resume.',
                         signum)
 
+  def write_row(self, row: Mapping) -> None:
+    """An epoch's metric row to the rows file and TensorBoard."""
+    self.rows.append(row)
+    self.scalars.write(row['step'], row)
+    self.scalars.flush()
+
 
 @contextlib.contextmanager
 def session(workdir: str, config, mode: str, *, total_steps: int, resume_step: int,
-            resumed: bool, **run_fields):
-  """The `Run` of one session of `mode` (search, train), once the workdir is found
-  compatible: writes log.txt, config.json and environment.json (`monitor.start_run`), opens
-  the TensorBoard writer (dropping the events a resumed session redoes), the progress lines
-  and the signal handlers. `run_fields`: the rest of `Run`'s fields."""
+            resumed: bool, **fields):
+  """The `Session` of `mode` (search, train), once the workdir is found compatible: writes
+  log.txt, config.json and environment.json (`monitor.start_run`), opens the TensorBoard
+  writer (dropping the events a resumed session redoes), the progress lines and the signal
+  handlers. `fields`: the rest of `Session`'s fields."""
   monitor.start_run(workdir, config, mode)
-  with Signals(run_fields['what']) as signals, monitor.Scalars(
+  with Signals(fields['what']) as signals, monitor.Scalars(
       workdir, mode, purge_step=resume_step + 1 if resumed else 0) as scalars:
-    yield Run(signals=signals, scalars=scalars,
-              progress=monitor.Progress(total_steps, resume_step, mode), **run_fields)
+    yield Session(signals=signals, scalars=scalars,
+                  progress=monitor.Progress(total_steps, resume_step, mode), **fields)
 
 
-@dataclasses.dataclass
-class Phase:
-  """One stage of a search, or a whole training.
-
-  chunk_fn(state, sums, *epoch_inputs(epoch), start, stop) -> (state, sums, bad_step) runs
-  steps start..stop-1 of `epoch` on the device (`run_steps`); `epoch_inputs` gives what an
-  epoch's chunks share (data, its order, its key, hyperparameters), computed once per epoch.
-  end_epoch(state, means, epoch) -> row evaluates
-  and returns the epoch's metric row (`means`: the epoch's step metrics averaged).
-  save_meta(state, epoch, step) -> the phase's checkpoint metadata at step `step` of
-  `epoch` (`step` 0 of `epoch` + 1 after an epoch's end). log_row(row) logs the epoch's line.
-  """
+@dataclasses.dataclass(frozen=True)
+class Epoch:
+  """Where an epoch sits in its run: for messages, progress lines and global steps."""
   name: str  # 'stage 2/3', 'training'
-  index: int  # saved as `phase` in the metadata
-  num_phases: Optional[int]  # the search's stages; None for training (no stage in lines)
+  index: int
   epochs: int
-  steps_per_epoch: int
-  first_step: int  # global step number of the phase's step 0
-  metric_names: tuple
-  chunk_fn: Callable
-  epoch_inputs: Callable
-  end_epoch: Callable
-  save_meta: Callable
-  log_row: Callable
+  steps: int  # per epoch
+  first_step: int  # the global step of its step 0
+  stage: Optional[int] = None  # the search's stage (None: no stage in lines)
+  stages: Optional[int] = None
 
-  def global_step(self, epoch: int, step: int) -> int:
-    return self.first_step + epoch * self.steps_per_epoch + step
+  def global_step(self, step: int) -> int:
+    return self.first_step + step
 
 
-def _next_stop(step, steps, *everies):
-  stops = [steps] + [(step // e + 1) * e for e in everies if e > 0]
-  return min(stops)
+def next_stop(step: int, steps: int, *everies: int) -> int:
+  """Where the chunk from `step` ends: the epoch's end or the next multiple of an `every`."""
+  return min([steps] + [(step // e + 1) * e for e in everies if e > 0])
 
 
-def _sums_means(sums, count):
+def means(sums, count: int) -> dict:
+  """The sums fetched to the host, divided by `count` steps."""
   return {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
 
 
-def run_phase(run: Run, phase: Phase, state, epoch: int = 0, step: int = 0, sums=None):
-  """Runs `phase` from step `step` of `epoch` (with that epoch's `sums` so far when resuming
-  mid-epoch) to its end; returns the final state."""
-  steps = phase.steps_per_epoch
-  compiled = False
-  for epoch in range(epoch, phase.epochs):
-    t_epoch = time.time()
-    if step == 0 or sums is None:
-      sums = run.place(zero_sums(phase.metric_names))
-    run.progress.start_epoch(phase.index if phase.num_phases else None, phase.num_phases,
-                             epoch, phase.epochs, steps, first_step=step)
-    inputs = phase.epoch_inputs(epoch)
-    while step < steps:
-      stop = _next_stop(step, steps, run.log_every_steps, run.every_steps)
-      if not compiled:
-        run.progress.compiling(phase.name)
-        t_compile = time.time()
-      state, sums, bad = phase.chunk_fn(state, sums, *inputs, jnp.int32(step), jnp.int32(stop))
-      bad = int(bad)  # waits for the chunk: the one host synchronisation per chunk
-      just_compiled = not compiled
-      if just_compiled:
-        compiled = True
-        run.progress.compiled(f'{phase.name} (and ran its first {stop - step} steps)',
-                              time.time() - t_compile, step=stop)
-      if bad >= 0:
-        last = run.ckpt.latest_step()
-        raise NonFinite(
-            f'{run.what.capitalize()} stopped: a loss became NaN or infinite in '
-            f'{phase.name}, epoch {epoch + 1}, step {bad + 1} of {steps} (global step '
-            f'{phase.global_step(epoch, bad) + 1}). '
-            + (f'The last good checkpoint (step {last}) is kept in {run.ckpt.directory}. '
-               if last is not None else 'No checkpoint was written before it. ')
-            + run.hint)
-      if (run.log_every_steps and stop < steps and stop % run.log_every_steps == 0
-          and not just_compiled):
-        means = _sums_means(sums, stop)
-        run.progress.update(stop, {'CE': means.get('train_loss'),
-                                   'acc': means.get('train_acc')})
-      step = stop
-      requested = run.signals.agreed()
-      if step < steps and ((run.every_steps and step % run.every_steps == 0) or requested):
-        run.save(phase.global_step(epoch, step), state, sums,
-                 dict(phase.save_meta(state, epoch, step), phase=phase.index, epoch=epoch,
-                      step=step))
-        run.stop_if_requested(requested)
-    row = phase.end_epoch(state, _sums_means(sums, steps), epoch)
-    row = dict(row, step=phase.global_step(epoch + 1, 0),
-               epoch_seconds=time.time() - t_epoch, elapsed_seconds=run.elapsed_seconds())
-    phase.log_row(row)
-    run.rows.append(row)
-    run.scalars.write(row['step'], row)
-    run.scalars.flush()
-    run.save(phase.global_step(epoch + 1, 0), state, sums,
-             dict(phase.save_meta(state, epoch + 1, 0), phase=phase.index, epoch=epoch + 1,
-                  step=0))
-    run.stop_if_requested(run.signals.agreed())
-    step = 0
-  return state
+def run_epoch(sess: Session, chunk_fn, state, sums, inputs: EpochInputs, epoch: Epoch,
+              step: int, save: Callable[[Any, Any, int], None]):
+  """Runs steps `step`.. of `epoch` in on-device chunks (`chunk_fn`, `make_chunk_fn`);
+  returns (state, sums). `sums` are the epoch's so far (a resume mid-epoch).
+
+  Raises `NonFinite` at the first step whose metrics are not finite. Every
+  `sess.every_steps` steps, and after the chunk a signal arrived in, `save(state, sums,
+  step)` checkpoints mid-epoch; after a signal's save it raises `Interrupted`.
+  """
+  sess.progress.start_epoch(epoch.stage, epoch.stages, epoch.index, epoch.epochs, epoch.steps,
+                            first_step=step)
+  while step < epoch.steps:
+    stop = next_stop(step, epoch.steps, sess.log_every_steps, sess.every_steps)
+    compiling = not chunk_fn.compiled
+    if compiling:
+      sess.progress.compiling(epoch.name)
+      t_compile = time.time()
+    state, sums, bad = chunk_fn(state, sums, *inputs, jnp.int32(step), jnp.int32(stop))
+    bad = int(bad)  # waits for the chunk: the one host synchronisation per chunk
+    if compiling:
+      sess.progress.compiled(f'{epoch.name} (and ran its first {stop - step} steps)',
+                             time.time() - t_compile, step=stop)
+    if bad >= 0:
+      raise _non_finite(sess, epoch, bad)
+    if (sess.log_every_steps and stop < epoch.steps and stop % sess.log_every_steps == 0
+        and not compiling):
+      m = means(sums, stop)
+      sess.progress.update(stop, {'CE': m.get('train_loss'), 'acc': m.get('train_acc')})
+    step = stop
+    requested = sess.signals.agreed()
+    if step < epoch.steps and ((sess.every_steps and step % sess.every_steps == 0)
+                               or requested):
+      save(state, sums, step)
+      sess.stop_if_requested()
+  return state, sums
+
+
+def _non_finite(sess: Session, epoch: Epoch, bad: int) -> NonFinite:
+  last = sess.ckpt.latest_step()
+  return NonFinite(
+      f'{sess.what.capitalize()} stopped: a loss became NaN or infinite in {epoch.name}, '
+      f'epoch {epoch.index + 1}, step {bad + 1} of {epoch.steps} (global step '
+      f'{epoch.global_step(bad) + 1}). '
+      + (f'The last good checkpoint (step {last}) is kept in {sess.ckpt.directory}. '
+         if last is not None else 'No checkpoint was written before it. ')
+      + sess.hint)

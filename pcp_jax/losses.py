@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcp_jax import ops
+from pcp_jax import kernels
 
 # BatchNorm's epsilon: Barlow Twins normalises the embeddings with an affine-free BatchNorm.
 _BN_EPSILON = 1e-5
@@ -15,13 +15,24 @@ _BN_EPSILON = 1e-5
 
 def cross_entropy(logits, labels):
   """Mean softmax cross-entropy over the batch with integer labels, in float32 or wider."""
-  logits = ops.upcast(logits)
+  logits = kernels.upcast(logits)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def accuracy(logits, labels):
   """Fraction of examples whose arg-max logit is the label."""
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels, dtype=jnp.float32)
+
+
+def classification_sums(logits, labels, mask):
+  """Summed CE, correct and top-5 correct counts over the examples where `mask` is 1: an
+  evaluation batch's contribution (padded batches mask their padding out)."""
+  logits = kernels.upcast(logits)
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], -1)
+  return {'loss': jnp.sum(per_example * mask),
+          'accuracy': jnp.sum((jnp.argmax(logits, axis=-1) == labels) * mask),
+          'top5_accuracy': jnp.sum(top5 * mask)}
 
 
 def _normalize_along_batch(z, axis_name):
@@ -56,8 +67,8 @@ def barlow_twins_loss(z_a, z_b, lambd: float = 0.0051, axis_name: Optional[str] 
     raise ValueError(
         f'barlow_twins_loss needs two (batch, dim) arrays of one shape, got {z_a.shape} '
         f'and {z_b.shape}.')
-  z_a = _normalize_along_batch(ops.upcast(z_a), axis_name)
-  z_b = _normalize_along_batch(ops.upcast(z_b), axis_name)
+  z_a = _normalize_along_batch(kernels.upcast(z_a), axis_name)
+  z_b = _normalize_along_batch(kernels.upcast(z_b), axis_name)
   # HIGHEST: accelerators may otherwise run float32 matmuls in TF32/bf16, and the diagonal
   # terms (1 - C_ii)^2 are small differences of numbers close to 1.
   c = jnp.matmul(z_a.T, z_b, precision=jax.lax.Precision.HIGHEST) / z_a.shape[0]

@@ -37,14 +37,9 @@ from absl import logging
 import jax
 import numpy as np
 
-from pcp_jax import checkpoint
 from pcp_jax import genotypes
 from pcp_jax import parallel
-
-LOG_FILE = 'log.txt'
-CONFIG_FILE = 'config.json'
-ENVIRONMENT_FILE = 'environment.json'
-TENSORBOARD_DIR = 'tensorboard'
+from pcp_jax import runs
 
 _LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint')
@@ -71,7 +66,7 @@ def attach_log(workdir: str) -> Optional[str]:
   """
   if not parallel.is_main_process():
     return None
-  path = os.path.abspath(os.path.join(workdir, LOG_FILE))
+  path = os.path.abspath(os.path.join(workdir, runs.LOG))
   root = py_logging.getLogger()
   if any(h.baseFilename == path for h in _run_log_handlers(root)):
     return path
@@ -105,7 +100,7 @@ def detach_log() -> None:
     root.removeHandler(py_logging.lastResort)
 
 
-def write_config(workdir: str, config, name: str = CONFIG_FILE) -> Optional[str]:
+def write_config(workdir: str, config, name: str = runs.CONFIG) -> Optional[str]:
   """Writes the effective config (an ml_collections ConfigDict or a plain dict) as JSON."""
   if not parallel.is_main_process():
     return None
@@ -115,7 +110,7 @@ def write_config(workdir: str, config, name: str = CONFIG_FILE) -> Optional[str]
     config = config.to_dict()
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name)
-  checkpoint.write_json(path, dict(config), sort_keys=True)
+  runs.write_json(path, dict(config), sort_keys=True)
   return path
 
 
@@ -177,7 +172,7 @@ def write_environment(workdir: str, mode: Optional[str] = None) -> Dict[str, Any
   logging.info('environment: %s', json.dumps(env, sort_keys=True))
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
-    checkpoint.write_json(os.path.join(workdir, ENVIRONMENT_FILE), env, sort_keys=True)
+    runs.write_json(os.path.join(workdir, runs.ENVIRONMENT), env, sort_keys=True)
   return env
 
 
@@ -198,13 +193,9 @@ def start_run(workdir: str, config, mode: str) -> None:
 
 
 def _edge_titles() -> List[str]:
-  """'edge 3: node 1 <- c_{k-1}' for each of the cell's 14 edges (genotypes' edge order)."""
-  titles = []
-  for node in range(genotypes.STEPS):
-    for source in range(2 + node):
-      name = ('c_{k-2}', 'c_{k-1}')[source] if source < 2 else f'node {source - 2}'
-      titles.append(f'edge {len(titles):02d}: node {node} <- {name}')
-  return titles
+  """'edge 03: node 1 <- c_{k-1}' for each of the cell's 14 edges (genotypes' edge order)."""
+  return [f'edge {e:02d}: node {node} <- {genotypes.state_name(i)}'
+          for e, (i, node) in enumerate(genotypes.EDGES)]
 
 
 def _as_float(value) -> Optional[float]:
@@ -233,7 +224,7 @@ class Scalars:
 
   def __init__(self, workdir: str, name: str, purge_step: Optional[int] = None,
                flush_secs: int = 30):
-    self.logdir = os.path.join(workdir, TENSORBOARD_DIR, name)
+    self.logdir = os.path.join(workdir, runs.TENSORBOARD_DIR, name)
     self._writer = None
     self._arch_layout_written = False
     if not parallel.is_main_process():

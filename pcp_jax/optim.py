@@ -6,8 +6,10 @@ A sub-dict (`defaults.optimizer`) holds `name` ('sgd' or 'adam'), `lr`, `schedul
 `grad_clip` (global norm; 0 disables).
 """
 
+import math
 from typing import Callable, Tuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -32,12 +34,26 @@ def schedule(cfg, epochs: int = 1, steps_per_epoch: int = 1) -> Callable:
   return optax.constant_schedule(cfg.lr)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """PyTorch's `clip_grad_norm_`, as the reference code clips: the gradients times
+  min(1, max_norm / (norm + 1e-6)). (`optax.clip_by_global_norm` scales by max_norm / norm,
+  which drifts from the reference run by 1e-7 relative per clipped step.)"""
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    scale = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
+    return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make(cfg, epochs: int = 1, steps_per_epoch: int = 1
          ) -> Tuple[optax.GradientTransformation, Callable]:
   """(optimiser, schedule) of sub-dict `cfg`: gradients clipped, then coupled weight decay
   (added to the gradient, as PyTorch's SGD and Adam do), then SGD with momentum or Adam."""
   lr = schedule(cfg, epochs, steps_per_epoch)
-  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  parts = [clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   parts.append(optax.add_decayed_weights(cfg.weight_decay))
   if cfg.name == 'adam':
     parts.append(optax.adam(lr, b1=cfg.b1, b2=cfg.b2))
@@ -53,9 +69,11 @@ def check(cfg, option: str) -> None:
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f'{option}.schedule must be one of {list(SCHEDULES)}, '
                      f'got {cfg.schedule!r}.')
-  for field in ('lr', 'lr_min', 'momentum', 'weight_decay', 'grad_clip'):
-    if not cfg[field] >= 0:
-      raise ValueError(f'{option}.{field} must be >= 0, got {cfg[field]!r}.')
+  for field in ('lr', 'lr_min', 'momentum', 'weight_decay', 'grad_clip', 'b1', 'b2'):
+    value = cfg[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0):
+      raise ValueError(f'{option}.{field} must be a finite number >= 0, got {value!r}.')
   if not cfg.lr > 0:
     raise ValueError(f'{option}.lr must be > 0, got {cfg.lr!r}.')
   for field in ('b1', 'b2'):

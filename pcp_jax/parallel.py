@@ -121,6 +121,11 @@ class CompiledOnFirstCall:
     self.lower = jitted.lower
     self._compiled = None
 
+  @property
+  def compiled(self) -> bool:
+    """Whether the first call (and so the compile) has happened."""
+    return self._compiled is not None
+
   def __call__(self, *args):
     if self._compiled is None:
       self._compiled = compile_ahead(self.jitted, *args)

@@ -12,6 +12,8 @@ over per-cell weights stacked on a leading axis (module `cells{first}-{last}`), 
 compiling a deep network costs about as much as its distinct cells.
 """
 
+import dataclasses
+import functools
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pcp_jax import genotypes
+from pcp_jax import kernels as kernels_lib
 from pcp_jax import ops
 
 CHANNEL_MODES = ('random', 'shuffle')
@@ -57,12 +60,11 @@ class PartialChannelMixedOp(nn.Module):
   """
   op_names: Tuple[Tuple[str, ...], ...]  # each edge's ops
   stride: int
-  partial_k: int = 4
-  channel_mode: str = 'random'
-  train: bool = True
-  bn_axis_name: Optional[str] = None
-  dtype: Any = jnp.float32
-  kernels: ops.Kernels = ops.XLA
+  partial_k: int
+  channel_mode: str
+  conv: ops.ModuleDef
+  norm: ops.ModuleDef
+  kernels: kernels_lib.Kernels  # the pools and the channel moves
 
   @nn.compact
   def __call__(self, xs, weights, perms=None, skip_keep_masks=None, skip_keep_prob=None):
@@ -103,10 +105,10 @@ class PartialChannelMixedOp(nn.Module):
         continue  # `none` contributes exactly zero
       x_in = x_all if len(members) == n else jnp.concatenate(
           [block(x_all, e) for e in members], axis=-1)
-      op = ops.make_op(name, len(members) * c_part, self.stride, affine=False,
-                       bn_axis_name=self.bn_axis_name, dtype=self.dtype, module_name=name,
-                       kernels=self.kernels, blocks=len(members))
-      y = ops.apply_op(name, op, x_in, self.stride, self.train)
+      op = ops.make_op(name, len(members) * c_part, self.stride, False, conv=self.conv,
+                       norm=self.norm, max_pool=self.kernels.max_pool,
+                       avg_pool=self.kernels.avg_pool, module_name=name, blocks=len(members))
+      y = ops.apply_op(name, op, x_in, self.stride)
       if name == 'skip_connect' and self.stride == 1 and skip_keep_masks is not None:
         mask = jnp.moveaxis(skip_keep_masks, 0, -2).reshape(y.shape)
         y = jnp.where(mask, y / skip_keep_prob, 0).astype(y.dtype)
@@ -151,25 +153,23 @@ class SearchCell(nn.Module):
   reduction: bool
   reduction_prev: bool
   edge_op_names: Tuple[Tuple[str, ...], ...]
-  partial_k: int = 4
-  channel_mode: str = 'random'
-  train: bool = True
-  bn_axis_name: Optional[str] = None
-  dtype: Any = jnp.float32
-  kernels: ops.Kernels = ops.XLA
+  partial_k: int
+  channel_mode: str
+  conv: ops.ModuleDef
+  norm: ops.ModuleDef
+  kernels: kernels_lib.Kernels  # the mixed ops' pools and channel moves
 
   @nn.compact
   def __call__(self, s0, s1, weights, edge_weights=None, skip_drop_rate=None,
                channel_key=None, dropout_key=None):
     """The cell's output; `channel_key` draws the partial channels (`random` mode),
     `dropout_key` the skip-connect dropout masks (with `skip_drop_rate`)."""
-    common = dict(affine=False, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                  kernels=self.kernels)
+    layers = dict(affine=False, conv=self.conv, norm=self.norm)
     if self.reduction_prev:
-      s0 = ops.FactorizedReduce(self.channels, **common, name='preprocess0')(s0, self.train)
+      s0 = ops.FactorizedReduce(self.channels, **layers, name='preprocess0')(s0)
     else:
-      s0 = ops.ReLUConvBN(self.channels, **common, name='preprocess0')(s0, self.train)
-    s1 = ops.ReLUConvBN(self.channels, **common, name='preprocess1')(s1, self.train)
+      s0 = ops.ReLUConvBN(self.channels, **layers, name='preprocess0')(s0)
+    s1 = ops.ReLUConvBN(self.channels, **layers, name='preprocess1')(s1)
     # All of the cell's randomness comes from one draw per stream (not one per edge):
     # each random-number call is a sizeable piece of compiled code.
     perms = masks = keep = None
@@ -196,8 +196,7 @@ class SearchCell(nn.Module):
       rows = [dropped.index(e) for e in group if e in dropped]
       outs = PartialChannelMixedOp(
           tuple(self.edge_op_names[e] for e in group), stride, self.partial_k,
-          self.channel_mode, self.train, self.bn_axis_name, self.dtype, self.kernels,
-          name=name)(
+          self.channel_mode, self.conv, self.norm, self.kernels, name=name)(
               [states[EDGES[e][0]] for e in group], weights[index],
               None if perms is None else perms[index],
               None if masks is None or not rows else masks[np.asarray(rows)], keep)
@@ -295,8 +294,8 @@ class SearchNetwork(nn.Module):
   stem_multiplier: int = 3
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
-  kernels: ops.Kernels = ops.XLA  # see ops.select_kernels
   scan_cells: bool = True  # False: every cell its own module `cell{i}`, same function
+  kernels: kernels_lib.Kernels = dataclasses.field(kw_only=True)  # models.select_kernels
 
   def _check(self):
     if self.channel_mode not in CHANNEL_MODES:
@@ -332,13 +331,14 @@ class SearchNetwork(nn.Module):
       ew_normal = node_softmax(betas_normal.value)
       ew_reduce = node_softmax(betas_reduce.value)
 
+    conv = functools.partial(ops.Conv, dtype=self.dtype, kernels=self.kernels)
+    norm = functools.partial(ops.BatchNorm, use_running_average=not train,
+                             axis_name=self.bn_axis_name, dtype=self.dtype,
+                             kernels=self.kernels)
     x = x.astype(self.dtype)
-    c_stem = self.stem_multiplier * self.channels
-    x = ops.conv(c_stem, 3, padding=1, dtype=self.dtype, name='stem_conv',
-                 kernels=self.kernels)(x)
+    x = conv(self.stem_multiplier * self.channels, 3, padding=1, name='stem_conv')(x)
     # The reference search network's stem BN is affine, unlike the cells'.
-    x = ops.batch_norm(train, True, self.bn_axis_name, self.dtype, name='stem_bn',
-                       kernels=self.kernels)(x)
+    x = norm(name='stem_bn')(x)
     random_channels = self.partial_k > 1 and self.channel_mode == 'random'
     channel_key = self.make_rng('channels') if random_channels else None
     has_skip = any('skip_connect' in names for names in ops_normal + ops_reduce)
@@ -354,15 +354,14 @@ class SearchNetwork(nn.Module):
       if reduction:
         c *= 2
       cell = SearchCell(c, reduction, i - 1 in reductions,
-                        ops_reduce if reduction else ops_normal,
-                        self.partial_k, self.channel_mode, train, self.bn_axis_name,
-                        self.dtype, self.kernels, name=module_name(cells))
+                        ops_reduce if reduction else ops_normal, self.partial_k,
+                        self.channel_mode, conv, norm, self.kernels, name=module_name(cells))
       args = (w_reduce if reduction else w_normal, ew_reduce if reduction else ew_normal,
               skip_drop_rate)
       index = i if len(cells) == 1 else jnp.arange(i, cells[-1] + 1)
       step = _cell_step if len(cells) == 1 else _ScannedCells
       s0, s1 = step(cell, (s0, s1), index, *args, channel_key, dropout_key)[0]
-    features = ops.upcast(jnp.mean(s1, axis=(1, 2)))
+    features = kernels_lib.upcast(jnp.mean(s1, axis=(1, 2)))
     logits = ops.dense(features, self.num_classes, name='classifier')
     return logits, features
 
@@ -378,8 +377,9 @@ def init_variables(model: SearchNetwork, key, image_shape: Sequence[int], batch:
 def count_params(channels: int = 16, layers: int = 8, num_classes: int = 10,
                  partial_k: int = 4, use_betas: bool = True, image_shape=(32, 32, 3)):
   """(weights, arch) parameter counts of the search network with all 8 ops on."""
+  # Every kernel set has the same variables.
   model = SearchNetwork(num_classes=num_classes, channels=channels, layers=layers,
-                        partial_k=partial_k, use_betas=use_betas)
+                        partial_k=partial_k, use_betas=use_betas, kernels=kernels_lib.XLA)
   shapes = jax.eval_shape(lambda k: init_variables(model, k, image_shape),
                           jax.random.PRNGKey(0))
   def total(tree):

@@ -1,9 +1,9 @@
 """Training a genotype from scratch and testing it.
 
-Modes (each `fn(config, workdir)`, see `MODES`): `train` trains on the epoch driver (`loop`:
-checkpoints every `checkpoint.every_steps` steps and every epoch, resume, signals), keeping the
-checkpoint of lowest validation loss in `workdir/best`; `test` evaluates that checkpoint and
-writes `results.json`. The FGSM analysis of a trained run is `analysis.fgsm`.
+Modes (each `fn(config, workdir)`): `train_and_evaluate` trains (checkpoints every
+`checkpoint.every_steps` steps and every epoch, resume, signals: `loop`), keeping the checkpoint
+of lowest validation loss in `workdir/best`; `test` evaluates that checkpoint and writes
+`results.json`. The FGSM analysis of a trained run is `analysis.fgsm`.
 """
 
 import dataclasses
@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import time
 from typing import Any, Optional
 
 from absl import logging
@@ -26,15 +27,15 @@ from pcp_jax import checkpoint
 from pcp_jax import data
 from pcp_jax import defaults
 from pcp_jax import genotypes
+from pcp_jax import kernels
 from pcp_jax import loop
 from pcp_jax import losses
+from pcp_jax import models
 from pcp_jax import networks
-from pcp_jax import ops
 from pcp_jax import optim
 from pcp_jax import parallel
-from pcp_jax import reports
+from pcp_jax import runs
 
-METRICS_FILE = 'train_metrics.jsonl'
 METRICS = ('train_loss', 'train_acc', 'grad_norm')
 # Config fields that may differ between a run and its resumption (everything else must match):
 # `train.epochs` extends a finished run.
@@ -51,6 +52,12 @@ class TrainState:
   opt_state: Any
 
 
+@flax.struct.dataclass
+class HParams:
+  """The train step's hyperparameters that change between epochs, traced (no recompile)."""
+  drop_path_rate: Any  # a float32 scalar, or None for no drop-path
+
+
 def image_shape(info: data.DatasetInfo):
   return (info.image_size, info.image_size, info.channels)
 
@@ -58,22 +65,12 @@ def image_shape(info: data.DatasetInfo):
 def load_genotype(config: ml_collections.ConfigDict, workdir: str) -> genotypes.Genotype:
   """The genotype of `config.genotype`, checked against the one the workdir was run with."""
   genotype = genotypes.get(config.genotype)
-  saved = os.path.join(workdir, 'genotype.json')
+  saved = os.path.join(workdir, runs.GENOTYPE)
   if os.path.isfile(saved) and genotypes.load(saved) != genotype:
     raise ValueError(
         f'{workdir} holds a run of another genotype ({saved}) than genotype='
         f'{config.genotype!r}; use a new workdir or the same genotype.')
   return genotype
-
-
-def create_model(config: ml_collections.ConfigDict, genotype: genotypes.Genotype,
-                 info: data.DatasetInfo, num_devices: int = 1) -> networks.EvalNetwork:
-  """The evaluation network; with `num_devices` > 1 its BN averages over the device axis."""
-  return networks.EvalNetwork(genotype, num_classes=info.num_classes,
-                              channels=config.train.channels, layers=config.train.layers,
-                              auxiliary=config.train.auxiliary,
-                              bn_axis_name=parallel.axis_name(num_devices),
-                              kernels=ops.select_kernels(config.get('op_impl', 'auto')))
 
 
 def make_optimizer(config, steps_per_epoch: int = 1):
@@ -103,20 +100,17 @@ def _template(model, tx, shape) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Steps.
+# The step.
 
 
-def train_step(state: TrainState, images, labels, key, drop_path_rate, *, model, tx, mean, std,
+def train_step(state: TrainState, batch, key, hparams: HParams, *, model, tx, mean, std,
                cutout_length: int, auxiliary_weight: float, num_devices: int = 1):
-  """One optimizer step on a uint8 batch, augmented on the device; returns (state, metrics).
-
-  `key` is the step's key and `drop_path_rate` a traced scalar (or None for no drop-path),
-  so neither recompiles. With `num_devices` > 1 this runs on every device of a data-parallel
-  step (see `parallel`): `images`/`labels` are the global batch and each device trains on its
-  slice.
-  """
+  """One optimizer step on `batch['train']` (uint8 images, labels; the global batch),
+  augmented on the device; returns (state, metrics). With `num_devices` > 1 this runs on
+  every device of a data-parallel step (see `parallel`), each training on its slice."""
+  images, labels = batch['train']
   crop_key, cutout_key, drop_key = jax.random.split(key, 3)
-  x = augment.to_float(images, ops.compute_dtype(model.dtype))
+  x = augment.to_float(images, kernels.compute_dtype(model.dtype))
   x = augment.random_crop_flip(crop_key, x, padding=4)
   x = augment.normalize(x, mean, std)
   if cutout_length:
@@ -127,7 +121,7 @@ def train_step(state: TrainState, images, labels, key, drop_path_rate, *, model,
   def loss_fn(params):
     (logits, aux_logits), updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        drop_path_rate=drop_path_rate,
+        drop_path_rate=hparams.drop_path_rate,
         rngs={'drop_path': parallel.device_key(drop_key, num_devices)}, mutable=['batch_stats'])
     loss = losses.cross_entropy(logits, labels)
     if aux_logits is not None:
@@ -145,49 +139,20 @@ def train_step(state: TrainState, images, labels, key, drop_path_rate, *, model,
   return state, dict(metrics, grad_norm=optax.tree.norm(grads))
 
 
-def eval_step(variables, images, labels, mask, key=None, *, model, mean, std):
-  """Summed loss, correct and top-5 correct counts over the examples where `mask` is 1."""
-  del key  # the evaluation network draws nothing
-  x = augment.normalize(augment.to_float(images), mean, std)
-  logits, _ = model.apply(variables, x, train=False)
-  per_example = optax.softmax_cross_entropy_with_integer_labels(ops.upcast(logits), labels)
-  top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], -1)
-  return {'loss': jnp.sum(per_example * mask),
-          'accuracy': jnp.sum((jnp.argmax(logits, axis=-1) == labels) * mask),
-          'top5_accuracy': jnp.sum(top5 * mask)}
-
-
-def _bind_step(config, model, tx, info, num_devices):
-  cutout_length = config.train.cutout_length if config.train.cutout else 0
+def bind_train_step(config, model, tx, info, num_devices: int = 1):
+  """`train_step` with this run's hyperparameters bound: step(state, batch, key, hparams)."""
+  t = config.train
   return functools.partial(train_step, model=model, tx=tx, mean=info.mean, std=info.std,
-                           cutout_length=cutout_length,
-                           auxiliary_weight=config.train.auxiliary_weight,
-                           num_devices=num_devices)
+                           cutout_length=t.cutout_length if t.cutout else 0,
+                           auxiliary_weight=t.auxiliary_weight, num_devices=num_devices)
 
 
 def make_train_step(config, model, tx, info, mesh=None):
-  """One train step with this run's hyperparameters bound, data-parallel over `mesh` (default
-  one device), jitted, the state donated: step(state, images, labels, key, drop_path_rate)."""
+  """One jitted train step, data-parallel over `mesh` (default one device), the state
+  donated: step(state, batch, key, hparams)."""
   mesh = mesh or parallel.make_mesh(1)
-  step = _bind_step(config, model, tx, info, mesh.size)
+  step = bind_train_step(config, model, tx, info, mesh.size)
   return jax.jit(parallel.data_parallel(step, mesh), donate_argnums=0)
-
-
-def make_train_chunk(config, model, tx, info, mesh):
-  """`loop.run_steps` of the train step, data-parallel over `mesh`, jitted, compiled at its
-  first call: chunk(state, sums, images, labels, order, key, (drop_path_rate,), start, stop)
-  with {'train'} dicts; donates `state` and `sums`."""
-  step = _bind_step(config, model, tx, info, mesh.size)
-  chunk = functools.partial(
-      loop.run_steps, batch_size=config.train.batch_size,
-      step_fn=lambda state, batch, key, rate: step(state, *batch['train'], key, rate))
-  return parallel.CompiledOnFirstCall(
-      jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1)))
-
-
-def make_eval_step(model, info):
-  """eval(variables, images, labels, mask, key) for `loop.evaluate`, jitted."""
-  return jax.jit(functools.partial(eval_step, model=model, mean=info.mean, std=info.std))
 
 
 def _variables(state):
@@ -206,7 +171,7 @@ def is_better(val_loss: float, best_val_loss: Optional[float]) -> bool:
 def check_config(config) -> None:
   """Validates the train config, naming the option and the allowed values."""
   t = config.train
-  ops.select_kernels(config.get('op_impl', 'auto'))
+  models.select_kernels(config.get('op_impl', 'auto'))
   optim.check(t.optim, 'train.optim')
   data.parse_val_split(t.val_split)
   defaults.check_fields(
@@ -218,13 +183,9 @@ def check_config(config) -> None:
     raise ValueError(f'train.drop_path_prob must be in [0, 1), got {t.drop_path_prob}.')
 
 
-def _read_rows(workdir: str) -> list:
-  return loop.Rows(os.path.join(workdir, METRICS_FILE)).read()
-
-
 @dataclasses.dataclass
-class _Training:
-  """What the parts of one training run share."""
+class Setup:
+  """What the epochs of one training run share."""
   config: Any
   workdir: str
   mesh: Any
@@ -234,6 +195,7 @@ class _Training:
   model: networks.EvalNetwork
   tx: Any
   schedule: Any
+  fingerprint: dict  # the config fields a resume must agree with
 
   def path(self, name):
     return os.path.join(self.workdir, name)
@@ -241,8 +203,12 @@ class _Training:
   def place(self, tree):
     return parallel.replicate(tree, self.mesh)
 
+  def drop_path_rate(self, epoch: int) -> Optional[float]:
+    t = self.config.train
+    return t.drop_path_prob * epoch / t.epochs if t.drop_path_prob else None
 
-def _prepare(config, workdir) -> _Training:
+
+def _prepare(config, workdir) -> Setup:
   mesh = parallel.make_mesh(config.num_devices)
   parallel.check_batch(config.train.batch_size, mesh.size, 'train.batch_size')
   genotype = load_genotype(config, workdir)
@@ -252,76 +218,61 @@ def _prepare(config, workdir) -> _Training:
     raise ValueError(f'train.batch_size={config.train.batch_size} exceeds the '
                      f'{len(splits.train_images)} training images.')
   tx, schedule = make_optimizer(config, steps)
-  return _Training(config=config, workdir=workdir, mesh=mesh, genotype=genotype, splits=splits,
-                   steps=steps, model=create_model(config, genotype, splits.info, mesh.size),
-                   tx=tx, schedule=schedule)
+  return Setup(config=config, workdir=workdir, mesh=mesh, genotype=genotype, splits=splits,
+               steps=steps, model=models.eval_network(config, genotype,
+                                                      splits.info.num_classes, mesh.size),
+               tx=tx, schedule=schedule,
+               fingerprint=loop.fingerprint(config, FREE_ON_RESUME))
 
 
-def _restore_or_start(tr: _Training, ckpt, fingerprint, init_key):
-  """(state, sums or None, metadata) to go on from; writes genotype.json and
-  train_config.json once the workdir is found compatible (a refused run changes nothing)."""
-  shape = image_shape(tr.splits.info)
-  restored = loop.restore(ckpt, lambda meta: _template(tr.model, tr.tx, shape), fingerprint,
-                          'training')
+@dataclasses.dataclass
+class Start:
+  """Where a session starts: the state, the epoch and step, and what was saved with them."""
+  state: Any
+  sums: Any = None  # the epoch's sums so far (a resume mid-epoch)
+  epoch: int = 0
+  step: int = 0
+  best_val_loss: Optional[float] = None
+  elapsed: float = 0.0
+  resumed: bool = False
+
+
+def _restore_or_start(setup: Setup, ckpt, init_key) -> Start:
+  """Where to go on from; writes genotype.json and train_config.json once the workdir is
+  found compatible (a refused run changes nothing)."""
+  shape = image_shape(setup.splits.info)
+  restored = loop.restore(ckpt, lambda meta: _template(setup.model, setup.tx, shape),
+                          setup.fingerprint, 'training')
   if parallel.is_main_process():
-    genotypes.save(tr.genotype, tr.path('genotype.json'))
-    checkpoint.write_json(tr.path('train_config.json'),
-                          json.loads(tr.config.to_json_best_effort()))
+    genotypes.save(setup.genotype, setup.path(runs.GENOTYPE))
+    runs.write_json(setup.path(runs.TRAIN_CONFIG),
+                    json.loads(setup.config.to_json_best_effort()))
   if restored is None:
-    return initial_state(tr.model, tr.tx, init_key, shape), None, {}
+    return Start(initial_state(setup.model, setup.tx, init_key, shape))
   _, tree, meta = restored
   logging.info('Resumed from step %d (epoch %d, %d steps into it).', int(tree['state'].step),
                meta['epoch'] + 1, meta['step'])
-  return tree['state'], tree['sums'], meta
+  return Start(tree['state'], tree['sums'] if meta['step'] else None, meta['epoch'],
+               meta['step'], meta.get('best_val_loss'), meta.get('elapsed_seconds', 0.0), True)
 
 
-def _phase(tr: _Training, best, fingerprint, best_val_loss, train_key, order_key) -> loop.Phase:
-  """Training as the driver's one phase: on-device chunks of the train step, validation and
-  the best checkpoint at every epoch's end."""
-  t, splits = tr.config.train, tr.splits
-  chunk_fn = make_train_chunk(tr.config, tr.model, tr.tx, splits.info, tr.mesh)
-  eval_fn = parallel.CompiledOnFirstCall(make_eval_step(tr.model, splits.info))
-  images, labels = tr.place(({'train': splits.train_images},
-                             {'train': splits.train_labels.astype(np.int32)}))
-  best_val = {'loss': best_val_loss}
+def _meta(setup: Setup, epoch: int, step: int, best_val_loss) -> dict:
+  """Training's checkpoint metadata at step `step` of epoch `epoch` (step 0 of epoch e + 1
+  after epoch e's end)."""
+  return dict(config=setup.fingerprint, epoch=epoch, step=step, steps_per_epoch=setup.steps,
+              best_val_loss=best_val_loss)
 
-  def drop_path_rate(e):
-    return t.drop_path_prob * e / t.epochs if t.drop_path_prob else None
 
-  def epoch_inputs(e):
-    rate = drop_path_rate(e)
-    order = jax.random.permutation(jax.random.fold_in(order_key, e), len(splits.train_images))
-    return (images, labels, tr.place({'train': order}), jax.random.fold_in(train_key, e),
-            (None if rate is None else jnp.float32(rate),))
+def _save(sess: loop.Session, setup: Setup, best_val_loss, epoch: int, state, sums,
+          step: int) -> None:
+  sess.save(epoch * setup.steps + step, state, sums, _meta(setup, epoch, step, best_val_loss))
 
-  def save_meta(state, e, st):
-    del state, e, st
-    return {'steps_per_epoch': tr.steps, 'best_val_loss': best_val['loss']}
 
-  def end_epoch(state, means, e):
-    val = loop.evaluate(eval_fn, _variables(state), splits.val_images, splits.val_labels,
-                        t.eval_batch_size)
-    improved = is_better(val['loss'], best_val['loss'])
-    if improved:
-      best_val['loss'] = val['loss']
-      # Before the epoch's latest checkpoint: a crash between the two saves redoes the epoch.
-      best.save((e + 1) * tr.steps, {'state': state, 'sums': loop.zero_sums(METRICS)},
-                dict(save_meta(state, e + 1, 0), epoch=e + 1, step=0, config=fingerprint,
-                     valid_loss=val['loss'], valid_acc=val['accuracy']))
-    return dict(epoch=e + 1, **means, valid_loss=val['loss'], valid_acc=val['accuracy'],
-                lr=float(tr.schedule(e * tr.steps)),
-                drop_path_rate=float(drop_path_rate(e) or 0.0), best=improved)
-
-  def log_row(row):
-    logging.info('epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  '
-                 'drop-path %.3f  %.1fs%s', row['epoch'], t.epochs, row['train_loss'],
-                 row['train_acc'], row['valid_loss'], row['valid_acc'], row['lr'],
-                 row['drop_path_rate'], row['epoch_seconds'], '  (best)' if row['best'] else '')
-
-  return loop.Phase(name='training', index=0, num_phases=None, epochs=t.epochs,
-                    steps_per_epoch=tr.steps, first_step=0, metric_names=METRICS,
-                    chunk_fn=chunk_fn, epoch_inputs=epoch_inputs, end_epoch=end_epoch,
-                    save_meta=save_meta, log_row=log_row)
+def _log_row(row: dict, epochs: int) -> None:
+  logging.info('epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  '
+               'drop-path %.3f  %.1fs%s', row['epoch'], epochs, row['train_loss'],
+               row['train_acc'], row['valid_loss'], row['valid_acc'], row['lr'],
+               row['drop_path_rate'], row['epoch_seconds'], '  (best)' if row['best'] else '')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -332,32 +283,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  tr = _prepare(config, workdir)
+  setup, t = _prepare(config, workdir), config.train
   init_key, train_key, order_key = jax.random.split(jax.random.key(config.seed), 3)
-  fingerprint = loop.fingerprint(config, FREE_ON_RESUME)
-  ckpt = checkpoint.Checkpointer(tr.path('checkpoints'), config.checkpoint.max_to_keep)
-  best = checkpoint.Checkpointer(tr.path('best'), max_to_keep=1)
-  state, sums, meta = _restore_or_start(tr, ckpt, fingerprint, init_key)
-  epoch, step = meta.get('epoch', 0), meta.get('step', 0)
-  rows = loop.Rows(tr.path(METRICS_FILE), parallel.is_main_process())
-  rows.keep_until(epoch * tr.steps + step)
-  info, t = tr.splits.info, config.train
+  ckpt = checkpoint.Checkpointer(setup.path(runs.CHECKPOINTS), config.checkpoint.max_to_keep)
+  best = checkpoint.Checkpointer(setup.path(runs.BEST), max_to_keep=1)
+  start = _restore_or_start(setup, ckpt, init_key)
+  resume_step = start.epoch * setup.steps + start.step
+  rows = runs.Rows(setup.path(runs.TRAIN_METRICS), parallel.is_main_process())
+  rows.keep_until(resume_step)
+  splits, info = setup.splits, setup.splits.info
   logging.info('Training %s (%d params without the auxiliary head) on %s: %d images, %d steps '
                'per epoch, epochs %d..%d.', config.genotype,
-               networks.count_params(tr.genotype, t.channels, t.layers, info.num_classes,
+               networks.count_params(setup.genotype, t.channels, t.layers, info.num_classes,
                                      image_shape=image_shape(info)),
-               info.name, len(tr.splits.train_images), tr.steps, epoch + 1, t.epochs)
-  phase = _phase(tr, best, fingerprint, meta.get('best_val_loss'), train_key, order_key)
+               info.name, len(splits.train_images), setup.steps, start.epoch + 1, t.epochs)
+  step_fn = bind_train_step(config, setup.model, setup.tx, info, setup.mesh.size)
+  chunk_fn = loop.make_chunk_fn(step_fn, t.batch_size, setup.mesh)
+  eval_fn = parallel.CompiledOnFirstCall(loop.make_eval_fn(setup.model, info.mean, info.std))
+  images, labels = setup.place(({'train': splits.train_images},
+                                {'train': splits.train_labels.astype(np.int32)}))
+  state, sums, best_val_loss = setup.place(start.state), start.sums, start.best_val_loss
   with loop.session(workdir, config, 'train', ckpt=ckpt, rows=rows, what='training',
-                    every_steps=config.checkpoint.every_steps,
-                    log_every_steps=t.log_every_steps, meta={'config': fingerprint},
                     hint='Lower train.optim.lr (or set train.optim.grad_clip) and rerun in a '
-                         'new workdir.',
-                    total_steps=t.epochs * tr.steps, resume_step=epoch * tr.steps + step,
-                    resumed=bool(meta), place=tr.place,
-                    elapsed=meta.get('elapsed_seconds', 0.0)) as driver:
-    loop.run_phase(driver, phase, tr.place(state), epoch, step,
-                   None if sums is None else tr.place(sums))
+                         'new workdir.', every_steps=config.checkpoint.every_steps,
+                    log_every_steps=t.log_every_steps, place=setup.place,
+                    total_steps=t.epochs * setup.steps, resume_step=resume_step,
+                    resumed=start.resumed, elapsed=start.elapsed) as sess:
+    for epoch in range(start.epoch, t.epochs):
+      t_epoch, rate = time.time(), setup.drop_path_rate(epoch)
+      order = jax.random.permutation(jax.random.fold_in(order_key, epoch),
+                                     len(splits.train_images))
+      inputs = loop.EpochInputs(images, labels, setup.place({'train': order}),
+                                jax.random.fold_in(train_key, epoch),
+                                HParams(None if rate is None else jnp.float32(rate)))
+      state, sums = loop.run_epoch(
+          sess, chunk_fn, state, setup.place(loop.zero_sums(METRICS) if sums is None else sums),
+          inputs, loop.Epoch('training', epoch, t.epochs, setup.steps, epoch * setup.steps),
+          start.step if epoch == start.epoch else 0,
+          save=functools.partial(_save, sess, setup, best_val_loss, epoch))
+      val = loop.evaluate(eval_fn, _variables(state), splits.val_images, splits.val_labels,
+                          t.eval_batch_size)
+      improved = is_better(val['loss'], best_val_loss)
+      if improved:
+        best_val_loss = val['loss']
+        # Before the epoch's latest checkpoint: a crash between the two saves redoes the epoch.
+        best.save((epoch + 1) * setup.steps, {'state': state, 'sums': loop.zero_sums(METRICS)},
+                  dict(_meta(setup, epoch + 1, 0, best_val_loss), valid_loss=val['loss'],
+                       valid_acc=val['accuracy']))
+      row = dict(epoch=epoch + 1, **loop.means(sums, setup.steps), valid_loss=val['loss'],
+                 valid_acc=val['accuracy'], lr=float(setup.schedule(epoch * setup.steps)),
+                 drop_path_rate=float(rate or 0.0), best=improved,
+                 step=(epoch + 1) * setup.steps, epoch_seconds=time.time() - t_epoch,
+                 elapsed_seconds=sess.elapsed_seconds())
+      _log_row(row, t.epochs)
+      sess.write_row(row)
+      _save(sess, setup, best_val_loss, epoch + 1, state, sums, 0)
+      sess.stop_if_requested()
+      sums = None
   ckpt.close()
   best.close()
   all_rows = rows.read()
@@ -402,9 +384,9 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
   genotype = load_genotype(config, workdir)
   splits = data.train_splits(config)
   info = splits.info
-  model = create_model(config, genotype, info)
+  model = models.eval_network(config, genotype, info.num_classes)
   state, checkpoint_name, meta = restore_for_eval(config, workdir, model, info)
-  eval_fn = make_eval_step(model, info)
+  eval_fn = loop.make_eval_fn(model, info.mean, info.std)
 
   def evaluate(state):
     return loop.evaluate(eval_fn, _variables(state), splits.test_images, splits.test_labels,
@@ -419,7 +401,7 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
   count = functools.partial(networks.count_params, genotype, config.train.channels,
                             config.train.layers, info.num_classes,
                             image_shape=image_shape(info))
-  rows = _read_rows(workdir)
+  rows = runs.Rows(os.path.join(workdir, runs.TRAIN_METRICS)).read()
   results = {
       'test_accuracy': metrics['accuracy'],
       'test_top5_accuracy': metrics['top5_accuracy'],
@@ -430,8 +412,8 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'genotype': genotypes.to_dict(genotype),
       'genotype_source': config.genotype,
       'dataset': info.name,
-      'method': reports.method_name(config.genotype, config.train.method),
-      'search_cost_days': reports.search_summary(config.genotype).get('search_cost_days'),
+      'method': runs.method_name(config.genotype, config.train.method),
+      'search_cost_days': runs.search_summary(config.genotype).get('search_cost_days'),
       'epochs': rows[-1]['epoch'] if rows else config.train.epochs,
       'checkpoint': checkpoint_name,
       'checkpoint_epoch': meta.get('epoch'),
@@ -442,7 +424,7 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'train_seconds': rows[-1]['elapsed_seconds'] if rows else None,
   }
   if parallel.is_main_process():
-    checkpoint.write_json(os.path.join(workdir, 'results.json'), results)
+    runs.write_json(os.path.join(workdir, runs.RESULTS), results)
   logging.info('Test (%s checkpoint, epoch %s): accuracy %.4f (top-5 %.4f), loss %.4f on %d '
                'images; %d params.', checkpoint_name, meta.get('epoch'), metrics['accuracy'],
                metrics['top5_accuracy'], metrics['loss'], len(splits.test_images),

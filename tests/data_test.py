@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pcp_jax import data
+from pcp_jax import downloads
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get(
@@ -64,7 +65,7 @@ def _write_cifar10(directory, as_archive, seed=0):
       _write(os.path.join(directory, name), payload)
   test = train.pop()
   return (np.concatenate([i for i, _ in train]),
-          np.concatenate([l for _, l in train]), *test)
+          np.concatenate([labels for _, labels in train]), *test)
 
 
 def _write_idx(path, array):
@@ -170,15 +171,15 @@ def _serve_cifar10_archive(tmp_path):
   written = _write_cifar10(str(upstream), as_archive=True)
   archive = upstream / 'cifar-10-binary.tar.gz'
   payload = archive.read_bytes()
-  remote = data.RemoteFile(_file_url(archive), 'cifar-10-binary.tar.gz',
-                           'sha256', hashlib.sha256(payload).hexdigest(),
-                           size=len(payload))
+  remote = downloads.RemoteFile(_file_url(archive), 'cifar-10-binary.tar.gz',
+                                'sha256', hashlib.sha256(payload).hexdigest(),
+                                size=len(payload))
   return remote, written
 
 
 def test_download_with_good_checksum_lands_the_file(tmp_path, monkeypatch):
   remote, written = _serve_cifar10_archive(tmp_path)
-  monkeypatch.setitem(data.DOWNLOADS, 'cifar10', (remote,))
+  monkeypatch.setitem(downloads.FILES, 'cifar10', (remote,))
   data_dir = tmp_path / 'data'
   dataset = data.load_dataset('cifar10', data_dir=str(data_dir), download=True)
   np.testing.assert_array_equal(dataset.train_images, written[0])
@@ -190,13 +191,13 @@ def test_download_with_bad_checksum_raises_and_leaves_nothing(
     tmp_path, monkeypatch, corruption):
   remote, _ = _serve_cifar10_archive(tmp_path)
   if corruption == 'digest':
-    remote = data.RemoteFile(remote.url, remote.filename, 'sha256', '0' * 64)
+    remote = downloads.RemoteFile(remote.url, remote.filename, 'sha256', '0' * 64)
   else:
-    remote = data.RemoteFile(remote.url, remote.filename, remote.algorithm,
-                             remote.digest, size=remote.size + 1)
-  monkeypatch.setitem(data.DOWNLOADS, 'cifar10', (remote,))
+    remote = downloads.RemoteFile(remote.url, remote.filename, remote.algorithm,
+                                  remote.digest, size=remote.size + 1)
+  monkeypatch.setitem(downloads.FILES, 'cifar10', (remote,))
   data_dir = tmp_path / 'data'
-  with pytest.raises(data.ChecksumError, match='cifar-10-binary.tar.gz'):
+  with pytest.raises(downloads.ChecksumError, match='cifar-10-binary.tar.gz'):
     data.load_dataset('cifar10', data_dir=str(data_dir), download=True)
   assert os.listdir(data_dir) == []
 
@@ -206,12 +207,12 @@ def test_download_table_fetches_fashion_mnist_into_its_folder(
   upstream = tmp_path / 'upstream'
   written = _write_fashion_mnist(str(upstream))
   remotes = []
-  for remote in data.DOWNLOADS['fashion_mnist']:
+  for remote in downloads.FILES['fashion_mnist']:
     local = upstream / os.path.basename(remote.filename)
-    remotes.append(data.RemoteFile(
+    remotes.append(downloads.RemoteFile(
         _file_url(local), remote.filename, 'md5',
         hashlib.md5(local.read_bytes()).hexdigest()))
-  monkeypatch.setitem(data.DOWNLOADS, 'fashion_mnist', tuple(remotes))
+  monkeypatch.setitem(downloads.FILES, 'fashion_mnist', tuple(remotes))
   data_dir = tmp_path / 'data'
   dataset = data.load_dataset('fashion_mnist', data_dir=str(data_dir),
                               download=True)
@@ -221,14 +222,14 @@ def test_download_table_fetches_fashion_mnist_into_its_folder(
 
 
 def test_official_download_table_matches_the_published_checksums():
-  cifar10, = data.DOWNLOADS['cifar10']
+  cifar10, = downloads.FILES['cifar10']
   assert cifar10.url == 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
   assert cifar10.size == 170052171
   assert cifar10.digest.startswith('c4a38c50a1bc5f3a')
-  cifar100, = data.DOWNLOADS['cifar100']
+  cifar100, = downloads.FILES['cifar100']
   assert cifar100.digest == '03b5dce01913d631647c71ecec9e9cb8'
   fashion = {os.path.basename(r.filename): r.digest
-             for r in data.DOWNLOADS['fashion_mnist']}
+             for r in downloads.FILES['fashion_mnist']}
   assert fashion['t10k-labels-idx1-ubyte.gz'] == (
       'bb300cfdad3c16e7a12a480ee83cd310')
 
@@ -374,17 +375,18 @@ def test_archives_are_checked_once_against_the_official_checksum(tmp_path, monke
   assert f'{path} does not match the official sha256 checksum' in caplog.text
   with open(path, 'rb') as f:
     digest = hashlib.sha256(f.read()).hexdigest()
-  official = data.RemoteFile('https://example.org/c.tar.gz', 'c.tar.gz', 'sha256', digest)
+  official = downloads.RemoteFile('https://example.org/c.tar.gz', 'c.tar.gz', 'sha256',
+                                 digest)
   hashed = []
   new = hashlib.new
   monkeypatch.setattr(hashlib, 'new', lambda *a: hashed.append(a) or new(*a))
   caplog.clear()
-  assert data.verify_file(official, path) and data.verify_file(official, path)
+  assert downloads.verify(official, path) and downloads.verify(official, path)
   assert len(hashed) == 1 and not caplog.text  # remembered: the file is read once
   with open(path, 'r+b') as f:  # one byte changed: a new version of the file
     f.seek(100)
     byte = f.read(1)
     f.seek(100)
     f.write(bytes([byte[0] ^ 1]))
-  assert not data.verify_file(official, path)
+  assert not downloads.verify(official, path)
   assert f'{path} does not match the official sha256 checksum' in caplog.text

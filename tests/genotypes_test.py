@@ -180,3 +180,11 @@ def test_skip_limit_stops_when_skip_is_the_only_choice_left():
                              ('skip_connect', 1), ('skip_connect', 2),
                              ('skip_connect', 2), ('skip_connect', 3),
                              ('max_pool_3x3', 0), ('skip_connect', 4))
+
+
+def test_cell_topology_numbers_edges_node_by_node():
+  # The order of the 14 rows of every alphas/betas array and of the op-weight panels.
+  assert G.NUM_EDGES == len(G.EDGES) == 14
+  for node, edges in enumerate(G.NODE_EDGES):
+    assert G.EDGES[edges] == tuple((i, node) for i in range(node + 2))
+  assert [G.state_name(i) for i in (0, 1, 2, 5)] == ['c_{k-2}', 'c_{k-1}', 'node 0', 'node 3']

@@ -16,8 +16,10 @@ import pytest
 
 from pcp_jax import data
 from pcp_jax import genotypes
-from pcp_jax import ops
+from pcp_jax import models
+from pcp_jax import parallel
 from pcp_jax import search
+from pcp_jax import search_step
 from pcp_jax import train
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -47,19 +49,20 @@ GOLDEN_TRAIN = {'train_loss': 3.72066973892, 'grad_norm': 5.91330327699, 'train_
 @jax.enable_x64()
 def test_one_search_step():
   config = importlib.import_module('configs.ss_pcp').get_config('tiny')
-  cfg = config.search
-  switches = {c: search.initial_switches(cfg.initial_ops) for c in ('normal', 'reduce')}
-  model, projector, state, _, optimizers = search.build_stage(
-      cfg, 3, 2, switches, 10, (16, 16, 3), 4, jax.random.PRNGKey(0), kernels=ops.XLA)
-  spec = search.StepSpec.from_config(cfg, model.clone(dtype=jnp.float64), projector,
-                                     optimizers, MEAN, STD)
+  config.op_impl, config.search.dtype = 'xla', 'float64'
+  switches = {c: search.initial_switches(config.search.initial_ops)
+              for c in ('normal', 'reduce')}
+  info = data.DatasetInfo('random', 10, 16, 3, MEAN, STD)
+  stage = search.build_stage(config, 3, 2, switches, info, (16, 16, 3), 4,
+                             parallel.make_mesh(1))
+  state = parallel.run_once(stage.init, jax.random.PRNGKey(0))
   labels = np.arange(8, dtype=np.int32) % 10
   batch = {'train': (images(1, (8, 16, 16, 3)), labels),
            'valid': (images(2, (8, 16, 16, 3)), labels[::-1].copy())}
-  _, metrics = jax.jit(lambda st: search.search_step(
-      st, batch, jax.random.PRNGKey(3), 0.1, True, spec))(to_float64(state))
+  _, metrics = jax.jit(lambda st: search_step.search_step(
+      st, batch, jax.random.PRNGKey(3), search_step.HParams(0.1, True), stage.spec))(state)
   got = {k: float(v) for k, v in metrics.items()}
-  assert got.keys() == set(search.METRICS) == GOLDEN_SEARCH.keys()
+  assert got.keys() == set(search_step.METRICS) == GOLDEN_SEARCH.keys()
   for name, value in GOLDEN_SEARCH.items():
     assert got[name] == pytest.approx(value, rel=RTOL), name
 
@@ -69,13 +72,14 @@ def test_one_train_step():
   config = importlib.import_module('configs.train_cifar10').get_config('tiny')
   config.op_impl = 'xla'
   info = data.DatasetInfo('random', 10, 32, 3, MEAN, STD)
-  model = train.create_model(config, genotypes.get('PC_DARTS_cifar'), info)
+  model = models.eval_network(config, genotypes.get('PC_DARTS_cifar'), info.num_classes)
   tx, _ = train.make_optimizer(config, 4)
   state = to_float64(train.initial_state(model, tx, jax.random.key(2), (32, 32, 3)))
   step = train.make_train_step(
       config, model.clone(dtype=jnp.float64), tx, info)
-  _, metrics = step(state, images(4, (8, 32, 32, 3)), np.arange(8, dtype=np.int32),
-                    jax.random.fold_in(jax.random.key(5), 0), jnp.float64(0.2))
+  batch = {'train': (images(4, (8, 32, 32, 3)), np.arange(8, dtype=np.int32))}
+  _, metrics = step(state, batch, jax.random.fold_in(jax.random.key(5), 0),
+                    train.HParams(jnp.float64(0.2)))
   got = {k: float(v) for k, v in metrics.items()}
   assert got.keys() == GOLDEN_TRAIN.keys()
   for name, value in GOLDEN_TRAIN.items():

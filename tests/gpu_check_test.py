@@ -167,6 +167,7 @@ def test_summarize_reports_differing_arch_weights_and_a_failed_run(tmp_path):
   assert not det['same'] and det['error'] == 'run_b: exit 1; last log line: ValueError: no data'
 
 
+@pytest.mark.slow
 def test_the_cpu_form_runs_every_case_and_the_determinism_check(tmp_path):
   out = tmp_path / 'gpu check'  # a space in the path
   proc = subprocess.run(['bash', SCRIPT, str(out), '--tiny'], cwd=tmp_path, env=subprocess_env(),

@@ -8,6 +8,7 @@ import pytest
 
 from pcp_jax import genotypes
 from pcp_jax import heads
+from pcp_jax import kernels as kernels_lib
 from pcp_jax import networks
 from pcp_jax import supernet
 
@@ -21,13 +22,14 @@ def _variables(which, key):
   if which == 'search':
     # 3 cells: a normal cell, a reduction, a reduction after one (a factorised reduce).
     model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3, partial_k=4,
-                                   switches_normal=TWO_OPS, switches_reduce=TWO_OPS)
+                                   switches_normal=TWO_OPS, switches_reduce=TWO_OPS,
+                                   kernels=kernels_lib.XLA)
     return supernet.init_variables(model, key, (16, 16, 3))
   if which == 'eval':
     model = networks.EvalNetwork(genotypes.REFERENCE_GENOTYPES['PDARTS'], num_classes=10,
-                                 channels=8, layers=8, auxiliary=True)
+                                 channels=8, layers=8, auxiliary=True, kernels=kernels_lib.XLA)
     return networks.init_variables(model, key, (32, 32, 3))
-  return heads.Projector((64, 32)).init(key, jnp.zeros((4, 128)))
+  return heads.Projector((64, 32), kernels=kernels_lib.XLA).init(key, jnp.zeros((4, 128)))
 
 
 def _leaves(params):

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from pcp_jax import heads
+from pcp_jax import kernels
 from pcp_jax import losses
 
 
@@ -147,7 +148,7 @@ def projector_and_views(sizes=(16, 8), bn_axis_name=None):
   features = rng.normal(size=(12, 10)).astype(np.float32)
   view_a = features + 0.3 * rng.normal(size=features.shape).astype(np.float32)
   view_b = features + 0.3 * rng.normal(size=features.shape).astype(np.float32)
-  model = heads.Projector(sizes=sizes, bn_axis_name=bn_axis_name)
+  model = heads.Projector(sizes=sizes, bn_axis_name=bn_axis_name, kernels=kernels.XLA)
   variables = model.init(jax.random.key(0), view_a)
   return model, variables, view_a, view_b
 
@@ -185,7 +186,7 @@ def test_projector_can_be_trained_with_barlow_twins():
 
 def test_projector_batch_norm_over_a_mapped_axis_uses_the_global_batch():
   model, variables, view_a, _ = projector_and_views(bn_axis_name='devices')
-  plain = heads.Projector(sizes=(16, 8))
+  plain = heads.Projector(sizes=(16, 8), kernels=kernels.XLA)
   expected, _ = plain.apply(variables, view_a, mutable=['batch_stats'])
   sharded, _ = jax.vmap(
       lambda x: model.apply(variables, x, mutable=['batch_stats']), axis_name='devices')(

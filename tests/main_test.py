@@ -67,12 +67,14 @@ def test_initialize_gets_the_arguments(monkeypatch):
                    {}]
 
 
+@pytest.mark.slow
 def test_help_lists_the_distributed_flag():
   result = subprocess.run([sys.executable, '-m', 'pcp_jax.main', '--help'], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
   assert '--[no]distributed' in result.stdout and 'PCP_JAX_COORDINATOR' in result.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_join_through_the_command_line(tmp_path):
   """Two CPU processes form one 2-device run, then stop at a bad mode before any compilation."""
   with socket.socket() as s:
@@ -116,6 +118,7 @@ def test_launch_scripts_print_usage_without_arguments(script):
   assert result.returncode != 0 and 'usage:' in result.stderr
 
 
+@pytest.mark.slow
 def test_single_host_script_passes_extra_flags_on(tmp_path):
   result = subprocess.run(
       [os.path.join(ROOT, 'launch/single_host.sh'), 'configs/pcp.py:tiny', str(tmp_path),
@@ -150,7 +153,8 @@ def _config(name):
     ('pcp', 'search.projector_sizes', (32, 0), 'search.projector_sizes must be whole numbers'),
     ('pcp', 'search.max_skip_normal', -3, 'search.max_skip_normal must be a whole number >= -1'),
     ('train_cifar10', 'train.layers', 2, 'train.layers must be a whole number >= 3'),
-    ('train_cifar10', 'train.auxiliary_weight', -0.4, 'train.auxiliary_weight must be a number >= 0'),
+    ('train_cifar10', 'train.auxiliary_weight', -0.4,
+     'train.auxiliary_weight must be a number >= 0'),
     ('train_cifar10', 'fgsm.eps', (0.0, 8.0), r'fgsm.eps must be numbers in \[0, 1\]'),
     ('train_cifar10', 'fgsm.example_indices', (0, 40), r'fgsm.example_indices must be whole'),
 ])
@@ -175,6 +179,7 @@ with checkpoint.WorkdirLock(sys.argv[1]):
 '''
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
   from pcp_jax import checkpoint  # pylint: disable=g-import-not-at-top
   holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(tmp_path)], cwd=ROOT,
@@ -192,6 +197,7 @@ def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
   assert not os.path.exists(tmp_path / checkpoint.WorkdirLock.NAME)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'pcp_jax.main', '--config=configs/pcp.py:tiny',
@@ -203,6 +209,7 @@ def test_command_line_errors_are_one_line(tmp_path):
       'checkpoint.max_to_keep must be a whole number >= 1, got 0.')
 
 
+@pytest.mark.slow
 def test_search_then_train_sends_each_flag_where_it_belongs(tmp_path):
   calls = tmp_path / 'calls.txt'
   fake = tmp_path / 'bin' / 'python'  # stands in for the two pcp_jax.main commands
@@ -240,6 +247,7 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_workdir(tmp_path):
     ('--config.search.stages[0].epochs=3', "config.modes must be a comma list"),
     ('--config.search.initial_ops=("none","skip_connect")', "config.modes must be a comma list"),
 ])
+@pytest.mark.slow
 def test_command_line_overrides_answer_in_one_line(tmp_path, override, answer):
   result = subprocess.run(
       [sys.executable, '-m', 'pcp_jax.main', '--config=configs/pcp.py:tiny',

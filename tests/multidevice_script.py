@@ -32,10 +32,11 @@ import numpy as np
 
 from pcp_jax import data
 from pcp_jax import genotypes
-from pcp_jax import ops
 from pcp_jax import loop
 from pcp_jax import parallel
+from pcp_jax import models
 from pcp_jax import search
+from pcp_jax import search_step
 from pcp_jax import train
 
 STEPS = 3
@@ -83,11 +84,10 @@ def assert_replicas_identical(tree, what):
 
 def search_config():
   config = importlib.import_module('configs.ss_pcp').get_config('tiny')
-  cfg = config.search
-  cfg.initial_ops = ('none', 'avg_pool_3x3', 'skip_connect')
-  cfg.channels = 4
-  cfg.batch_size = BATCH
-  return cfg
+  config.search.initial_ops = ('none', 'avg_pool_3x3', 'skip_connect')
+  config.search.channels = 4
+  config.search.batch_size = BATCH
+  return config
 
 
 def search_data():
@@ -101,16 +101,18 @@ def search_data():
 
 def run_search(num_devices, float64=False):
   cfg = search_config()
-  switches = {c: np.asarray([[op in cfg.initial_ops for op in genotypes.PRIMITIVES]] * 14)
+  switches = {c: np.asarray([[op in cfg.search.initial_ops for op in genotypes.PRIMITIVES]] * 14)
               for c in ('normal', 'reduce')}
   mesh = parallel.make_mesh(num_devices)
-  model, projector, state, _, optimizers = search.build_stage(
-      cfg, 3, 2, switches, 10, SHAPE, STEPS, jax.random.PRNGKey(0), num_devices,
-      kernels=ops.select_kernels('xla' if float64 else 'auto'))
-  sums = loop.zero_sums(search.METRICS)
   if float64:
-    model, state, sums = model.clone(dtype=jnp.float64), to_float64(state), to_float64(sums)
-  chunk_fn, _ = search.make_stage_fns(cfg, model, projector, optimizers, mesh, MEAN, STD)
+    cfg.op_impl, cfg.search.dtype = 'xla', 'float64'
+  info = data.DatasetInfo('random', 10, SHAPE[0], SHAPE[2], MEAN, STD)
+  stage = search.build_stage(cfg, 3, 2, switches, info, SHAPE, STEPS, mesh)
+  state = parallel.run_once(stage.init, jax.random.PRNGKey(0))
+  sums = loop.zero_sums(search_step.METRICS)
+  if float64:
+    sums = to_float64(sums)
+  chunk_fn = stage.chunk_fn
   images, labels, order = search_data()
   put = functools.partial(parallel.replicate, mesh=mesh)
   initial_arch = jax.device_get(state.arch)
@@ -118,7 +120,7 @@ def run_search(num_devices, float64=False):
   # function is compiled ahead at its first call and must take its own outputs back.
   state, sums = put(state), put(sums)
   args = (put(images), put(labels), put(order), jax.random.PRNGKey(1),
-          (jnp.float32(0.0), jnp.bool_(True)))
+          search_step.HParams(jnp.float32(0.0), jnp.bool_(True)))
   for start, stop in ((0, STEPS // 2), (STEPS // 2, STEPS)):
     state, sums, bad = chunk_fn(state, sums, *args, jnp.int32(start), jnp.int32(stop))
     assert int(bad) == -1, 'non-finite loss'
@@ -136,7 +138,8 @@ def run_train(num_devices, float64=False):
     config.op_impl = 'xla'  # the 'cpu' kernels compute in float32
   info = data.DatasetInfo('random', 10, TRAIN_SHAPE[0], TRAIN_SHAPE[2], MEAN, STD)
   mesh = parallel.make_mesh(num_devices)
-  model = train.create_model(config, genotypes.get('PC_DARTS_cifar'), info, num_devices)
+  model = models.eval_network(config, genotypes.get('PC_DARTS_cifar'), info.num_classes,
+                              num_devices)
   tx, _ = train.make_optimizer(config, STEPS)
   state = train.initial_state(model, tx, jax.random.key(2), TRAIN_SHAPE)
   if float64:
@@ -150,8 +153,8 @@ def run_train(num_devices, float64=False):
       rng.integers(0, 256, (STEPS, BATCH) + TRAIN_SHAPE, dtype=np.uint8), mesh)
   labels = parallel.replicate(rng.integers(0, 10, (STEPS, BATCH), dtype=np.int32), mesh)
   for i in range(STEPS):
-    state, metrics = step_fn(state, images[i], labels[i],
-                             jax.random.fold_in(jax.random.key(3), i), None)
+    state, metrics = step_fn(state, {'train': (images[i], labels[i])},
+                             jax.random.fold_in(jax.random.key(3), i), train.HParams(None))
   return state, metrics
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from conftest import subprocess_env
+import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multidevice_script.py')
 TIMEOUT = 900
@@ -25,6 +26,7 @@ def run_script():
   return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_two_devices_stay_identical_and_match_one_device():
   returncode, output = run_script()
   if returncode != 0 and 'AssertionError' not in output:

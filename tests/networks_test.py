@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pcp_jax import genotypes
+from pcp_jax import kernels
 from pcp_jax import networks
 
 REFERENCE_COUNTS = {'DARTS_V2': 3349342, 'PC_DARTS_cifar': 3634678, 'PDARTS': 3433798}
@@ -24,7 +25,7 @@ def test_parameter_counts_match_the_reference_code(name):
 @pytest.mark.parametrize('shape', [(32, 32, 3), (28, 28, 1)])
 def test_shapes_and_auxiliary_only_in_training(shape):
   model = networks.EvalNetwork(genotypes.REFERENCE_GENOTYPES['PDARTS'], num_classes=5,
-                               channels=4, layers=5)
+                               channels=4, layers=5, kernels=kernels.XLA)
   x = jnp.zeros((2,) + shape)
 
   def run(key):
@@ -43,7 +44,7 @@ def test_shapes_and_auxiliary_only_in_training(shape):
 
 def test_drop_path_only_in_training_and_keyed():
   model = networks.EvalNetwork(genotypes.REFERENCE_GENOTYPES['PC_DARTS_cifar'], num_classes=3,
-                               channels=4, layers=3, auxiliary=False)
+                               channels=4, layers=3, auxiliary=False, kernels=kernels.XLA)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
   variables = jax.jit(lambda k: networks.init_variables(model, k, (8, 8, 3)))(
       jax.random.PRNGKey(1))

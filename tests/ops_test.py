@@ -1,12 +1,14 @@
 """The ops: both kernel sets give the same variables and compute the same function.
 
-`ops.XLA` (XLA's convolution and reduce-window ops) is the simple reference; the CPU wing's
-`cpu.kernels.KERNELS` is the fast path on a CPU. Outputs and gradients (w.r.t. inputs and
-parameters) must agree within float tolerance for every op, stride and flavour, and for
-whole cells.
+`kernels.XLA` (XLA's convolution and reduce-window ops) is the simple reference; the CPU
+wing's `cpu.kernels.KERNELS` is the fast path on a CPU. Outputs and gradients (w.r.t. inputs
+and parameters) must agree within float tolerance for every op, stride and flavour, for
+whole cells, and for the networks `models` builds.
 """
 
 import dataclasses
+import functools
+import importlib
 
 import flax.linen as nn
 import jax
@@ -15,12 +17,22 @@ import numpy as np
 import pytest
 
 from pcp_jax import genotypes
+from pcp_jax import heads
+from pcp_jax import kernels
+from pcp_jax import models
 from pcp_jax import networks
 from pcp_jax import ops
 from pcp_jax import supernet
 from pcp_jax.cpu import kernels as cpu_kernels
 
-IMPLS = (ops.XLA, cpu_kernels.KERNELS)
+IMPLS = (kernels.XLA, cpu_kernels.KERNELS)
+
+
+def layers(impl):
+  """The bound convolution, batch norm and pools a network in training hands its ops."""
+  return dict(conv=functools.partial(ops.Conv, kernels=impl),
+              norm=functools.partial(ops.BatchNorm, use_running_average=False, kernels=impl),
+              max_pool=impl.max_pool, avg_pool=impl.avg_pool)
 
 
 def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
@@ -37,18 +49,18 @@ def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
 
 def test_op_impl_selects_a_kernel_set_and_auto_follows_the_backend(monkeypatch):
   with pytest.raises(ValueError, match="op_impl must be one of .*'xla'.*got 'fast'"):
-    ops.select_kernels('fast')
-  assert ops.select_kernels('xla') is ops.XLA
-  assert ops.select_kernels('cpu') is cpu_kernels.KERNELS
+    models.select_kernels('fast')
+  assert models.select_kernels('xla') is kernels.XLA
+  assert models.select_kernels('cpu') is cpu_kernels.KERNELS
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  assert ops.select_kernels('auto') is cpu_kernels.KERNELS
+  assert models.select_kernels('auto') is cpu_kernels.KERNELS
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert ops.select_kernels('auto') is ops.XLA
+  assert models.select_kernels('auto') is kernels.XLA
 
 
 def test_models_compute_with_the_kernel_set_they_are_given():
-  # No model module decides by itself: a set that counts its convolutions, pools and batch
-  # norms sees every one of them, and the XLA set is the default.
+  # No layer decides by itself: a set that counts its convolutions, pools and batch norms
+  # sees every one of them.
   seen = []
 
   def counting(name, fn):
@@ -57,20 +69,21 @@ def test_models_compute_with_the_kernel_set_they_are_given():
       return fn(*args)
     return wrapped
 
-  counted = dataclasses.replace(ops.XLA, name='counted', **{
-      f.name: counting(f.name, getattr(ops.XLA, f.name))
-      for f in dataclasses.fields(ops.Kernels) if callable(getattr(ops.XLA, f.name))})
+  counted = dataclasses.replace(kernels.XLA, name='counted', **{
+      f.name: counting(f.name, getattr(kernels.XLA, f.name))
+      for f in dataclasses.fields(kernels.Kernels) if callable(getattr(kernels.XLA, f.name))})
+  rngs = {'params': jax.random.PRNGKey(0), 'channels': jax.random.PRNGKey(1)}
   x = jnp.zeros((2, 32, 32, 3))
-  for model in (supernet.SearchNetwork(channels=4, layers=3, partial_k=2),
-                networks.EvalNetwork(genotypes.REFERENCE_GENOTYPES['PDARTS'], channels=4,
-                                     layers=3)):  # PDARTS' reduction cell has both pools
-    assert model.kernels is ops.XLA
-    rngs = {'params': jax.random.PRNGKey(0), 'channels': jax.random.PRNGKey(1)}
+  everything = {'conv2d', 'normalize', 'max_pool', 'avg_pool'}
+  for model, x, expected in [
+      (supernet.SearchNetwork(channels=4, layers=3, partial_k=2, kernels=counted), x,
+       everything | {'take_channels', 'put_channels'}),
+      # PDARTS' reduction cell has both pools; the auxiliary head pools too.
+      (networks.EvalNetwork(genotypes.REFERENCE_GENOTYPES['PDARTS'], channels=4, layers=3,
+                            kernels=counted), x, everything),
+      (heads.Projector((8, 4), kernels=counted), jnp.zeros((2, 16)), {'normalize'})]:
     seen.clear()
-    jax.eval_shape(lambda m=model: m.clone(kernels=counted).init(rngs, x))
-    expected = {'conv2d', 'normalize', 'max_pool', 'avg_pool'}
-    if isinstance(model, supernet.SearchNetwork):
-      expected |= {'take_channels', 'put_channels'}
+    jax.eval_shape(lambda m=model, x=x: m.init(rngs, x))
     assert set(seen) >= expected
 
 
@@ -84,7 +97,7 @@ def test_conv_has_the_variables_of_the_equivalent_nn_conv(kernel, groups, stride
                       feature_group_count=groups, use_bias=False, kernel_init=ops.WEIGHT_INIT)
   variables = reference.init(jax.random.PRNGKey(1), x)
   for impl in IMPLS:
-    ours = ops.conv(5, kernel, stride, padding, groups=groups, kernels=impl)
+    ours = ops.Conv(5, kernel, stride, padding, groups=groups, kernels=impl)
     mine = ours.init(jax.random.PRNGKey(1), x)
     assert jax.tree_util.tree_structure(mine) == jax.tree_util.tree_structure(variables)
     np.testing.assert_array_equal(mine['params']['kernel'], variables['params']['kernel'])
@@ -186,16 +199,16 @@ def test_take_channels_with_static_or_traced_indices(impl):
 def op_results(names_strides, affine, channels, impl):
   """Variables and (value, output, new batch stats, grads) of each op under `impl`."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, channels))
-  built = [ops.make_op(name, channels, stride, affine=affine, kernels=impl)
+  built = [ops.make_op(name, channels, stride, affine, **layers(impl))
            for name, stride in names_strides]
-  variables = jax.jit(lambda k: [op.init(k, x, True) for op in built])(jax.random.PRNGKey(1))
+  variables = jax.jit(lambda k: [op.init(k, x) for op in built])(jax.random.PRNGKey(1))
 
   def one(op, v):
-    out_shape = jax.eval_shape(lambda: op.apply(v, x, True, mutable=['batch_stats'])[0]).shape
+    out_shape = jax.eval_shape(lambda: op.apply(v, x, mutable=['batch_stats'])[0]).shape
     weights = jax.random.normal(jax.random.PRNGKey(2), out_shape)
 
     def loss(x, params):
-      y, state = op.apply(dict(v, params=params), x, True, mutable=['batch_stats'])
+      y, state = op.apply(dict(v, params=params), x, mutable=['batch_stats'])
       return jnp.sum(jnp.sin(y) * weights), (y, state)
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, v.get('params', {}))
 
@@ -252,8 +265,9 @@ def test_search_cell_agrees_across_impls(channel_mode):
   edge_weights = jax.random.uniform(jax.random.PRNGKey(3), (14,))
   results = []
   for impl in IMPLS:
-    cell = supernet.SearchCell(8, True, True, op_names, partial_k=2, channel_mode=channel_mode,
-                               kernels=impl)
+    bound = layers(impl)
+    cell = supernet.SearchCell(8, True, True, op_names, 2, channel_mode, bound['conv'],
+                               bound['norm'], impl)
     results.append(cell_results(cell, inputs, (weights, edge_weights, 0.3,
                                                jax.random.PRNGKey(5), jax.random.PRNGKey(6)),
                                 jax.random.PRNGKey(4)))
@@ -268,7 +282,7 @@ def test_eval_cell_agrees_across_impls():
   results = []
   for impl in IMPLS:
     cell = networks.EvalCell(genotypes.REFERENCE_GENOTYPES['PDARTS'], 8, True, True,
-                             kernels=impl)
+                             **layers(impl))
     results.append(cell_results(cell, inputs, (True, 0.2), jax.random.PRNGKey(4)))
   (vars_a, out_a), (vars_b, out_b) = results
   assert_trees_close(vars_a, vars_b, rtol=0, atol=0)
@@ -283,7 +297,8 @@ def test_batch_norm_agrees_across_impls_including_across_devices(affine):
   weights = jax.random.normal(jax.random.PRNGKey(1), x.shape)
   results = []
   for impl in IMPLS:
-    bn = ops.batch_norm(True, affine, 'devices', jnp.float32, kernels=impl)
+    bn = ops.BatchNorm(use_running_average=False, use_scale=affine, use_bias=affine,
+                       axis_name='devices', kernels=impl)
     variables = bn.init(jax.random.PRNGKey(2), x[0])
     variables = jax.tree_util.tree_map(lambda v: v + 0.5, variables)  # non-trivial scale/bias
 
@@ -304,7 +319,8 @@ def test_batch_norm_running_variance_is_unbiased_over_the_global_batch(impl):
   # PyTorch's update: running_var = 0.9 * running_var + 0.1 * var_batch * n / (n - 1), n the
   # count over the global batch (both devices of the vmapped device axis here).
   x = 3 * np.random.default_rng(0).normal(size=(2, 4, 5, 5, 3)) + 1
-  bn = ops.batch_norm(True, False, 'devices', jnp.float32, kernels=impl)
+  bn = ops.BatchNorm(use_running_average=False, use_scale=False, use_bias=False,
+                     axis_name='devices', kernels=impl)
   variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x[0], jnp.float32))
   _, state = jax.vmap(lambda xi: bn.apply(variables, xi, mutable=['batch_stats']),
                       axis_name='devices')(jnp.asarray(x, jnp.float32))
@@ -313,3 +329,58 @@ def test_batch_norm_running_variance_is_unbiased_over_the_global_batch(impl):
                              0.9 + 0.1 * flat.var(axis=0, ddof=1), rtol=1e-5)
   np.testing.assert_allclose(state['batch_stats']['mean'][0], 0.1 * flat.mean(axis=0),
                              rtol=1e-5)
+
+
+def to_float64(tree):
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, tree)
+
+
+@jax.enable_x64()
+def test_networks_built_for_either_op_impl_have_the_same_variables_and_function():
+  # What switching config.op_impl relies on: a checkpoint of one loads into the other, and
+  # both compute XLA's float64 result within float32 rounding. (Under x64 throughout, so that
+  # the channel samples and drop-path masks are the same draws in every run.)
+  search_config = importlib.import_module('configs.ss_pcp').get_config('tiny')
+  train_config = importlib.import_module('configs.train_cifar10').get_config('tiny')
+  on = [genotypes.PRIMITIVES.index(p) for p in ('max_pool_3x3', 'avg_pool_3x3',
+                                                'skip_connect', 'sep_conv_3x3')]
+  switches = np.zeros((14, 8), bool)
+  switches[:, on] = True
+  # 32 px for the evaluation network: its auxiliary head pools 8x8 maps.
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3), jnp.float32)
+  x_search = x[:, ::2, ::2]
+  k_init, k_run = jax.random.split(jax.random.PRNGKey(1))
+
+  def build(op_impl):
+    search_config.op_impl = train_config.op_impl = op_impl
+    return (models.search_network(search_config, 3, {'normal': switches, 'reduce': switches},
+                                  10),
+            models.projector(search_config),
+            models.eval_network(train_config, genotypes.REFERENCE_GENOTYPES['PDARTS'], 10))
+
+  def init(nets):
+    search, projector, evaluation = nets
+    features = 16 * search.channels  # 4 nodes of 4C channels in the last cell
+    return (supernet.init_variables(search, k_init, x_search.shape[1:]),
+            projector.init(k_init, jnp.zeros((2, features), jnp.float32)),
+            networks.init_variables(evaluation, k_init, x.shape[1:]))
+
+  def run(nets, variables, dtype):
+    search, projector, evaluation = nets
+    (logits, features), search_state = search.clone(dtype=dtype).apply(
+        variables[0], x_search.astype(dtype), rngs={'channels': k_run},
+        mutable=['batch_stats'])
+    z, projector_state = projector.apply(variables[1], features, mutable=['batch_stats'])
+    (eval_logits, aux_logits), eval_state = evaluation.clone(dtype=dtype).apply(
+        variables[2], x.astype(dtype), drop_path_rate=0.2, rngs={'drop_path': k_run},
+        mutable=['batch_stats'])
+    return (logits, features, z, eval_logits, aux_logits, search_state, projector_state,
+            eval_state)
+
+  xla, cpu = build('xla'), build('cpu')
+  variables = jax.jit(lambda: init(xla))()
+  assert_trees_close(variables, jax.jit(lambda: init(cpu))(), rtol=0, atol=0)
+  reference = jax.jit(lambda v: run(xla, v, jnp.float64))(to_float64(variables))
+  result = jax.jit(lambda v: run(cpu, v, jnp.float32))(variables)
+  assert_trees_close(reference, to_float64(result))

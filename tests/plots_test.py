@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pcp_jax import curves
 from pcp_jax import genotypes
 from pcp_jax import plots
+from pcp_jax import runs
 
 STAGE_OPS = (8, 5, 3)
 STAGE_LAYERS = (5, 11, 17)
@@ -70,8 +72,8 @@ def synthetic_search(run_dir, epochs=5, warmup=2, betas=True, seed=0):
                              else [1.0] * genotypes.NUM_EDGES)
         row[f'switches_{c}'] = switches[c].tolist()
       history.append(row)
-  _write_rows(os.path.join(run_dir, plots.SEARCH_METRICS), metrics)
-  _write_rows(os.path.join(run_dir, plots.ARCH_HISTORY), history)
+  _write_rows(os.path.join(run_dir, runs.SEARCH_METRICS), metrics)
+  _write_rows(os.path.join(run_dir, runs.ARCH_HISTORY), history)
   genotypes.save(genotypes.REFERENCE_GENOTYPES['PDARTS'], os.path.join(run_dir, 'genotype.json'))
   return run_dir
 
@@ -90,11 +92,11 @@ def synthetic_train(run_dir, epochs=30, fgsm=True, seed=0):
                  'valid_acc': valid_acc, 'lr': 0.0125 * (1 + np.cos(np.pi * (e - 1) / epochs)),
                  'drop_path_rate': 0.2 * (e - 1) / epochs, 'epoch_seconds': 20.0,
                  'elapsed_seconds': 20.0 * e, 'best': bool(best)})
-  _write_rows(os.path.join(run_dir, plots.TRAIN_METRICS), rows)
+  _write_rows(os.path.join(run_dir, runs.TRAIN_METRICS), rows)
   genotypes.save(genotypes.REFERENCE_GENOTYPES['PDARTS'], os.path.join(run_dir, 'genotype.json'))
   if fgsm:
     eps = [0.0, 0.01, 0.02, 0.05, 0.1]
-    with open(os.path.join(run_dir, plots.FGSM), 'w') as f:
+    with open(os.path.join(run_dir, runs.FGSM), 'w') as f:
       json.dump({'eps': eps, 'accuracy': [0.9 * np.exp(-20 * x) for x in eps],
                  'mean_true_prob': [0.85 * np.exp(-18 * x) for x in eps],
                  'examples': {str(i): [0.9 * np.exp(-(10 + 5 * i) * x) for x in eps]
@@ -132,11 +134,11 @@ def test_search_run_writes_every_picture(search_plots):
 
 
 def test_op_weights_figure_has_14_panels_a_line_per_op_still_on(tmp_path):
-  history = plots.read_rows(os.path.join(synthetic_search(str(tmp_path)), plots.ARCH_HISTORY))
-  fig = plots.op_weights_figure(history, 'normal')
+  history = runs.Rows(os.path.join(synthetic_search(str(tmp_path)), runs.ARCH_HISTORY)).read()
+  fig = curves.op_weights_figure(history, 'normal')
   panels = fig.axes
   assert len(panels) == genotypes.NUM_EDGES == 14
-  assert [ax.get_title() for ax in panels] == plots.edge_names()
+  assert [ax.get_title() for ax in panels] == curves.edge_names()
   assert panels[0].get_title() == 'c_{k-2} \u2192 node 0'
   assert panels[-1].get_title() == 'node 2 \u2192 node 3'
   # Each panel: a line per op ever on (one segment per stage, no line across a boundary: each
@@ -161,8 +163,8 @@ def test_op_weights_figure_has_14_panels_a_line_per_op_still_on(tmp_path):
 
 
 def test_search_curves_mark_stages_and_plot_every_epoch(tmp_path):
-  rows = plots.read_rows(os.path.join(synthetic_search(str(tmp_path)), plots.SEARCH_METRICS))
-  fig = plots.search_curves_figure(rows[::-1])  # Any order: sorted by (stage, epoch).
+  rows = runs.Rows(os.path.join(synthetic_search(str(tmp_path)), runs.SEARCH_METRICS)).read()
+  fig = curves.search_curves_figure(rows[::-1])  # Any order: sorted by (stage, epoch).
   titles = [ax.get_title() for ax in fig.axes]
   assert 'Architecture loss: Barlow Twins part' in titles and 'Skip-connect dropout' in titles
   ce = fig.axes[0]
@@ -188,19 +190,58 @@ def test_training_run_marks_the_best_epoch_and_plots_fgsm(tmp_path):
   assert sorted(os.path.basename(p) for p in paths) == [
       'fgsm_accuracy.png', 'fgsm_examples.png', 'fgsm_true_prob.png', 'genotype_normal.png',
       'genotype_reduce.png', 'train_curves.png']
-  rows = plots.read_rows(os.path.join(run_dir, plots.TRAIN_METRICS))
-  fig = plots.train_curves_figure(rows)
+  rows = runs.Rows(os.path.join(run_dir, runs.TRAIN_METRICS)).read()
+  fig = curves.train_curves_figure(rows)
   marked = {line.get_xdata()[0] for ax in fig.axes for line in ax.get_lines()
             if line.get_label().startswith('best checkpoint')}
   assert marked == {best_epoch}
   assert f'at epoch {best_epoch} of 30' in fig._suptitle.get_text()  # pylint: disable=protected-access
 
 
-def test_cut_short_last_row_is_ignored(tmp_path):
+def test_a_run_with_a_row_cut_short_is_still_drawn(tmp_path):
   run_dir, _ = synthetic_train(str(tmp_path / 'train'), fgsm=False)
-  with open(os.path.join(run_dir, plots.TRAIN_METRICS), 'a') as f:
-    f.write('{"epoch": 31, "trai')
-  assert len(plots.read_rows(os.path.join(run_dir, plots.TRAIN_METRICS))) == 30
+  with open(os.path.join(run_dir, runs.TRAIN_METRICS), 'a') as f:
+    f.write('{"epoch": 31, "trai')  # a row being written
+  assert 'train_curves.png' in [os.path.basename(p) for p in plots.plot_run(run_dir)]
+
+
+def fake_fgsm(seed, eps=(0.0, 0.01, 0.05)):
+  rng = np.random.default_rng(seed)
+  decay = np.exp(-np.array(eps) * rng.uniform(5, 20))
+  return {'eps': list(eps), 'accuracy': list(0.9 * decay),
+          'mean_true_prob': list(0.8 * decay),
+          'examples': {str(i): list(rng.uniform() * decay) for i in (0, 4, 7)}}
+
+
+def test_plot_fgsm_draws_a_line_per_architecture(tmp_path, monkeypatch):
+  # One set of results as if loaded from JSON (string keys), one straight from code.
+  from_disk, from_code = fake_fgsm(0), fake_fgsm(1)
+  from_code['examples'] = {int(k): v for k, v in from_code['examples'].items()}
+  figures = []
+  for name in ('fgsm_figure', 'fgsm_examples_figure'):
+    build = getattr(curves, name)
+    monkeypatch.setattr(curves, name,
+                        lambda *args, build=build: figures.append(build(*args)) or figures[-1])
+  paths = plots.plot_fgsm({'PC-DARTS': from_disk, 'SS PCP ssf=1': from_code},
+                          str(tmp_path / 'plots'))
+  assert [os.path.basename(p) for p in paths] == [
+      'fgsm_accuracy.png', 'fgsm_true_prob.png', 'fgsm_examples.png']
+  accuracy, true_prob, examples = figures
+  for fig, key in ((accuracy, 'accuracy'), (true_prob, 'mean_true_prob')):
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ['PC-DARTS', 'SS PCP ssf=1']
+    assert np.allclose(lines[1].get_ydata(), from_code[key])
+  # A panel per recorded example, whichever the key type.
+  panels = [ax for ax in examples.axes if ax.get_visible()]
+  assert [ax.get_title() for ax in panels] == ['example 0', 'example 4', 'example 7']
+  assert np.allclose(panels[2].get_lines()[1].get_ydata(), from_code['examples'][7])
+
+
+def test_plot_fgsm_without_results_or_examples_says_so(tmp_path):
+  with pytest.raises(ValueError, match='at least one'):
+    plots.plot_fgsm({}, str(tmp_path))
+  with pytest.raises(ValueError, match='per-example'):
+    plots.plot_fgsm({'a': dict(fake_fgsm(0), examples={})}, str(tmp_path))
 
 
 def test_plot_run_names_an_empty_folder(tmp_path):

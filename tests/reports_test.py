@@ -1,73 +1,17 @@
-"""Tests of the cell diagrams, the paper's Table II and the FGSM overlay."""
+"""Tests of the paper's Table II and the FGSM overlay."""
 
-import collections
 import csv
 import json
 import os
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 
 import pytest
 from PIL import Image
 
 from pcp_jax import genotypes
+from pcp_jax import plots
 from pcp_jax import reports
-
-
-@pytest.mark.parametrize('name', sorted(genotypes.REFERENCE_GENOTYPES))
-@pytest.mark.parametrize('cell', reports.CELLS)
-def test_cell_diagram_png(tmp_path, name, cell):
-  path = reports.plot_cell(genotypes.REFERENCE_GENOTYPES[name], cell, str(tmp_path / 'c.png'))
-  with Image.open(path) as image:
-    assert image.format == 'PNG'
-    # Wider than tall: inputs on the left, output on the right.
-    assert image.size[0] > image.size[1] > 100
-    image.verify()
-
-
-@pytest.mark.parametrize('name', sorted(genotypes.REFERENCE_GENOTYPES))
-@pytest.mark.parametrize('cell', reports.CELLS)
-def test_cell_diagram_svg_labels_every_edge(tmp_path, name, cell):
-  genotype = genotypes.REFERENCE_GENOTYPES[name]
-  path = reports.plot_cell(genotype, cell, str(tmp_path / 'c.svg'))
-  root = ET.parse(path).getroot()
-  assert root.tag.endswith('svg')
-  texts = collections.Counter(
-      element.text for element in root.iter() if element.tag.endswith('text'))
-  ops = collections.Counter(op for op, _ in getattr(genotype, cell))
-  assert {op: texts[op] for op in ops} == ops
-  assert all(texts[str(node)] == 1 for node in range(genotypes.STEPS))
-
-
-def test_cell_layout_puts_inputs_left_and_output_right():
-  genotype = genotypes.REFERENCE_GENOTYPES['PDARTS']
-  layout = reports.cell_layout(genotype, 'normal')
-  x = {node: position[0] for node, position in layout.items()}
-  intermediate = [x[state] for state in range(2, 2 + genotypes.STEPS)]
-  assert x[0] == x[1] < min(intermediate)
-  assert max(intermediate) < x[reports.OUTPUT]
-  # Each node sits right of all its inputs, so every edge points rightwards.
-  for k, (_, j) in enumerate(genotype.normal):
-    assert x[j] < x[2 + k // 2]
-  assert len(set(layout.values())) == len(layout)
-
-
-def test_plot_genotype_writes_both_cells_in_each_format(tmp_path):
-  genotype = genotypes.REFERENCE_GENOTYPES['PC_DARTS_cifar']
-  paths = reports.plot_genotype(genotype, str(tmp_path / 'cells'), prefix='pc_',
-                                formats=('png', 'svg'))
-  names = sorted(os.path.basename(p) for p in paths)
-  assert names == ['pc_normal.png', 'pc_normal.svg', 'pc_reduce.png', 'pc_reduce.svg']
-  assert all(os.path.getsize(p) > 0 for p in paths)
-
-
-def test_plot_cell_rejects_unknown_cell_and_format(tmp_path):
-  genotype = genotypes.REFERENCE_GENOTYPES['DARTS_V2']
-  with pytest.raises(ValueError, match='cell'):
-    reports.plot_cell(genotype, 'both', str(tmp_path / 'c.png'))
-  with pytest.raises(ValueError, match='jpg'):
-    reports.plot_cell(genotype, 'normal', str(tmp_path / 'c.jpg'))
 
 
 def write_run(root, folder, **results):
@@ -137,7 +81,8 @@ def test_paper_table_names_the_folder_without_results(tmp_path):
 
 
 @pytest.mark.parametrize('results, message', [
-    ({'test_accuracy': 97.2, 'params': 1, 'dataset': 'cifar10'}, 'test_accuracy must be a fraction'),
+    ({'test_accuracy': 97.2, 'params': 1, 'dataset': 'cifar10'},
+     'test_accuracy must be a fraction'),
     ({'test_accuracy': 0.97, 'last_test_accuracy': 96.5, 'params': 1, 'dataset': 'cifar10'},
      'last_test_accuracy must be a fraction'),
     ({'test_accuracy': 0.97}, r"missing the keys \['dataset', 'params'\]"),
@@ -178,9 +123,9 @@ def write_search(root, folder, method, ssf, hours=4.8, devices=1, platform='gpu'
 
 def write_trained(root, folder, search_dir, accuracy, params=3_500_000, top5=None, last=None,
                   **train):
-  run = write_run(root, folder, method=json.loads(
-      (search_dir / 'search_summary.json').read_text())['method'], test_accuracy=accuracy,
-                  params=params, dataset='cifar10', genotype_source=str(search_dir / 'genotype.json'),
+  method = json.loads((search_dir / 'search_summary.json').read_text())['method']
+  run = write_run(root, folder, method=method, test_accuracy=accuracy, params=params,
+                  dataset='cifar10', genotype_source=str(search_dir / 'genotype.json'),
                   search_cost_days=0.2, last_test_accuracy=last,
                   **({'test_top5_accuracy': top5} if top5 else {}))
   if train:
@@ -297,19 +242,18 @@ def write_fgsm(run_dir, scale):
 
 
 def test_fgsm_overlay_one_line_per_run(tmp_path, monkeypatch):
-  from pcp_jax import analysis  # pylint: disable=g-import-not-at-top
   runs = grouped_runs(tmp_path)
   chosen = [runs[0], runs[1], runs[3]]
   for scale, run in zip((0.9, 0.8, 0.7), chosen):
     write_fgsm(tmp_path / os.path.basename(run), scale)
   seen = {}
-  plot_fgsm = analysis.plot_fgsm
+  plot_fgsm = plots.plot_fgsm
 
   def spy(results_by_name, out_dir, prefix):
     seen.update(results_by_name)
     return plot_fgsm(results_by_name, out_dir, prefix=prefix)
 
-  monkeypatch.setattr(analysis, 'plot_fgsm', spy)
+  monkeypatch.setattr(plots, 'plot_fgsm', spy)
   paths = reports.fgsm_overlay(chosen, str(tmp_path / 'fig13'))
   assert sorted(os.path.basename(p) for p in paths) == [
       'fgsm_compare_accuracy.png', 'fgsm_compare_examples.png', 'fgsm_compare_true_prob.png']

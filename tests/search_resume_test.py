@@ -1,6 +1,6 @@
-"""Search checkpoints: SIGKILL at any point and rerun gives the uninterrupted result; corrupt
-latest checkpoint falls back; a non-finite loss stops with the step named; config changes are
-refused; Ctrl-C saves and stops.
+"""Search checkpoints: Ctrl-C saves, stops and resumes to the uninterrupted result; config
+changes are refused; SIGKILL at any point (slow: subprocesses) and rerun gives the
+uninterrupted result; a corrupt latest checkpoint falls back.
 
 The runs are subprocesses of one tiny config (the session's compilation cache, inherited
 through the environment, makes all but the first nearly free). Faults are injected by the test
@@ -16,8 +16,6 @@ import subprocess
 import sys
 
 from conftest import subprocess_env
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -83,10 +81,9 @@ def assert_same(a, b):
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
-  """One epoch-chunked run (checkpoints only at epoch ends)."""
+  """One epoch-chunked run (checkpoints only at epoch ends), in this process."""
   workdir = tmp_path_factory.mktemp('uninterrupted')
-  proc = run(workdir, every=0)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  search.search(tiny_config(0), str(workdir))
   return result(workdir)
 
 
@@ -102,6 +99,7 @@ def damage_newest_checkpoint(ckpt_dir):
   return steps[-1], steps[-2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('every,kill_after_saves,kill_at_eval,corrupt', [
     # Right after the 3rd checkpoint (mid-epoch), which is then damaged: the rerun falls
     # back to the 2nd.
@@ -134,50 +132,31 @@ def tiny_config(every):
   return config
 
 
-def fault_on_call(monkeypatch, call, fault):
-  """Makes the search's jitted chunk function apply `fault(state)` before its `call`-th run."""
-  make = search.make_stage_fns
+class _Faulty:
+  """A chunk function that applies `fault(state)` before its `call`-th run."""
 
-  def make_with_fault(*args, **kwargs):
-    chunk_fn, eval_fn = make(*args, **kwargs)
-    calls = [0]
+  def __init__(self, chunk, call, fault):
+    self.chunk, self.call, self.fault, self.calls = chunk, call, fault, 0
 
-    def chunk(state, *rest):
-      calls[0] += 1
-      if calls[0] == call:
-        state = fault(state)
-      return chunk_fn(state, *rest)
-    return chunk, eval_fn
+  @property
+  def compiled(self):
+    return self.chunk.compiled
 
-  monkeypatch.setattr(search, 'make_stage_fns', make_with_fault)
-
-
-def test_nan_stops_naming_the_step_and_the_kept_checkpoint_resumes(
-    uninterrupted, tmp_path, monkeypatch):
-  nan_weights = lambda s: s.replace(
-      params=jax.tree_util.tree_map(lambda p: p * jnp.nan, s.params))
-  fault_on_call(monkeypatch, 3, nan_weights)  # one step per call: the 3rd step of epoch 1
-  with pytest.raises(loop.NonFinite, match=r'stage 1/1, epoch 1, step 3 of 4.*\(step 2\)'):
-    search.search(tiny_config(1), str(tmp_path))
-  ckpt = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints'))
-  assert ckpt.latest_step() == 2 and ckpt.restore_metadata(2)['step'] == 2
-
-  changed = tiny_config(1)
-  changed.search.optim.weights.lr = 0.5
-  with pytest.raises(checkpoint.IncompatibleCheckpoint,
-                     match=r'search\.optim\.weights\.lr: 0\.1 -> 0\.5'):
-    search.search(changed, str(tmp_path))
-
-  monkeypatch.undo()
-  search.search(tiny_config(1), str(tmp_path))  # resumes from the last good checkpoint
-  assert_same(result(tmp_path), uninterrupted)
+  def __call__(self, state, *rest):
+    self.calls += 1
+    if self.calls == self.call:
+      state = self.fault(state)
+    return self.chunk(state, *rest)
 
 
-def test_ctrl_c_saves_stops_and_resumes(uninterrupted, tmp_path, monkeypatch):
+def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, tmp_path,
+                                                                 monkeypatch):
   def interrupt(state):
     os.kill(os.getpid(), signal.SIGINT)  # handled after this chunk of steps
     return state
-  fault_on_call(monkeypatch, 6, interrupt)  # epoch 2, step 2 (chunks of one step)
+  make = loop.make_chunk_fn
+  # Epoch 2, step 2 (chunks of one step).
+  monkeypatch.setattr(loop, 'make_chunk_fn', lambda *a: _Faulty(make(*a), 6, interrupt))
   handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
   with pytest.raises(loop.Interrupted, match='SIGINT.*Rerun the same command'):
     search.search(tiny_config(1), str(tmp_path))
@@ -185,6 +164,12 @@ def test_ctrl_c_saves_stops_and_resumes(uninterrupted, tmp_path, monkeypatch):
   meta = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints')).restore_metadata(6)
   assert (meta['epoch'], meta['step']) == (1, 2)
   monkeypatch.undo()
+
+  changed = tiny_config(1)
+  changed.search.optim.weights.lr = 0.5
+  with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                     match=r'search\.optim\.weights\.lr: 0\.1 -> 0\.5'):
+    search.search(changed, str(tmp_path))
   search.search(tiny_config(1), str(tmp_path))
   assert_same(result(tmp_path), uninterrupted)
 
@@ -207,6 +192,7 @@ app.run(main.main, flags_parser=main.parse_flags)
 '''
 
 
+@pytest.mark.slow
 def test_sigterm_on_the_command_line_saves_exits_143_and_resumes(uninterrupted, tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   stopped = subprocess.run([sys.executable, '-c', CLI_RUNNER, root, str(tmp_path)],

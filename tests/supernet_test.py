@@ -1,5 +1,7 @@
 """The search supernet: shapes, parameter counts, partial channels, skip dropout."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,8 +9,19 @@ import numpy as np
 import pytest
 
 from pcp_jax import genotypes
+from pcp_jax import kernels
 from pcp_jax import ops
 from pcp_jax import supernet
+
+# What a search network hands its cells, with XLA's kernel set.
+LAYERS = dict(conv=functools.partial(ops.Conv, kernels=kernels.XLA),
+              norm=functools.partial(ops.BatchNorm, use_running_average=False,
+                                     kernels=kernels.XLA),
+              kernels=kernels.XLA)
+
+
+def search_network(**kwargs):
+  return supernet.SearchNetwork(kernels=kernels.XLA, **kwargs)
 
 
 def only(*names):
@@ -26,9 +39,9 @@ def test_search_network_parameter_counts_match_the_reference_code():
 
 
 def test_arch_collection_and_per_cell_shapes():
-  model = supernet.SearchNetwork(num_classes=7, channels=8, layers=5, partial_k=2,
-                                 switches_normal=only('none', 'max_pool_3x3', 'skip_connect'),
-                                 switches_reduce=only('skip_connect', 'avg_pool_3x3'))
+  model = search_network(num_classes=7, channels=8, layers=5, partial_k=2,
+                         switches_normal=only('none', 'max_pool_3x3', 'skip_connect'),
+                         switches_reduce=only('skip_connect', 'avg_pool_3x3'))
   key = jax.random.PRNGKey(0)
   x = jnp.zeros((2, 32, 32, 3))
 
@@ -51,9 +64,9 @@ def test_arch_collection_and_per_cell_shapes():
 
 
 def test_arch_init_is_small_gaussian():
-  model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3, partial_k=1,
-                                 switches_normal=only('skip_connect'),
-                                 switches_reduce=only('max_pool_3x3'))
+  model = search_network(num_classes=10, channels=4, layers=3, partial_k=1,
+                         switches_normal=only('skip_connect'),
+                         switches_reduce=only('max_pool_3x3'))
   variables = jax.jit(lambda k: supernet.init_variables(model, k, (8, 8, 3)))(
       jax.random.PRNGKey(1))
   alphas = np.asarray(variables['arch']['alphas_normal'])
@@ -68,7 +81,8 @@ class mixed_op:  # pylint: disable=invalid-name
   lists of edges)."""
 
   def __init__(self, op_names, stride=1, k=4, mode='random'):
-    self.module = supernet.PartialChannelMixedOp((tuple(op_names),), stride, k, mode)
+    self.module = supernet.PartialChannelMixedOp((tuple(op_names),), stride, k, mode,
+                                                 **LAYERS)
 
   @staticmethod
   def _edge_args(x, w, perm=None, mask=None, keep=None):
@@ -111,7 +125,7 @@ def test_random_channels_stride2_bypass_is_max_pooled():
 
 def test_cell_channel_sampling_differs_between_keys_and_repeats_per_key():
   cell = supernet.SearchCell(8, False, False, supernet.edge_ops(only('none', 'skip_connect')),
-                             partial_k=4)
+                             4, 'random', **LAYERS)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
   w = jnp.tile(jnp.array([0.3, 0.7]), (14, 1))
   variables = cell.init(jax.random.PRNGKey(1), x, x, w, channel_key=jax.random.PRNGKey(2))
@@ -182,9 +196,9 @@ def test_skip_dropout_rate_zero_is_no_dropout_and_acts_on_identities_only():
   # must be the same function as drawing them at rate 0. At a high rate only the stride-1
   # skip_connects change: a network whose reduction cells have skip_connect on their
   # stride-2 edges alone (FactorizedReduce) and whose normal cells lack it is untouched.
-  model = supernet.SearchNetwork(num_classes=5, channels=4, layers=3, partial_k=2,
-                                 switches_normal=only('max_pool_3x3', 'skip_connect'),
-                                 switches_reduce=only('avg_pool_3x3', 'skip_connect'))
+  model = search_network(num_classes=5, channels=4, layers=3, partial_k=2,
+                         switches_normal=only('max_pool_3x3', 'skip_connect'),
+                         switches_reduce=only('avg_pool_3x3', 'skip_connect'))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
   variables = supernet.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
   rngs = {'channels': jax.random.PRNGKey(2), 'dropout': jax.random.PRNGKey(3)}
@@ -210,9 +224,9 @@ def test_skip_dropout_rate_zero_is_no_dropout_and_acts_on_identities_only():
 def test_bad_settings_give_clear_errors():
   x = jnp.zeros((1, 8, 8, 3))
   with pytest.raises(ValueError, match='search.channel_mode'):
-    supernet.SearchNetwork(channel_mode='first').init(jax.random.PRNGKey(0), x)
+    search_network(channel_mode='first').init(jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match='search.partial_k'):
-    supernet.SearchNetwork(channels=6, partial_k=4).init(jax.random.PRNGKey(0), x)
+    search_network(channels=6, partial_k=4).init(jax.random.PRNGKey(0), x)
 
 
 def test_channel_shuffle_matches_reshape_definition():
@@ -237,7 +251,7 @@ def test_edges_computed_together_equal_each_edge_alone(stride, mode, k):
   perms = jnp.argsort(jax.random.uniform(jax.random.PRNGKey(3), (3, 8)), axis=-1)
   # Masks for the edges with skip_connect (0 and 1), in edge order.
   masks = jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (2, 2, 8 // stride, 8 // stride, 8 // k))
-  group = supernet.PartialChannelMixedOp(op_names, stride, k, mode)
+  group = supernet.PartialChannelMixedOp(op_names, stride, k, mode, **LAYERS)
   args = (weights, perms, masks, 0.7)
   variables = jax.jit(lambda key: group.init(key, xs, *args))(jax.random.PRNGKey(5))
   outs, state = jax.jit(lambda v: group.apply(v, xs, *args, mutable=['batch_stats']))(variables)
@@ -249,7 +263,7 @@ def test_edges_computed_together_equal_each_edge_alone(stride, mode, k):
         lambda a: a[..., i * a.shape[-1] // n:(i + 1) * a.shape[-1] // n], tree)
 
   for e in range(3):
-    alone = supernet.PartialChannelMixedOp((op_names[e],), stride, k, mode)
+    alone = supernet.PartialChannelMixedOp((op_names[e],), stride, k, mode, **LAYERS)
     mine = {c: {name: edge_slice(variables[c][name], name, e)
                 for name in op_names[e] if name in variables[c]} for c in variables}
     out, edge_state = alone.apply(mine, [xs[e]], weights[e:e + 1], perms[e:e + 1],
@@ -265,9 +279,9 @@ def test_edges_computed_together_equal_each_edge_alone(stride, mode, k):
 
 def test_darts_style_network_has_no_betas_and_all_channels():
   # P-DARTS' supernet: K = 1 (every channel through the ops), no edge normalisation.
-  model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3, partial_k=1,
-                                 use_betas=False, switches_normal=only('none', 'skip_connect'),
-                                 switches_reduce=only('max_pool_3x3', 'skip_connect'))
+  model = search_network(num_classes=10, channels=4, layers=3, partial_k=1,
+                         use_betas=False, switches_normal=only('none', 'skip_connect'),
+                         switches_reduce=only('max_pool_3x3', 'skip_connect'))
   variables, (logits, features) = jax.eval_shape(
       lambda k: (lambda v: (v, model.apply(v, jnp.zeros((2, 8, 8, 3)), rngs={'dropout': k},
                                            mutable=['batch_stats'])[0]))(
@@ -294,9 +308,9 @@ def test_cell_runs_group_the_cells_that_have_identical_shapes():
 
 def deep_model(**kwargs):
   # Ten cells: reductions at 3 and 6, cells 8 and 9 one run (scanned when runs of two are).
-  return supernet.SearchNetwork(num_classes=5, channels=4, layers=10, partial_k=2,
-                                switches_normal=only('max_pool_3x3', 'skip_connect'),
-                                switches_reduce=only('avg_pool_3x3', 'skip_connect'), **kwargs)
+  return search_network(num_classes=5, channels=4, layers=10, partial_k=2,
+                        switches_normal=only('max_pool_3x3', 'skip_connect'),
+                        switches_reduce=only('avg_pool_3x3', 'skip_connect'), **kwargs)
 
 
 @jax.enable_x64()
@@ -339,10 +353,10 @@ def test_a_scanned_run_is_traced_once_not_per_cell():
   # more repeated cells (17 -> 20, the same runs, each longer) leave its size as it was, while
   # the unrolled 17-cell network's program is much larger.
   def program_lines(layers, scan_cells=True):
-    model = supernet.SearchNetwork(num_classes=5, channels=4, layers=layers, partial_k=2,
-                                   switches_normal=only('max_pool_3x3', 'sep_conv_3x3'),
-                                   switches_reduce=only('avg_pool_3x3', 'skip_connect'),
-                                   scan_cells=scan_cells)
+    model = search_network(num_classes=5, channels=4, layers=layers, partial_k=2,
+                           switches_normal=only('max_pool_3x3', 'sep_conv_3x3'),
+                           switches_reduce=only('avg_pool_3x3', 'skip_connect'),
+                           scan_cells=scan_cells)
     variables = jax.eval_shape(lambda k: supernet.init_variables(model, k, (8, 8, 3)),
                                jax.random.PRNGKey(0))
 

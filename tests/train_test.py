@@ -14,7 +14,6 @@ import signal
 import struct
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,14 +23,14 @@ from configs import train_cifar100
 from configs import train_fashion_mnist
 from pcp_jax import checkpoint
 from pcp_jax import data
-from pcp_jax import defaults
 from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import main
+from pcp_jax import models
 from pcp_jax import monitor
 from pcp_jax import networks
-from pcp_jax import optim
 from pcp_jax import reports
+from pcp_jax import runs
 from pcp_jax import train
 
 GENOTYPE = 'DARTS_V2'  # of the reference genotypes, the fastest to compile
@@ -59,7 +58,7 @@ def _tiny_config(genotype=GENOTYPE, optim_overrides=None, **train_overrides):
 
 
 def _rows(workdir):
-  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, runs.TRAIN_METRICS)) as f:
     return [json.loads(line) for line in f]
 
 
@@ -200,8 +199,8 @@ def test_best_checkpoint_holds_the_epoch_of_lowest_validation_loss(reference_run
   lowest = min(rows, key=lambda r: r['valid_loss'])
   best = checkpoint.Checkpointer(os.path.join(workdir, 'best'))
   assert best.all_steps() == [lowest['step']]
-  template = train._template(train.create_model(  # pylint: disable=protected-access
-      _tiny_config(), genotypes.get(GENOTYPE), data.DATASETS['cifar10']),
+  template = train._template(models.eval_network(  # pylint: disable=protected-access
+      _tiny_config(), genotypes.get(GENOTYPE), data.DATASETS['cifar10'].num_classes),
       train.make_optimizer(_tiny_config())[0], (32, 32, 3))
   _, _, metadata = best.restore_latest(template)
   assert metadata['epoch'] == lowest['epoch']
@@ -232,21 +231,28 @@ def test_rerun_resumes_from_the_latest_epoch(reference_run, one_epoch_run, tmp_p
     assert rows[1][key] == pytest.approx(reference[1][key], rel=1e-5), key
 
 
+class _Counted:
+  """A chunk function that runs `action()` before its `n`-th call (1-based)."""
+
+  def __init__(self, chunk, n, action):
+    self.chunk, self.n, self.action, self.calls = chunk, n, action, 0
+
+  @property
+  def compiled(self):
+    return self.chunk.compiled
+
+  def __call__(self, *args):
+    self.calls += 1
+    if self.calls == self.n:
+      self.action()
+    return self.chunk(*args)
+
+
 def _on_chunk(monkeypatch, n, action):
   """Runs `action()` before the `n`-th chunk (1-based) of the on-device train loop."""
-  make, calls = train.make_train_chunk, []
-
-  def wrapped_make(*args):
-    chunk = make(*args)
-
-    def counted(*chunk_args):
-      calls.append(1)
-      if len(calls) == n:
-        action()
-      return chunk(*chunk_args)
-    return counted
-
-  monkeypatch.setattr(train, 'make_train_chunk', wrapped_make)
+  make = loop.make_chunk_fn
+  monkeypatch.setattr(loop, 'make_chunk_fn',
+                      lambda *args: _Counted(make(*args), n, action))
 
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
@@ -302,7 +308,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   bad = int(re.search(r'step (\d) of 4', str(stopped.value)).group(1))
   kept = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')).all_steps()
   assert max(kept, default=0) == bad - 1  # every step before the bad one, nothing after
-  assert not os.path.exists(os.path.join(workdir, train.METRICS_FILE))
+  assert not os.path.exists(os.path.join(workdir, runs.TRAIN_METRICS))
 
 
 def test_resume_refuses_a_changed_config_but_extends_epochs(one_epoch_run, tmp_path):
@@ -329,7 +335,7 @@ def test_a_damaged_best_checkpoint_falls_back_to_the_latest_with_a_warning(
         with open(os.path.join(root, name), 'wb') as f:
           f.write(b'garbage')
   splits = data.train_splits(config)
-  model = train.create_model(config, genotypes.get(GENOTYPE), splits.info)
+  model = models.eval_network(config, genotypes.get(GENOTYPE), splits.info.num_classes)
   _, name, meta = train.restore_for_eval(config, workdir, model, splits.info)
   assert name == 'checkpoints' and meta['epoch'] == 2
   assert 'best' in caplog.text and 'restores' in caplog.text
@@ -343,10 +349,10 @@ def test_workdir_of_another_genotype_is_refused(reference_run):
 def test_evaluate_pads_the_last_batch(reference_run):
   config, workdir = reference_run
   splits = data.train_splits(config)
-  model = train.create_model(config, genotypes.get(GENOTYPE), splits.info)
+  model = models.eval_network(config, genotypes.get(GENOTYPE), splits.info.num_classes)
   state, name, _ = train.restore_for_eval(config, workdir, model, splits.info)
   assert name == 'best'
-  eval_fn = train.make_eval_step(model, splits.info)
+  eval_fn = loop.make_eval_fn(model, splits.info.mean, splits.info.std)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   padded = loop.evaluate(eval_fn, variables, splits.test_images, splits.test_labels, 32)
   whole = loop.evaluate(eval_fn, variables, splits.test_images, splits.test_labels, 40)
@@ -360,7 +366,7 @@ def test_evaluate_pads_the_last_batch(reference_run):
 
 def test_auxiliary_head_and_drop_path_act_only_in_training():
   config = _tiny_config()
-  model = train.create_model(config, genotypes.get(GENOTYPE), data.DATASETS['cifar10'])
+  model = models.eval_network(config, genotypes.get(GENOTYPE), 10)
   assert model.auxiliary
   variables = train.initial_state(model, train.make_optimizer(config)[0], jax.random.key(0),
                                   (32, 32, 3))
@@ -395,39 +401,6 @@ def test_unknown_optimizer_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"train.optim.name must be one of \['sgd', 'adam'\]"):
     main.run(_tiny_config(optim_overrides=dict(name='rmsprop')), str(tmp_path))
   assert not os.listdir(tmp_path)  # refused before anything was written
-
-
-def test_first_updates_follow_the_recipes():
-  params = {'w': jnp.array([1.0, -2.0])}
-  grads = {'w': jnp.array([0.5, 0.25])}
-  decayed = grads['w'] + 3e-4 * params['w']  # coupled weight decay
-  tx, _ = train.make_optimizer(defaults.train_config())
-  updates, _ = tx.update(grads, tx.init(params), params)
-  # Adam's first step is lr * sign (bias-corrected moments of a single gradient).
-  np.testing.assert_allclose(updates['w'], -6e-4 * decayed / (jnp.abs(decayed) + 1e-8),
-                             rtol=1e-5)
-  tx, _ = train.make_optimizer(defaults.apply_args(defaults.train_config(), 'sgd'), 10)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(updates['w'], -0.025 * decayed, rtol=1e-5)
-
-
-def test_cosine_schedule_changes_once_per_epoch_down_to_lr_min():
-  config = defaults.apply_args(defaults.train_config(), 'sgd').train.optim
-  config.lr_min = 0.001
-  schedule = optim.schedule(config, epochs=10, steps_per_epoch=5)
-  assert float(schedule(0)) == pytest.approx(0.025)
-  assert float(schedule(4)) == pytest.approx(0.025)
-  assert float(schedule(25)) == pytest.approx((0.025 + 0.001) / 2)
-  assert float(schedule(50)) == pytest.approx(0.001)
-  assert float(schedule(70)) == pytest.approx(0.001)
-
-
-def test_gradients_are_clipped_before_weight_decay():
-  config = defaults.apply_args(defaults.train_config(), 'sgd')
-  params, grads = {'w': jnp.zeros(2)}, {'w': jnp.array([30.0, 40.0])}  # norm 50
-  tx, _ = train.make_optimizer(config)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(updates['w'], -0.025 * jnp.array([3.0, 4.0]), rtol=1e-5)
 
 
 @pytest.mark.parametrize('get_config, dataset', [

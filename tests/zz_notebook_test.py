@@ -10,6 +10,7 @@ import os
 
 import nbclient
 import nbformat
+import pytest
 
 from pcp_jax import genotypes
 
@@ -25,6 +26,7 @@ def test_notebook_is_stored_without_outputs():
   assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_notebook_runs_the_tiny_pipeline(tmp_path, monkeypatch):
   # The kernel inherits this environment: it finds the checkout through PYTHONPATH, runs the
   # tiny configs and writes its runs to a temp dir.
@@ -60,6 +62,7 @@ def test_notebook_runs_the_tiny_pipeline(tmp_path, monkeypatch):
   assert f"test accuracy {results['test_accuracy']:.3f}" in text
 
 
+@pytest.mark.slow
 def test_notebook_clones_the_repository_when_it_sees_no_checkout(tmp_path, monkeypatch):
   """The Colab path of the first cell: no checkout in sight, so it clones REPO_URL and installs."""
   monkeypatch.setenv('PCP_JAX_REPO_URL', ROOT)  # git clones a local repository like a remote one

@@ -1,7 +1,7 @@
 """XLA:CPU kernels: the DARTS ops' convolutions, pools, batch norm and channel moves written
 as XLA:CPU runs them several times faster at DARTS sizes (`KERNELS`, `config.op_impl` 'cpu').
 
-Same variables and, up to float rounding, the same function as `ops.XLA`:
+Same variables and, up to float rounding, the same function as `pcp_jax.kernels.XLA`:
   - depthwise convolutions as sums of shifted slices times per-channel weights, with a
     hand-written gradient whose kernel part comes from FFTs and whose input part is computed
     per stride phase;
@@ -23,28 +23,28 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from pcp_jax import ops
+from pcp_jax import kernels
 
 
 # Training-mode batch norm with a hand-written gradient, which XLA:CPU runs and compiles
 # faster than autodiff's.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def normalize(x, epsilon: float, axis_name):
-  return ops.normalize_batch(x, epsilon, axis_name)
+  return kernels.normalize_batch(x, epsilon, axis_name)
 
 
 def _normalize_fwd(x, epsilon, axis_name):
-  y, mean, var = ops.normalize_batch(x, epsilon, axis_name)
+  y, mean, var = kernels.normalize_batch(x, epsilon, axis_name)
   inv_std = lax.rsqrt(var + epsilon)
-  return (y, mean, var), (x - mean, inv_std, ops.count_over(x, axis_name))
+  return (y, mean, var), (x - mean, inv_std, kernels.count_over(x, axis_name))
 
 
 def _normalize_bwd(epsilon, axis_name, residuals, cotangents):
   centred, inv_std, count = residuals
   g_y, g_mean, g_var = cotangents
   x_hat = centred * inv_std
-  g_x = inv_std * (g_y - ops.mean_over(g_y, axis_name)
-                   - x_hat * ops.mean_over(g_y * x_hat, axis_name))
+  g_x = inv_std * (g_y - kernels.mean_over(g_y, axis_name)
+                   - x_hat * kernels.mean_over(g_y * x_hat, axis_name))
   return (g_x + (g_mean + 2 * g_var * centred) / count,)
 
 
@@ -236,7 +236,7 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0, dilation: int = 1, grou
     return channel_matmul(x[:, ::stride, ::stride, :], block_diagonal(kernel[0, 0], groups))
   if groups == 1:  # dense (the stems, the auxiliary head's 2x2)
     return _dense_patches(x, kernel, stride, padding, dilation)
-  return ops.XLA.conv2d(x, kernel, stride, padding, dilation, groups)
+  return kernels.XLA.conv2d(x, kernel, stride, padding, dilation, groups)
 
 
 def _dense_patches(x, kernel, stride: int, padding: int, dilation: int):
@@ -300,6 +300,7 @@ def _max_pool_slices_bwd(kernel, stride, padding, residuals, g):
 
 max_pool.defvjp(_max_pool_slices_fwd, _max_pool_slices_bwd)
 
+
 def avg_pool(x, window: int, stride: int, padding: int):
   """The average over each window's pixels inside the image (padding not counted)."""
   _, h, w, c = x.shape
@@ -324,9 +325,5 @@ def put_channels(x, y, perm):
   return x * (1 - jnp.sum(chosen, axis=0)) + channel_matmul(y, chosen)
 
 
-KERNELS = ops.Kernels('cpu', conv2d, normalize, max_pool, avg_pool, take_channels,
-                      put_channels, loops=False)
-
-
-
-
+KERNELS = kernels.Kernels('cpu', conv2d, normalize, max_pool, avg_pool, take_channels,
+                          put_channels, loops=False)

@@ -1,0 +1,338 @@
+"""The line charts of a run's records, as matplotlib Figures (`plots` writes them to files).
+
+Search rows (search_metrics.jsonl, arch_history.jsonl) are drawn over the global epoch, the
+stages split by dashed lines; training rows (train_metrics.jsonl) over the epoch; FGSM
+results (fgsm.json) over eps. Built with matplotlib's Figure API (no pyplot), so drawing
+leaves the caller's backend as it is.
+"""
+
+import math
+
+import matplotlib.lines
+from matplotlib import transforms
+from matplotlib.figure import Figure
+import numpy as np
+
+from pcp_jax import diagrams
+from pcp_jax import genotypes
+
+# One colour per op, the same in every figure (tab10 without its grey).
+OP_COLORS = dict(zip(genotypes.PRIMITIVES, (
+    '#7f7f7f', '#1f77b4', '#17becf', '#d62728', '#2ca02c', '#bcbd22', '#9467bd', '#ff7f0e')))
+_SPLIT_COLORS = {'train': '#1f77b4', 'valid': '#d62728'}
+
+
+def search_order(rows: list) -> list:
+  """Rows sorted by (stage, epoch), the last one kept where an epoch repeats (a resume)."""
+  by_epoch = {(int(r['stage']), int(r['epoch'])): r for r in rows}
+  return [by_epoch[key] for key in sorted(by_epoch)]
+
+
+def _values(rows, key) -> np.ndarray:
+  return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows])
+
+
+def _has(rows, key) -> bool:
+  return any(r.get(key) is not None for r in rows)
+
+
+def _stage_spans(rows) -> list:
+  """(stage, first x, last x) per stage; x is the global epoch (1-based)."""
+  spans = []
+  for x, row in enumerate(rows, 1):
+    if spans and spans[-1][0] == row['stage']:
+      spans[-1][2] = x
+    else:
+      spans.append([row['stage'], x, x])
+  return [tuple(span) for span in spans]
+
+
+def _mark_stages(ax, spans, frozen=None, label=False):
+  """Dashed lines between stages, shaded frozen (warm-up) epochs, stage names on top."""
+  if frozen is not None:
+    for x, is_frozen in enumerate(frozen, 1):
+      if is_frozen:
+        ax.axvspan(x - 0.5, x + 0.5, color='0.9', zorder=0, linewidth=0)
+  for _, _, last in spans[:-1]:
+    ax.axvline(last + 0.5, color='0.35', linestyle='--', linewidth=0.9, zorder=1)
+  if label and len(spans) > 1:
+    blend = transforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for stage, first, last in spans:
+      ax.text((first + last) / 2, 1.01, f'stage {stage}', transform=blend, ha='center',
+              va='bottom', fontsize=8, color='0.3')
+
+
+def _epoch_axis(ax, n):
+  ax.set_xlim(0.5, n + 0.5)
+  ax.grid(alpha=0.3)
+  ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+# ---------------------------------------------------------------------------
+# Search.
+
+def search_curves_figure(rows: list) -> Figure:
+  """Losses, accuracies, architecture loss parts and gradients, lr and skip dropout."""
+  rows = search_order(rows)
+  n = len(rows)
+  x = np.arange(1, n + 1)
+  spans = _stage_spans(rows)
+  frozen = [bool(r.get('arch_frozen')) for r in rows]
+  fig = Figure(figsize=(17, 7.5), layout='constrained')
+  axes = fig.subplots(2, 4, sharex=True)
+
+  def values(key):
+    v = _values(rows, key)
+    if key.startswith('arch_'):
+      # A frozen epoch has no architecture step: its zeros are no measurement.
+      v[np.asarray(frozen) & (v == 0)] = np.nan
+    return v
+
+  def lines(ax, keys, title, ylabel=None, log=False):
+    drawn = False
+    for key, label, color in keys:
+      if _has(rows, key):
+        v = values(key)
+        for i, (_, first, last) in enumerate(spans):  # no line across a stage boundary
+          ax.plot(x[first - 1:last], v[first - 1:last], marker='o', markersize=3,
+                  label=label if i == 0 else None, color=color)
+        drawn = True
+    ax.set_title(title, fontsize=10, pad=14 if len(spans) > 1 else 6)
+    if ylabel:
+      ax.set_ylabel(ylabel)
+    if log == 'auto' and drawn:
+      found = np.concatenate([values(k) for k, _, _ in keys if _has(rows, k)])
+      found = found[np.isfinite(found)]
+      log = found.size > 0 and found.min() > 0 and found.max() / found.min() > 20
+      if log:
+        ax.set_title(f'{title} (log scale)', fontsize=10, pad=14 if len(spans) > 1 else 6)
+    if log and drawn and np.nanmin([np.nanmin(values(k)) if _has(rows, k) else np.inf
+                                    for k, _, _ in keys]) > 0:
+      ax.set_yscale('log')
+    if drawn and len(keys) > 1:
+      ax.legend(fontsize=8)
+    if not drawn:
+      ax.text(0.5, 0.5, 'not recorded', transform=ax.transAxes, ha='center', color='0.5')
+
+  lines(axes[0, 0], [('train_loss', 'train', _SPLIT_COLORS['train']),
+                     ('valid_loss', 'valid', _SPLIT_COLORS['valid'])],
+        'Cross-entropy (network weights)', 'loss')
+  lines(axes[0, 1], [('train_acc', 'train', _SPLIT_COLORS['train']),
+                     ('valid_acc', 'valid', _SPLIT_COLORS['valid'])], 'Accuracy', 'accuracy')
+  lines(axes[0, 2], [('arch_loss', 'arch loss (total)', 'black'),
+                     ('arch_ce', 'CE part', '#2ca02c')], 'Architecture loss and its CE part',
+        'loss', log='auto')
+  lines(axes[0, 3], [('arch_bt', 'BT part', '#9467bd')], 'Architecture loss: Barlow Twins part',
+        'loss')
+  lines(axes[1, 0], [('arch_ce_grad_norm', '|grad| of CE part', '#2ca02c'),
+                     ('arch_bt_grad_norm', '|grad| of BT part', '#9467bd')],
+        'Architecture gradient norms', 'norm', log=True)
+  lines(axes[1, 1], [('arch_grad_cosine', 'cos(CE grad, BT grad)', 'black')],
+        'Cosine of the CE and BT gradients', 'cosine')
+  lines(axes[1, 2], [('lr', 'lr', 'black')], 'Learning rate (weights)', 'lr')
+  lines(axes[1, 3], [('skip_dropout', 'skip dropout', 'black')], 'Skip-connect dropout',
+        'rate')
+  for ax in axes.flat:
+    _epoch_axis(ax, n)
+    _mark_stages(ax, spans, frozen, label=True)
+  for ax in axes[1]:
+    ax.set_xlabel('epoch (all stages)')
+  title = 'Search'
+  if _has(rows, 'layers'):
+    title += ': ' + ', '.join(
+        f'stage {s}: {rows[first - 1].get("layers")} cells, '
+        f'{rows[first - 1].get("ops_per_edge")} ops/edge' for s, first, _ in spans)
+  title += '   (shaded: architecture frozen)' if any(frozen) else ''
+  fig.suptitle(title, fontsize=11)
+  return fig
+
+
+def edge_names() -> list:
+  """'c_{k-2} -> node 0', ... per edge, in the genotypes' edge order."""
+  return [f'{genotypes.state_name(i)} \u2192 node {node}' for i, node in genotypes.EDGES]
+
+
+def op_weights_figure(history: list, cell: str) -> Figure:
+  """The DARTS papers' op-weight figure: 14 panels (a row per node, a column per input), one
+  line per op (softmaxed alphas), ending where the op is switched off."""
+  history = search_order(history)
+  n = len(history)
+  x = np.arange(1, n + 1)
+  spans = _stage_spans(history)
+  primitives = history[0].get('primitives', list(genotypes.PRIMITIVES))
+  alphas = np.array([r[f'alphas_{cell}'] for r in history], dtype=float)  # (n, 14, ops)
+  switches = np.array([r.get(f'switches_{cell}', np.ones(alphas.shape[1:], bool))
+                       for r in history], dtype=bool)
+  alphas = np.where(switches, alphas, np.nan)
+  rows, cols = genotypes.STEPS, genotypes.STEPS + 1
+  fig = Figure(figsize=(3.0 * cols, 2.25 * rows + 0.9), layout='constrained')
+  grid = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+  names = edge_names()
+  top = np.nanmax(alphas) if np.isfinite(alphas).any() else 1.0
+  for edge, (i, node) in enumerate(genotypes.EDGES):  # a row per node, a column per input
+    ax = grid[node, i]
+    for op_index, op in enumerate(primitives):
+      series = alphas[:, edge, op_index]
+      if np.isfinite(series).any():
+        # Each stage starts fresh architecture weights: no line across a stage boundary.
+        for i, (_, first, last) in enumerate(spans):
+          ax.plot(x[first - 1:last], series[first - 1:last], color=OP_COLORS.get(op),
+                  linewidth=1.4, label=op if i == 0 else None,
+                  marker='o' if last - first < 3 else None, markersize=3)
+    _mark_stages(ax, spans)
+    _epoch_axis(ax, n)
+    ax.set_ylim(0, min(1.0, top * 1.08))
+    ax.set_title(names[edge], fontsize=9)
+    ax.tick_params(labelsize=8, labelbottom=True, labelleft=True)
+  for (node, i), ax in np.ndenumerate(grid):
+    if i >= node + 2:  # no such edge
+      ax.remove()
+  for node in range(rows):
+    grid[node, 0].set_ylabel('softmax weight', fontsize=8)
+  for j in range(cols):
+    grid[min(rows - 1, max(0, j - 1)), j].set_xlabel('epoch (all stages)', fontsize=8)
+  handles = [matplotlib.lines.Line2D([], [], color=OP_COLORS.get(op), linewidth=2, label=op)
+             for op in primitives]
+  fig.legend(handles=handles, loc='outside lower center', ncol=len(primitives), fontsize=9,
+             frameon=False)
+  stages = f', {len(spans)} stages split by dashed lines' if len(spans) > 1 else ''
+  fig.suptitle(f'Op weights of the {"normal" if cell == "normal" else "reduction"} cell '
+               f'(softmax over the ops still on{stages})', fontsize=11)
+  return fig
+
+
+def uses_betas(history: list) -> bool:
+  """False when every recorded beta is 1.0 (a search without edge normalisation)."""
+  return any(not np.allclose(r.get(f'betas_{cell}', 1.0), 1.0)
+             for r in history for cell in diagrams.CELLS)
+
+
+def betas_figure(history: list) -> Figure:
+  """Edge-normalised betas over epochs: a panel per (cell, node), a line per incoming edge."""
+  history = search_order(history)
+  n = len(history)
+  x = np.arange(1, n + 1)
+  spans = _stage_spans(history)
+  fig = Figure(figsize=(15, 6.5), layout='constrained')
+  grid = fig.subplots(2, genotypes.STEPS, sharex=True, sharey='row', squeeze=False)
+  colors = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd')
+  for row, cell in enumerate(diagrams.CELLS):
+    betas = np.array([r[f'betas_{cell}'] for r in history], dtype=float)  # (n, 14)
+    for edge, (i, node) in enumerate(genotypes.EDGES):  # a panel per node, a line per input
+      for k, (_, first, last) in enumerate(spans):  # each stage starts fresh betas
+        grid[row, node].plot(
+            x[first - 1:last], betas[first - 1:last, edge], color=colors[i], linewidth=1.5,
+            label=f'from {genotypes.state_name(i)}' if k == 0 else None,
+            marker='o' if last - first < 3 else None, markersize=3)
+    for node, ax in enumerate(grid[row]):
+      _mark_stages(ax, spans)
+      _epoch_axis(ax, n)
+      ax.set_ylim(0, 1)
+      ax.set_title(f'{"normal" if cell == "normal" else "reduction"} cell, node {node}',
+                   fontsize=10)
+      ax.legend(fontsize=7.5, loc='upper left')
+      ax.tick_params(labelleft=True)
+    grid[row, 0].set_ylabel('beta (softmax over inputs)')
+  for ax in grid[-1]:
+    ax.set_xlabel('epoch (all stages)')
+  fig.suptitle('Edge-normalisation weights (betas) of each node\'s incoming edges; the two '
+               'largest alpha x beta pick the node\'s inputs', fontsize=11)
+  return fig
+
+
+# ---------------------------------------------------------------------------
+# Training.
+
+def train_curves_figure(rows: list) -> Figure:
+  """Loss and accuracy (train/valid), lr and drop-path rate; the best epoch marked."""
+  by_epoch = {int(r['epoch']): r for r in rows}
+  rows = [by_epoch[e] for e in sorted(by_epoch)]
+  x = np.array([r['epoch'] for r in rows])
+  best = [r for r in rows if r.get('best')]
+  best = best[-1] if best else None
+  fig = Figure(figsize=(13, 7), layout='constrained')
+  axes = fig.subplots(2, 2, sharex=True)
+  panels = ((axes[0, 0], 'loss', 'Cross-entropy'), (axes[0, 1], 'acc', 'Accuracy'))
+  for ax, key, title in panels:
+    for split in ('train', 'valid'):
+      if _has(rows, f'{split}_{key}'):
+        ax.plot(x, _values(rows, f'{split}_{key}'), color=_SPLIT_COLORS[split], label=split,
+                marker='o' if len(rows) <= 30 else None, markersize=3)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel('loss' if key == 'loss' else 'accuracy')
+  for ax, key, title in ((axes[1, 0], 'lr', 'Learning rate'),
+                         (axes[1, 1], 'drop_path_rate', 'Drop-path rate')):
+    if _has(rows, key):
+      ax.plot(x, _values(rows, key), color='black')
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel('epoch')
+  for ax in axes.flat:
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if best is not None:
+      ax.axvline(best['epoch'], color='#2ca02c', linestyle=':', linewidth=1.5,
+                 label=f'best checkpoint (epoch {best["epoch"]})')
+  if best is not None:
+    for ax, key in ((axes[0, 0], 'valid_loss'), (axes[0, 1], 'valid_acc')):
+      if best.get(key) is not None:
+        ax.plot([best['epoch']], [best[key]], marker='*', markersize=14, color='#2ca02c',
+                zorder=5)
+        right = best['epoch'] > x[0] + 0.8 * (x[-1] - x[0])  # Near the right edge: write left.
+        ax.annotate(f'{best[key]:.4f}', (best['epoch'], best[key]), textcoords='offset points',
+                    xytext=(-10 if right else 10, 10 if key == 'valid_acc' else -16),
+                    ha='right' if right else 'left', fontsize=9, color='#2ca02c',
+                    bbox=dict(boxstyle='round,pad=0.15', facecolor='white', edgecolor='none',
+                              alpha=0.8))
+  for ax in axes[0]:
+    ax.legend(fontsize=8)
+  title = 'Training'
+  if best is not None and best.get('valid_acc') is not None:
+    title += (f': best valid accuracy {best["valid_acc"]:.4f} at epoch {best["epoch"]} '
+              f'of {int(x[-1])}')
+  fig.suptitle(title, fontsize=11)
+  return fig
+
+
+
+
+# ---------------------------------------------------------------------------
+# FGSM.
+
+def fgsm_figure(results_by_name: dict, key: str, ylabel: str, title: str) -> Figure:
+  """`key` of `analysis.fgsm_sweep` results over eps, one line per architecture name."""
+  fig = Figure(figsize=(6, 4.5), layout='constrained')
+  ax = fig.add_subplot()
+  for name, results in results_by_name.items():
+    ax.plot(results['eps'], results[key], marker='o', markersize=3, label=name)
+  ax.set_xlabel('FGSM eps (pixel scale [0, 1])')
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return fig
+
+
+def fgsm_examples_figure(results_by_name: dict, indices: list) -> Figure:
+  """A panel per recorded example (`indices`, string keys of `examples`): its true-class
+  probability over eps, one line per architecture name."""
+  ncols = min(4, len(indices))
+  nrows = math.ceil(len(indices) / ncols)
+  fig = Figure(figsize=(3.2 * ncols, 2.8 * nrows), layout='constrained')
+  axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+  for ax, index in zip(axes.flat, indices):
+    for name, results in results_by_name.items():
+      if index in results['examples']:
+        ax.plot(results['eps'], results['examples'][index], marker='o', markersize=3,
+                label=name)
+    ax.set_title(f'example {index}')
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+  for ax in axes.flat[len(indices):]:
+    ax.set_visible(False)
+  for ax in axes[-1]:
+    ax.set_xlabel('eps')
+  for ax in axes[:, 0]:
+    ax.set_ylabel('true-class probability')
+  axes.flat[0].legend(fontsize='small')
+  return fig

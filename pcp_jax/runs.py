@@ -1,0 +1,144 @@
+"""The run folder: the names of its files, their JSON and JSON-lines I/O, and the search a
+trained genotype came from. Every module that reads or writes a run's file names it from here.
+"""
+
+import json
+import os
+from typing import Mapping
+
+from absl import logging
+
+from pcp_jax import genotypes
+
+# In every run folder.
+CONFIG = 'config.json'
+ENVIRONMENT = 'environment.json'
+LOG = 'log.txt'
+TENSORBOARD_DIR = 'tensorboard'
+PLOTS_DIR = 'plots'
+LOCK = '.lock'  # held by the run using the folder (checkpoint.WorkdirLock)
+GENOTYPE = 'genotype.json'
+# Written by a search.
+SEARCH_SUMMARY = 'search_summary.json'
+SEARCH_METRICS = 'search_metrics.jsonl'
+ARCH_HISTORY = 'arch_history.jsonl'
+GENOTYPE_LATEST = 'genotype_latest.json'
+ARCH_WEIGHTS = 'arch.npz'
+ARCH_STAGE = 'arch_stage{}.npz'  # the architecture each stage (from 1) ended with
+SEARCH_CHECKPOINTS = 'search_checkpoints'
+# Written by the train, test and fgsm modes.
+TRAIN_CONFIG = 'train_config.json'
+TRAIN_METRICS = 'train_metrics.jsonl'
+RESULTS = 'results.json'
+FGSM = 'fgsm.json'
+CHECKPOINTS = 'checkpoints'
+BEST = 'best'
+
+
+def write_json(path: str, obj, sort_keys: bool = False) -> None:
+  """Writes JSON atomically (a crash never leaves half a file)."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, sort_keys=sort_keys, default=str)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def load_json(path: str) -> dict:
+  """The JSON object in `path`; {} when there is no such file (a run without it)."""
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e.msg}, line {e.lineno}).') from None
+
+
+class Rows:
+  """A JSON-lines file of rows, each with a global `step`, written by the main process.
+
+  A line cut short (a kill or a full disk during an append) is dropped with a warning when
+  it is the last one; anywhere else the file is reported with the line number.
+  """
+
+  def __init__(self, path: str, write: bool = True):
+    self.path = path
+    self.write = write
+
+  def read(self) -> list:
+    if not os.path.isfile(self.path):
+      return []
+    with open(self.path) as f:
+      lines = f.read().split('\n')
+    rows = []
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        if all(not rest.strip() for rest in lines[number:]):
+          logging.warning('%s: line %d is cut short (an interrupted write); ignoring it.',
+                          self.path, number)
+          break
+        raise ValueError(f'{self.path}: line {number} is not valid JSON; repair or delete '
+                         'that line.') from None
+    return rows
+
+  def keep_until(self, step: int) -> None:
+    """Keeps only the rows up to global step `step` (those after it are redone on resume)."""
+    if self.write and os.path.exists(self.path):
+      rows = [r for r in self.read() if r['step'] <= step]
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+      os.replace(tmp, self.path)
+
+  def append(self, row: Mapping) -> None:
+    if self.write:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+        f.flush()
+
+
+def search_folder(run_dir: str, source) -> str:
+  """The search folder a trained genotype came from (holding search_summary.json), or ''.
+
+  `source` is results.json's `genotype_source` (a search folder or a genotype.json path, as
+  given to train; relative paths are tried from the working directory and from `run_dir`);
+  a run folder that holds a search_summary.json itself is its own search folder."""
+  candidates = []
+  if source and source not in genotypes.REFERENCE_GENOTYPES:
+    for path in (source, os.path.join(run_dir, source),
+                 os.path.join(os.path.dirname(os.path.normpath(run_dir)), source)):
+      candidates.append(path if os.path.isdir(path) else os.path.dirname(path))
+  candidates.append(run_dir)
+  for folder in candidates:
+    if folder and os.path.isfile(os.path.join(folder, SEARCH_SUMMARY)):
+      return folder
+  return ''
+
+
+def search_summary(source: str) -> dict:
+  """The search_summary.json of the search a genotype came from (`config.genotype`: a search
+  folder or its genotype.json); {} for a reference genotype or a file without one."""
+  folder = search_folder('', source)
+  return load_json(os.path.join(folder, SEARCH_SUMMARY)) if folder else {}
+
+
+def method_name(source: str, method: str = '') -> str:
+  """A trained genotype's name in results: `method` (train.method) if given, else the
+  reference name, the search's method, or the search folder's (or file's) name."""
+  if method:
+    return method
+  if source in genotypes.REFERENCE_GENOTYPES:
+    return source
+  searched = search_summary(source).get('method')
+  if searched:
+    return searched
+  if os.path.isdir(source):
+    return os.path.basename(os.path.normpath(source))
+  stem = os.path.splitext(os.path.basename(source))[0]
+  return (os.path.basename(os.path.dirname(os.path.abspath(source)))
+          if stem == os.path.splitext(GENOTYPE)[0] else stem)
