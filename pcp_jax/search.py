@@ -52,7 +52,7 @@ DTYPES = ('float32', 'float64')
 def check_config(config):
   """Validates the search config, naming the option and the allowed values."""
   cfg = config.search
-  models.select_kernels(config.get('op_impl', 'auto'))
+  kernel_set = models.select_kernels(config.get('op_impl', 'auto'))
   if not 0.0 <= cfg.ss_factor <= 1.0:
     raise ValueError(f'search.ss_factor must be in [0, 1], got {cfg.ss_factor}.')
   if cfg.dtype not in DTYPES:
@@ -60,6 +60,9 @@ def check_config(config):
   if cfg.dtype == 'float64' and not jax.config.jax_enable_x64:
     raise ValueError("search.dtype='float64' needs float64 arrays in JAX: set "
                      'JAX_ENABLE_X64=1 (or jax.config.update("jax_enable_x64", True)).')
+  if cfg.dtype == 'float64' and kernel_set.name != 'xla':
+    raise ValueError("search.dtype='float64' needs op_impl='xla' (the CPU wing computes in "
+                     f'float32), got op_impl={config.get("op_impl", "auto")!r}.')
   if cfg.bt_scale not in BT_SCALES:
     raise ValueError(f'search.bt_scale must be one of {list(BT_SCALES)}, got {cfg.bt_scale!r}.')
   if cfg.bt_views not in augment.BT_VIEWS:

@@ -54,3 +54,21 @@ def subprocess_env(**extra):
     extra['XLA_FLAGS'] = ' '.join(f for f in (env.get('XLA_FLAGS'), extra['XLA_FLAGS']) if f)
   env.update({k: str(v) for k, v in extra.items()})
   return env
+
+
+class OnChunk:
+  """Wraps a loop's chunk function (`loop.make_chunk_fn`): before its `call`-th run (1-based),
+  `fault(state)` replaces the state it gets (a test's injected fault or signal)."""
+
+  def __init__(self, chunk, call, fault):
+    self.chunk, self.call, self.fault, self.calls = chunk, call, fault, 0
+
+  @property
+  def compiled(self):
+    return self.chunk.compiled
+
+  def __call__(self, state, *rest):
+    self.calls += 1
+    if self.calls == self.call:
+      state = self.fault(state)
+    return self.chunk(state, *rest)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 
+from conftest import OnChunk
 from conftest import subprocess_env
 import numpy as np
 import pytest
@@ -132,23 +133,6 @@ def tiny_config(every):
   return config
 
 
-class _Faulty:
-  """A chunk function that applies `fault(state)` before its `call`-th run."""
-
-  def __init__(self, chunk, call, fault):
-    self.chunk, self.call, self.fault, self.calls = chunk, call, fault, 0
-
-  @property
-  def compiled(self):
-    return self.chunk.compiled
-
-  def __call__(self, state, *rest):
-    self.calls += 1
-    if self.calls == self.call:
-      state = self.fault(state)
-    return self.chunk(state, *rest)
-
-
 def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, tmp_path,
                                                                  monkeypatch):
   def interrupt(state):
@@ -156,7 +140,7 @@ def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, 
     return state
   make = loop.make_chunk_fn
   # Epoch 2, step 2 (chunks of one step).
-  monkeypatch.setattr(loop, 'make_chunk_fn', lambda *a: _Faulty(make(*a), 6, interrupt))
+  monkeypatch.setattr(loop, 'make_chunk_fn', lambda *a: OnChunk(make(*a), 6, interrupt))
   handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
   with pytest.raises(loop.Interrupted, match='SIGINT.*Rerun the same command'):
     search.search(tiny_config(1), str(tmp_path))
