@@ -52,6 +52,7 @@ def test_bad_options_fail_naming_the_flag(options, message, tmp_path):
   assert message in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args, message', [
     (['--what=search,eval'], "Error: --what must be a comma list of ['search', 'train'], got "
                              "'search,eval'."),

@@ -26,11 +26,16 @@ if FAST_COMPILE_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
       f for f in (os.environ.get('XLA_FLAGS'), FAST_COMPILE_XLA_FLAGS) if f)
 
 
+# PCP_JAX_TEST_XLA_CACHE keeps the cache across sessions (local reruns); CI starts empty.
+# Chosen when pytest starts, before pytest-xdist starts its workers: they inherit it, so a
+# program one worker compiled is loaded by the other.
+if not os.environ.get('PCP_JAX_TEST_XLA_CACHE'):
+  os.environ['PCP_JAX_TEST_XLA_CACHE'] = tempfile.mkdtemp(prefix='pcp_jax_test_xla_cache_')
+
+
 @pytest.fixture(scope='session', autouse=True)
 def fast_compiles():
-  # PCP_JAX_TEST_XLA_CACHE keeps the cache across sessions (local reruns); CI starts empty.
-  cache = (os.environ.get('PCP_JAX_TEST_XLA_CACHE') or
-           tempfile.mkdtemp(prefix='pcp_jax_test_xla_cache_'))
+  cache = os.environ['PCP_JAX_TEST_XLA_CACHE']
   os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
   # The data loader's record of verified archives: the tests' own, not the user's.
   os.environ['PCP_JAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='pcp_jax_test_cache_')

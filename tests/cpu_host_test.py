@@ -35,6 +35,7 @@ def test_a_bad_switch_names_the_variable():
     host.environment({'PCP_JAX_HUGE_PAGES': 'yes'}, 'madvise', GLIBC)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='re-runs only on Linux')
 def test_an_entry_point_with_a_bad_switch_stops_with_the_message_alone():
   env = dict(os.environ, PCP_JAX_HUGE_PAGES='yes', PYTHONPATH=REPO)
@@ -71,6 +72,7 @@ print(sys.argv[1:], os.environ.get('GLIBC_TUNABLES'), huge_kb)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (sys.platform.startswith('linux') and os.path.exists('/proc/self/smaps_rollup')
          and (host.glibc_version() or (0, 0)) >= host.MIN_GLIBC

@@ -336,51 +336,28 @@ def to_float64(tree):
       lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, tree)
 
 
-@jax.enable_x64()
-def test_networks_built_for_either_op_impl_have_the_same_variables_and_function():
-  # What switching config.op_impl relies on: a checkpoint of one loads into the other, and
-  # both compute XLA's float64 result within float32 rounding. (Under x64 throughout, so that
-  # the channel samples and drop-path masks are the same draws in every run.)
+def test_networks_built_for_either_op_impl_have_the_same_variables():
+  # What switching config.op_impl relies on: a checkpoint of one loads into the other (the
+  # same names, shapes and types; the ops' functions agree in the tests above).
   search_config = importlib.import_module('configs.ss_pcp').get_config('tiny')
   train_config = importlib.import_module('configs.train_cifar10').get_config('tiny')
   on = [genotypes.PRIMITIVES.index(p) for p in ('max_pool_3x3', 'avg_pool_3x3',
                                                 'skip_connect', 'sep_conv_3x3')]
   switches = np.zeros((14, 8), bool)
   switches[:, on] = True
-  # 32 px for the evaluation network: its auxiliary head pools 8x8 maps.
-  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3), jnp.float32)
-  x_search = x[:, ::2, ::2]
-  k_init, k_run = jax.random.split(jax.random.PRNGKey(1))
 
-  def build(op_impl):
+  def variables(op_impl):
     search_config.op_impl = train_config.op_impl = op_impl
-    return (models.search_network(search_config, 3, {'normal': switches, 'reduce': switches},
-                                  10),
-            models.projector(search_config),
-            models.eval_network(train_config, genotypes.REFERENCE_GENOTYPES['PDARTS'], 10))
+    search = models.search_network(search_config, 3, {'normal': switches, 'reduce': switches},
+                                   10)
+    projector = models.projector(search_config)
+    evaluation = models.eval_network(train_config, genotypes.REFERENCE_GENOTYPES['PDARTS'], 10)
+    key = jax.random.PRNGKey(0)
+    return jax.eval_shape(lambda: (
+        supernet.init_variables(search, key, (16, 16, 3)),
+        projector.init(key, jnp.zeros((2, 16 * search.channels), jnp.float32)),
+        networks.init_variables(evaluation, key, (32, 32, 3))))
 
-  def init(nets):
-    search, projector, evaluation = nets
-    features = 16 * search.channels  # 4 nodes of 4C channels in the last cell
-    return (supernet.init_variables(search, k_init, x_search.shape[1:]),
-            projector.init(k_init, jnp.zeros((2, features), jnp.float32)),
-            networks.init_variables(evaluation, k_init, x.shape[1:]))
-
-  def run(nets, variables, dtype):
-    search, projector, evaluation = nets
-    (logits, features), search_state = search.clone(dtype=dtype).apply(
-        variables[0], x_search.astype(dtype), rngs={'channels': k_run},
-        mutable=['batch_stats'])
-    z, projector_state = projector.apply(variables[1], features, mutable=['batch_stats'])
-    (eval_logits, aux_logits), eval_state = evaluation.clone(dtype=dtype).apply(
-        variables[2], x.astype(dtype), drop_path_rate=0.2, rngs={'drop_path': k_run},
-        mutable=['batch_stats'])
-    return (logits, features, z, eval_logits, aux_logits, search_state, projector_state,
-            eval_state)
-
-  xla, cpu = build('xla'), build('cpu')
-  variables = jax.jit(lambda: init(xla))()
-  assert_trees_close(variables, jax.jit(lambda: init(cpu))(), rtol=0, atol=0)
-  reference = jax.jit(lambda v: run(xla, v, jnp.float64))(to_float64(variables))
-  result = jax.jit(lambda v: run(cpu, v, jnp.float32))(variables)
-  assert_trees_close(reference, to_float64(result))
+  xla, cpu = variables('xla'), variables('cpu')
+  assert jax.tree_util.tree_structure(xla) == jax.tree_util.tree_structure(cpu)
+  assert jax.tree_util.tree_leaves(xla) == jax.tree_util.tree_leaves(cpu)

@@ -250,6 +250,7 @@ def test_plot_run_names_an_empty_folder(tmp_path):
     plots.plot_run(str(tmp_path / 'empty'))
 
 
+@pytest.mark.slow
 def test_cli_one_line_error_for_a_folder_with_nothing_to_plot(tmp_path):
   (tmp_path / 'empty_run').mkdir()
   run_dir, _ = synthetic_train(str(tmp_path / 'train'), fgsm=False)

@@ -191,6 +191,7 @@ def test_paper_table_top5_and_differing_settings(tmp_path):
       ('SS PCP-DARTS (ssf 0.75, epochs 600)', '99.90', '1')]
 
 
+@pytest.mark.slow
 def test_table_cli_writes_markdown_and_csv(tmp_path):
   runs = grouped_runs(tmp_path)
   result = subprocess.run(
@@ -207,6 +208,7 @@ def test_table_cli_writes_markdown_and_csv(tmp_path):
   assert [r['n'] for r in records] == ['1', '3', '1']
 
 
+@pytest.mark.slow
 def test_cli_names_the_run_folder_without_results(tmp_path):
   runs = grouped_runs(tmp_path)
   (tmp_path / 'crashed_run').mkdir()
@@ -221,6 +223,7 @@ def test_cli_names_the_run_folder_without_results(tmp_path):
     assert ('fgsm.json' if command == 'fgsm' else 'results.json') in errors[0]
 
 
+@pytest.mark.slow
 def test_table_cli_names_a_bad_results_file_in_one_line(tmp_path):
   run = write_run(tmp_path, 'percent', test_accuracy=97.2, params=1, dataset='cifar10')
   result = subprocess.run(

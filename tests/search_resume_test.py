@@ -186,10 +186,10 @@ def test_sigterm_on_the_command_line_saves_exits_143_and_resumes(uninterrupted, 
   assert 'The search stopped on SIGTERM; saved in' in stopped.stderr
   assert 'Traceback' not in stopped.stderr
   assert 'checkpoint_manager.py' not in stopped.stderr  # Orbax's INFO lines: only with -v
-  # The signal came after the 2nd checkpoint: the current chunk (one step) finished and was
-  # saved as the 3rd.
+  # The signal came while the 2nd checkpoint was saved: that checkpoint holds everything
+  # run so far, so the search stops right after it.
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints'))
-  assert ckpt.latest_step() == 3 and ckpt.restore_metadata(3)['step'] == 3
+  assert ckpt.latest_step() == 2 and ckpt.restore_metadata(2)['step'] == 2
   resumed = run(tmp_path, every=1)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert_same(result(tmp_path), uninterrupted)

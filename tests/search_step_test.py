@@ -1,6 +1,8 @@
 """The paper's search step: what each part updates, the gradient parts and their mix, the
 shared channel sample, the projector's warm-up."""
 
+import dataclasses
+import functools
 import importlib
 
 import jax
@@ -10,6 +12,7 @@ import optax
 import pytest
 
 from pcp_jax import data
+from pcp_jax import loop
 from pcp_jax import losses
 from pcp_jax import parallel
 from pcp_jax import search
@@ -151,29 +154,33 @@ def test_projector_trains_during_the_warm_up_only_when_asked(warmup):
 
 
 def _three_steps(spec, state, key):
-  batches = [{'train': (IMAGES[i:i + 4], LABELS[i:i + 4]),
-              'valid': (IMAGES[4 - i:8 - i], LABELS[4 - i:8 - i])} for i in range(3)]
+  """Three search steps in one on-device loop (`loop.run_steps`: the step compiled once)."""
+  chunk = jax.jit(functools.partial(
+      loop.run_steps, step_fn=functools.partial(search_step.search_step, spec=spec),
+      batch_size=4))
+  order = {'train': jnp.arange(12) % 8, 'valid': (jnp.arange(12) + 3) % 8}
   hparams = search_step.HParams(jnp.float32(0.0), jnp.bool_(True))
-
-  @jax.jit
-  def run(state):
-    for i, batch in enumerate(batches):
-      state, _ = search_step.search_step(state, batch, jax.random.fold_in(key, i), hparams, spec)
-    return state
-  return run(state)
+  state, _, bad = chunk(state, loop.zero_sums(search_step.METRICS),
+                        {'train': IMAGES, 'valid': IMAGES}, {'train': LABELS, 'valid': LABELS},
+                        order, key, hparams, 0, 3)
+  assert int(bad) == -1
+  return state
 
 
-@pytest.mark.parametrize('augment', [False, True])
-@jax.enable_x64()
-def test_with_augmentation_off_the_steps_depend_only_on_the_batches(augment):
+def test_with_augmentation_off_the_steps_depend_only_on_the_batches():
   # Fixed channels (shuffle mode) and no skip-connect dropout: with the augmentation off the
-  # step keys draw nothing, so two runs with different keys agree bit for bit; with it on
-  # they differ.
-  spec, state = tiny_stage(0.5, float64=True, channel_mode='shuffle', augment=augment,
-                           bt_augment=augment)
+  # step keys draw nothing, so two runs with different keys agree bit for bit.
+  spec, state = tiny_stage(0.5, channel_mode='shuffle', augment=False, bt_augment=False)
   a = _three_steps(spec, state, jax.random.PRNGKey(10))
   b = _three_steps(spec, state, jax.random.PRNGKey(11))
-  same = all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
-                                                  jax.tree_util.tree_leaves(b)))
-  assert same == (not augment)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
   assert changed(state.arch, a.arch) and changed(state.params, a.params)
+  # With it on, the same keys draw different crops, flips and views.
+  for augment in (False, True):
+    on = dataclasses.replace(spec, augment=augment, bt_augment=augment)
+    keys = jax.random.PRNGKey(10), jax.random.PRNGKey(11)
+    ce = [search_step._augment(on, k, IMAGES) for k in keys]  # pylint: disable=protected-access
+    views = [search_step._bt_views(on, k, IMAGES)[0] for k in keys]  # pylint: disable=protected-access
+    assert np.array_equal(ce[0], ce[1]) == (not augment)
+    assert np.array_equal(views[0], views[1]) == (not augment)

@@ -34,8 +34,9 @@ def write_cifar100(directory, num_train=128, num_test=8):
 # both run here (pc_darts on CIFAR-100, the paper's Table III search); p_darts' differences
 # from them (K = 1, no betas) are the supernet's and the genotype's, tested in supernet_test
 # and genotypes_test. Leaving those two out saves CI two 2-stage compiles.
-@pytest.mark.parametrize('name, arg', [('pc_darts', 'tiny,dataset=cifar100'),
-                                       ('ss_pcp', 'tiny')])
+@pytest.mark.parametrize('name, arg', [
+    pytest.param('pc_darts', 'tiny,dataset=cifar100', marks=pytest.mark.slow),
+    ('ss_pcp', 'tiny')])
 def test_tiny_search_end_to_end(name, arg, tmp_path):
   config = load_config(name, arg)
   if config.data.dataset == 'cifar100':

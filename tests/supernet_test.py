@@ -313,6 +313,7 @@ def deep_model(**kwargs):
                         switches_reduce=only('avg_pool_3x3', 'skip_connect'), **kwargs)
 
 
+@pytest.mark.slow
 @jax.enable_x64()
 def test_scanned_cells_compute_what_unrolled_cells_do(monkeypatch):
   # In float64 with XLA's ops: random channels and skip dropout drawn per cell, batch-norm
