@@ -415,9 +415,8 @@ def barlow_twins_views(
 
   `recipe` is a name in `BT_VIEWS` (the config's search.bt_views) or a (view A, view B) pair
   of `ViewRecipe`s; it must be static under `jax.jit`. 'asymmetric' follows Barlow Twins.
-  'symmetric' redraws the older views from the same key, with one intended change:
-  erasing now happens after normalisation, so its box is the mean colour where it used to
-  be black (the caller normalised the erased pixel-space view).
+  'symmetric' draws identically distributed views (no blur, solarisation or distortion);
+  erasing comes after normalisation, so an erased box is the mean colour.
   """
   recipe_a, recipe_b = _view_recipes(recipe)
   key_a, key_b = jax.random.split(key)

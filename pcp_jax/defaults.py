@@ -128,7 +128,8 @@ def search_config() -> ml_collections.ConfigDict:
   # runs and decisive comparisons; needs JAX_ENABLE_X64=1).
   s.dtype = 'float32'
   # The CE batch and both BT views go through one channel sample per architecture step (the
-  # paper's "two identical networks"); False draws one per forward (earlier releases).
+  # paper's "two identical networks"); False draws one per forward, so BT also punishes
+  # sensitivity to the channel sample.
   s.shared_channels = True
   # BT's scale in the mix: 'none' (the paper: ssf * BT + (1 - ssf) * CE); 'dim' (BT / D);
   # 'balance' (the BT gradient rescaled to the CE gradient's norm every step). At D = 512
@@ -136,7 +137,8 @@ def search_config() -> ml_collections.ConfigDict:
   # updates the architecture almost purely by BT (README, "Self-supervision").
   s.bt_scale = 'none'
   # The two BT views: 'asymmetric' (the Barlow Twins recipe: blur and solarisation differ per
-  # view, plus a perspective distortion and erasing) or 'symmetric' (earlier releases).
+  # view, plus a perspective distortion and erasing) or 'symmetric' (identically
+  # distributed views without blur, solarisation or distortion).
   s.bt_views = 'asymmetric'
   # Train the projector on BT during the warm-up (architecture frozen), so that the first
   # architecture steps of a stage do not pass through a random projector. Not in the paper.
