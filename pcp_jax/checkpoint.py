@@ -8,6 +8,7 @@ truncated later) is skipped with a warning in favour of the one before it.
 
 import fcntl
 import hashlib
+import json
 import os
 import socket
 import time
@@ -30,6 +31,7 @@ class CorruptCheckpoint(IOError):
 
 
 CHECKSUM_KEY = '_checksum'
+METADATA_CHECKSUM_KEY = '_metadata_checksum'
 
 
 def tree_checksum(tree: Any) -> str:
@@ -42,11 +44,18 @@ def tree_checksum(tree: Any) -> str:
   return digest.hexdigest()
 
 
+def metadata_checksum(metadata: Mapping) -> str:
+  """SHA-256 over the metadata's canonical JSON (sorted keys): what resume reads from it
+  (epoch, step, config record) is covered as the arrays are."""
+  return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
+
+
 class Checkpointer:
   """The newest `max_to_keep` checkpoints of a run in `directory`, one folder per step.
 
-  A checksum of the arrays is saved in the metadata and verified on restore, so a damaged
-  file that still decodes (a flipped bit) is found like one that does not."""
+  Checksums of the arrays and of the rest of the metadata are saved in the metadata and
+  verified on restore, so a damaged file that still decodes (a flipped bit, an edited
+  epoch) is found like one that does not, and an older checkpoint is used instead."""
 
   def __init__(self, directory: str, max_to_keep: Optional[int] = 3):
     self.directory = os.path.abspath(directory)
@@ -71,8 +80,9 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            metadata=ocp.args.JsonSave(dict(metadata or {},
-                                            **{CHECKSUM_KEY: tree_checksum(state)}))),
+            metadata=ocp.args.JsonSave(dict(
+                metadata or {}, **{CHECKSUM_KEY: tree_checksum(state),
+                                   METADATA_CHECKSUM_KEY: metadata_checksum(metadata or {})}))),
         force=True)
     self._manager.wait_until_finished()
 
@@ -86,7 +96,7 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(template), metadata=ocp.args.JsonRestore()))
-    metadata = dict(restored.metadata or {})
+    metadata = self._checked_metadata(step, restored.metadata)
     expected = metadata.pop(CHECKSUM_KEY, None)
     if expected is not None and tree_checksum(restored.state) != expected:
       raise CorruptCheckpoint(f'checkpoint {step} in {self.directory}: its arrays do not '
@@ -97,8 +107,19 @@ class Checkpointer:
     """The metadata saved with `step` (without reading the state)."""
     restored = self._manager.restore(
         step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-    metadata = dict(restored.metadata or {})
+    metadata = self._checked_metadata(step, restored.metadata)
     metadata.pop(CHECKSUM_KEY, None)
+    return metadata
+
+  def _checked_metadata(self, step: int, saved) -> dict:
+    """The saved metadata without its checksum, verified (checkpoints written before the
+    metadata had one are taken as they are)."""
+    metadata = dict(saved or {})
+    expected = metadata.pop(METADATA_CHECKSUM_KEY, None)
+    rest = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    if expected is not None and metadata_checksum(rest) != expected:
+      raise CorruptCheckpoint(f'checkpoint {step} in {self.directory}: its metadata does not '
+                              'match its checksum (edited or damaged on disk)')
     return metadata
 
   def restore_latest(self, template: Union[Any, Callable[[dict], Any]]

@@ -110,3 +110,28 @@ def test_arrays_that_do_not_match_their_checksum_fall_back_with_a_warning(tmp_pa
   assert step == 1 and state['epoch'] == 1
   assert checkpoint.CHECKSUM_KEY not in metadata
   assert 'Checkpoint 2' in caplog.text and 'do not match their checksum' in caplog.text
+
+
+@pytest.mark.parametrize('edit', [('"epoch": 2', '"epoch": 3'), ('"seed": 0', '"seed": 1')])
+def test_edited_metadata_falls_back_with_a_warning_not_a_refusal(tmp_path, caplog, edit):
+  # What resume reads from the metadata (the epoch to go on from, the config record) is
+  # covered by a checksum: an edit is a damaged checkpoint, not another configuration.
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+  for step in (1, 2):
+    ckpt.save(step, _state(float(step)), metadata={'epoch': step, 'config': {'seed': 0}})
+  path = str(tmp_path / '2' / 'metadata' / 'metadata')
+  text = open(path).read()
+  assert edit[0] in text
+  with open(path, 'w') as f:
+    f.write(text.replace(*edit))
+
+  def template(metadata):
+    if metadata['config'] != {'seed': 0}:
+      raise checkpoint.IncompatibleCheckpoint('another configuration')
+    return _state(0.0)
+
+  with caplog.at_level(logging.WARNING):
+    step, state, metadata = ckpt.restore_latest(template)
+  assert step == 1 and state['epoch'] == 1 and metadata['epoch'] == 1
+  assert checkpoint.METADATA_CHECKSUM_KEY not in metadata
+  assert 'Checkpoint 2' in caplog.text and 'metadata does not match' in caplog.text
