@@ -44,6 +44,14 @@ FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
                   'train.eval_batch_size', 'train.log_every_steps', 'train.method')
 
 
+def free_on_resume(config) -> tuple:
+  """`FREE_ON_RESUME`, less `data.max_test` when the test set is the validation set
+  (`train.val_split='test'`): the best checkpoint compares losses on one set."""
+  if data.parse_val_split(config.train.val_split) is None:
+    return tuple(f for f in FREE_ON_RESUME if f != 'data.max_test')
+  return FREE_ON_RESUME
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -222,7 +230,7 @@ def _prepare(config, workdir) -> Setup:
                steps=steps, model=models.eval_network(config, genotype,
                                                       splits.info.num_classes, mesh.size),
                tx=tx, schedule=schedule,
-               fingerprint=loop.fingerprint(config, FREE_ON_RESUME))
+               fingerprint=loop.fingerprint(config, free_on_resume(config)))
 
 
 @dataclasses.dataclass

@@ -275,6 +275,12 @@ def test_resume_refuses_a_changed_config_but_extends_epochs(one_epoch_run, tmp_p
                      match=r'seed: 0 -> 7, train\.optim\.lr: 0\.0006 -> 0\.1'):
     train.train_and_evaluate(changed, workdir)
   assert _read_json(os.path.join(workdir, 'train_config.json')) == saved_config
+  # Under val_split='test' the test images are the validation set: "best" compares losses on
+  # one set only.
+  fewer_test = _tiny_config(epochs=2)
+  fewer_test.data.max_test = 32
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r'data\.max_test: 40 -> 32'):
+    train.train_and_evaluate(fewer_test, workdir)
   train.train_and_evaluate(_tiny_config(epochs=2), workdir)  # more epochs: allowed
   assert [r['epoch'] for r in _rows(workdir)] == [1, 2]
   assert _read_json(os.path.join(workdir, 'train_config.json'))['train']['epochs'] == 2
