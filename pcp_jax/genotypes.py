@@ -5,6 +5,7 @@ pairs; inputs 0 and 1 are the two cell inputs c_{k-2} and c_{k-1}, input j >= 2 
 intermediate node j - 2.
 """
 
+import ast
 import collections
 import json
 import os
@@ -154,10 +155,52 @@ def load(path: str) -> Genotype:
       raise ValueError(f'{path}: {e}') from None
 
 
+def to_string(genotype: Genotype) -> str:
+  """The genotype as the DARTS family's code prints it (and as `parse` and `get` read it):
+  Genotype(normal=[('sep_conv_3x3', 1), ...], normal_concat=range(2, 6), reduce=...)."""
+  def concat(c):
+    c = [int(i) for i in c]
+    return f'range({c[0]}, {c[-1] + 1})' if c == list(range(c[0], c[-1] + 1)) else str(c)
+  parts = []
+  for cell in ('normal', 'reduce'):
+    edges = ', '.join(f'({op!r}, {int(j)})' for op, j in getattr(genotype, cell))
+    parts += [f'{cell}=[{edges}]', f'{cell}_concat={concat(getattr(genotype, cell + "_concat"))}']
+  return f'Genotype({", ".join(parts)})'
+
+
+def _literal(node, where: str):
+  """A literal, or `range(a, b)` as its list: what the DARTS family's genotypes.py holds."""
+  if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+      and node.func.id == 'range' and not node.keywords):
+    return list(range(*(_literal(a, where) for a in node.args)))
+  try:
+    return ast.literal_eval(node)
+  except ValueError:
+    raise ValueError(f'{where} must be a literal (lists, tuples, numbers, strings) or '
+                     f'range(a, b), got {ast.unparse(node)!r}.') from None
+
+
+def parse(text: str) -> Genotype:
+  """A pasted `Genotype(normal=[...], normal_concat=..., reduce=[...], reduce_concat=...)`,
+  as DARTS, PC-DARTS and P-DARTS print and store them; nothing in it is executed."""
+  try:
+    call = ast.parse(text.strip(), mode='eval').body
+  except SyntaxError as e:
+    raise ValueError(f'genotype {text[:60]!r}... is not valid Python syntax ({e.msg}).') from None
+  if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+          and call.func.id == 'Genotype' and not call.args):
+    raise ValueError('a pasted genotype is Genotype(normal=[...], normal_concat=..., '
+                     'reduce=[...], reduce_concat=...) with keyword arguments.')
+  return from_dict({k.arg: _literal(k.value, f'genotype.{k.arg}') for k in call.keywords})
+
+
 def get(name_or_path: str) -> Genotype:
-  """A genotype by reference name (e.g. 'PC_DARTS_cifar') or by JSON file path."""
+  """A genotype by reference name (e.g. 'PC_DARTS_cifar'), JSON file path, search workdir, or
+  as pasted text `Genotype(normal=[...], ...)` (`parse`)."""
   if name_or_path in REFERENCE_GENOTYPES:
     return REFERENCE_GENOTYPES[name_or_path]
+  if name_or_path.lstrip().startswith('Genotype('):
+    return parse(name_or_path)
   if os.path.isfile(name_or_path):
     return load(name_or_path)
   if os.path.isdir(name_or_path) and os.path.isfile(
@@ -165,7 +208,8 @@ def get(name_or_path: str) -> Genotype:
     return load(os.path.join(name_or_path, 'genotype.json'))
   raise ValueError(
       f'genotype {name_or_path!r} is neither a reference name '
-      f'({", ".join(REFERENCE_GENOTYPES)}) nor a genotype.json file or a search workdir.')
+      f'({", ".join(REFERENCE_GENOTYPES)}), a genotype.json file, a search workdir nor a '
+      'pasted Genotype(...).')
 
 
 # ---------------------------------------------------------------------------
@@ -241,6 +285,17 @@ def drop_weakest_ops(alphas, switches, num_keep: int, drop_none_first: bool = Fa
     keep = sorted(on, key=lambda k: (-strength[k], k))[:num_keep]
     new[e, keep] = True
   return new
+
+
+def describe_dropped(before, after) -> str:
+  """The ops `after` switched off per edge, as P-DARTS logs its stages:
+  'c_{k-2}->node 0: none, avg_pool_3x3; ...'."""
+  edges = []
+  for e, (was, now) in enumerate(zip(check_switches(before), check_switches(after))):
+    source, node = EDGES[e]
+    ops = ', '.join(PRIMITIVES[k] for k in np.flatnonzero(was & ~now)) or '-'
+    edges.append(f'{state_name(source)}->node {node}: {ops}')
+  return '; '.join(edges)
 
 
 def _parse_cell(weights: np.ndarray, allowed: np.ndarray):

@@ -129,11 +129,14 @@ def search_summary(source: str) -> dict:
 
 def method_name(source: str, method: str = '') -> str:
   """A trained genotype's name in results: `method` (train.method) if given, else the
-  reference name, the search's method, or the search folder's (or file's) name."""
+  reference name, the search's method, the search folder's (or file's) name, or 'pasted
+  genotype' for a `Genotype(...)` given as text."""
   if method:
     return method
   if source in genotypes.REFERENCE_GENOTYPES:
     return source
+  if source.lstrip().startswith('Genotype('):
+    return 'pasted genotype'
   searched = search_summary(source).get('method')
   if searched:
     return searched

@@ -341,6 +341,13 @@ def _log_row(row: dict, stages: int, epochs: int) -> None:
       row['arch_bt_grad_norm'], row['arch_grad_cosine'],
       ' [arch frozen]' if row['arch_frozen'] else '', row['lr'], row['skip_dropout'],
       row['epoch_seconds'])
+  logging.info('genotype = %s', genotypes.to_string(genotypes.from_dict(row['genotype'])))
+
+
+def _log_dropped(s: int, before, after) -> None:
+  for cell in ('normal', 'reduce'):
+    logging.info('Stage %d dropped from the %s cell: %s', s + 1, cell,
+                 genotypes.describe_dropped(before[cell], after[cell]))
 
 
 def _finish(setup: Setup, arch, switches, hours):
@@ -362,8 +369,8 @@ def _finish(setup: Setup, arch, switches, hours):
         'device_count': setup.mesh.size, 'process_count': jax.process_count(),
         'platform': device.platform, 'device_kind': device.device_kind})
   unit = device.platform.upper() if device.platform != 'gpu' else 'GPU'
-  logging.info('Search done in %.3f %s-hours (%.4f %s-days). Genotype: %s', hours, unit,
-               hours / 24, unit, genotype)
+  logging.info('Search done in %.3f %s-hours (%.4f %s-days). genotype = %s', hours, unit,
+               hours / 24, unit, genotypes.to_string(genotype))
   return genotype
 
 
@@ -429,9 +436,11 @@ def search(config, workdir):
         np.savez(setup.path(runs.ARCH_STAGE.format(s + 1)), **arch,
                  switches_normal=switches['normal'], switches_reduce=switches['reduce'])
       if s < len(cfg.stages) - 1:
-        switches = {cell: genotypes.drop_weakest_ops(arch[f'alphas_{cell}'], switches[cell],
-                                                     stage.num_keep)
-                    for cell in ('normal', 'reduce')}
+        kept = {cell: genotypes.drop_weakest_ops(arch[f'alphas_{cell}'], switches[cell],
+                                                 stage.num_keep)
+                for cell in ('normal', 'reduce')}
+        _log_dropped(s, switches, kept)
+        switches = kept
   genotype = _finish(setup, arch, switches, sess.elapsed_seconds() / 3600)
   ckpt.close()
   return genotype

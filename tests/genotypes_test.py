@@ -188,3 +188,43 @@ def test_cell_topology_numbers_edges_node_by_node():
   for node, edges in enumerate(G.NODE_EDGES):
     assert G.EDGES[edges] == tuple((i, node) for i in range(node + 2))
   assert [G.state_name(i) for i in (0, 1, 2, 5)] == ['c_{k-2}', 'c_{k-1}', 'node 0', 'node 3']
+
+
+# PC-DARTS' genotypes.py, pasted as its README tells users to (`range`, lists).
+PC_DARTS_PASTED = (
+    "Genotype(normal=[('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 0), "
+    "('dil_conv_3x3', 1), ('sep_conv_5x5', 0), ('sep_conv_3x3', 1), ('avg_pool_3x3', 0), "
+    "('dil_conv_3x3', 1)], normal_concat=range(2, 6), reduce=[('sep_conv_5x5', 1), "
+    "('max_pool_3x3', 0), ('sep_conv_5x5', 1), ('sep_conv_5x5', 2), ('sep_conv_3x3', 0), "
+    "('sep_conv_3x3', 3), ('sep_conv_3x3', 1), ('sep_conv_3x3', 2)], reduce_concat=range(2, 6))")
+
+
+def test_a_pasted_genotype_is_read_and_the_log_form_reads_back():
+  assert G.get(PC_DARTS_PASTED) == G.REFERENCE_GENOTYPES['PC_DARTS_cifar']
+  assert G.to_string(G.REFERENCE_GENOTYPES['PC_DARTS_cifar']) == PC_DARTS_PASTED
+  for name, genotype in G.REFERENCE_GENOTYPES.items():
+    assert G.get(G.to_string(genotype)) == genotype, name
+
+
+@pytest.mark.parametrize('text, message', [
+    ("Genotype(normal=__import__('os').system('true'))", 'must be a literal'),
+    ('Genotype(normal=[', 'not valid Python syntax'),
+    ("Genotypes(normal=[])", 'neither a reference name'),
+    ("Genotype([], range(2, 6), [], range(2, 6))", 'keyword arguments'),
+    (PC_DARTS_PASTED.replace("'avg_pool_3x3', 0", "'avg_pool_3x3', 7"), 'out of range'),
+])
+def test_a_bad_pasted_genotype_is_refused_naming_why(text, message):
+  with pytest.raises(ValueError, match=message):
+    G.get(text)
+
+
+def test_the_dropped_ops_are_named_per_edge():
+  before = np.zeros((14, 8), bool)
+  before[:, [0, 1, 3]] = True  # none, max_pool_3x3, skip_connect
+  after = before.copy()
+  after[:, 0] = False
+  after[13, 1] = False
+  after[13, 0] = True
+  text = G.describe_dropped(before, after)
+  assert text.startswith('c_{k-2}->node 0: none; c_{k-1}->node 0: none;')
+  assert text.endswith('node 2->node 3: max_pool_3x3')

@@ -104,6 +104,14 @@ def test_tiny_search_end_to_end(name, arg, tmp_path):
        for h in history[:config.search.stages[0].epochs]], rtol=1e-5)
   log = open(os.path.join(workdir, 'log.txt')).read()
   assert 'compiling stage 1/' in log and 'stage 1/' in log and 'Search done' in log
+  # The genotype in the DARTS family's printed form, every epoch and at the end, reads back.
+  printed = [line.split('genotype = ', 1)[1] for line in log.splitlines()
+             if 'genotype = ' in line]
+  assert len(printed) == len(rows) + 1
+  assert genotypes.get(printed[-1]) == genotype
+  assert genotypes.to_dict(genotypes.get(printed[-2])) == rows[-1]['genotype']
+  if len(config.search.stages) > 1:
+    assert 'Stage 1 dropped from the normal cell: c_{k-2}->node 0: ' in log
   assert json.load(open(os.path.join(workdir, 'config.json')))['search']['ss_factor'] == (
       config.search.ss_factor)
   assert json.load(open(os.path.join(workdir, 'environment.json')))['jax'] == jax.__version__

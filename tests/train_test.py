@@ -302,6 +302,13 @@ def test_a_damaged_best_checkpoint_falls_back_to_the_latest_with_a_warning(
   assert 'best' in caplog.text and 'restores' in caplog.text
 
 
+def test_a_pasted_genotype_trains_as_the_same_genotype(reference_run):
+  pasted = genotypes.to_string(genotypes.get(GENOTYPE))
+  assert train.load_genotype(_tiny_config(genotype=pasted), reference_run[1]) == (
+      genotypes.get(GENOTYPE))
+  assert runs.method_name(pasted) == 'pasted genotype'
+
+
 def test_workdir_of_another_genotype_is_refused(reference_run):
   with pytest.raises(ValueError, match='another genotype'):
     train.test(_tiny_config(genotype='PDARTS'), reference_run[1])
