@@ -27,6 +27,8 @@ Train configs:
 `tiny` is applied last, so that it shrinks whatever the others chose.
 """
 
+import math
+
 import ml_collections
 
 from pcp_jax import data
@@ -313,7 +315,7 @@ def _whole(config, name, minimum):
 
 def check_fields(config, *, whole=(), booleans=(), at_least_zero=()) -> None:
   """Checks `whole` ((name, minimum) pairs: whole numbers), `booleans` and `at_least_zero`
-  (numbers >= 0) by their dotted names, naming the first bad one."""
+  (finite numbers >= 0) by their dotted names, naming the first bad one."""
   for name, minimum in whole:
     _whole(config, name, minimum)
   for name in booleans:
@@ -321,8 +323,9 @@ def check_fields(config, *, whole=(), booleans=(), at_least_zero=()) -> None:
       raise ValueError(f'{name} must be True or False, got {_get(config, name)!r}.')
   for name in at_least_zero:
     value = _get(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-      raise ValueError(f'{name} must be a number >= 0, got {value!r}.')
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0):
+      raise ValueError(f'{name} must be a finite number >= 0, got {value!r}.')
 
 
 def check_base(config) -> None:

@@ -154,7 +154,12 @@ def _config(name):
     ('pcp', 'search.max_skip_normal', -3, 'search.max_skip_normal must be a whole number >= -1'),
     ('train_cifar10', 'train.layers', 2, 'train.layers must be a whole number >= 3'),
     ('train_cifar10', 'train.auxiliary_weight', -0.4,
-     'train.auxiliary_weight must be a number >= 0'),
+     'train.auxiliary_weight must be a finite number >= 0'),
+    ('train_cifar10', 'train.auxiliary_weight', float('inf'),
+     'train.auxiliary_weight must be a finite number >= 0'),
+    ('pcp', 'search.bt_lambda', float('nan'), 'search.bt_lambda must be a finite number >= 0'),
+    ('pcp', 'search.optim.weights.weight_decay', float('inf'),
+     'search.optim.weights.weight_decay must be a finite number >= 0'),
     ('train_cifar10', 'fgsm.eps', (0.0, 8.0), r'fgsm.eps must be numbers in \[0, 1\]'),
     ('train_cifar10', 'fgsm.example_indices', (0, 40), r'fgsm.example_indices must be whole'),
 ])
