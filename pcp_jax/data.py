@@ -31,6 +31,7 @@ class DatasetInfo:
   channels: int
   mean: Tuple[float, ...]
   std: Tuple[float, ...]
+  test_size: int = 10_000  # images in the official test split
 
 
 DATASETS = {

@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from pcp_jax import data
 from pcp_jax import plots
 from pcp_jax import runs
 
@@ -139,10 +140,28 @@ def _mean_std(values, digits: int) -> str:
   return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
 
 
+def _check_distinct(run_dirs: Sequence[str]) -> None:
+  seen = {}
+  for run_dir in run_dirs:
+    real = os.path.realpath(run_dir)
+    if real in seen:
+      raise ValueError(f'run folder {run_dir!r} is {seen[real]!r} again; give each run once.')
+    seen[real] = run_dir
+
+
+def _dataset_label(dataset: str, num_test) -> str:
+  """The dataset, with the test images counted when a run saw only part of the test split."""
+  info = data.DATASETS.get(dataset)
+  if info is None or num_test is None or num_test >= info.test_size:
+    return dataset
+  return f'{dataset} ({num_test} of {info.test_size} test images)'
+
+
 def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
   """The paper's Table II over run folders (each with results.json): (columns, rows).
 
-  Runs of the same method label (`method_labels`), dataset and search-cost unit make one row,
+  Runs of the same method label (`method_labels`), dataset (and number of test images, shown
+  when a run tested on part of the test split) and search-cost unit make one row,
   rows sorted by label: mean ± sample standard deviation over its n runs. 'Test error' is the
   best checkpoint's (selected on the validation split, the test set itself unless
   train.val_split is a fraction), 'Last-epoch error' the final epoch's (`last_test_accuracy`).
@@ -152,11 +171,14 @@ def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
     run_dirs = [run_dirs]
   if not run_dirs:
     raise ValueError('the table needs at least one run folder.')
+  _check_distinct(run_dirs)
   results = [_read_results(run_dir) for run_dir in run_dirs]
   described = [describe_run(run_dir, r) for run_dir, r in zip(run_dirs, results)]
   groups = collections.defaultdict(list)
   for label, run, result in zip(method_labels(described), described, results):
-    groups[(label, run['dataset'], run['cost_unit'])].append((run, result))
+    # Runs tested on different numbers of test images are different rows.
+    dataset = _dataset_label(run['dataset'], result.get('num_test_examples'))
+    groups[(label, dataset, run['cost_unit'])].append((run, result))
   units = {unit for _, _, unit in groups if unit}
   cost_column = f'Search cost ({units.pop()})' if len(units) == 1 else 'Search cost'
   top5 = any(r.get('test_top5_accuracy') is not None for r in results)

@@ -268,3 +268,21 @@ def test_fgsm_overlay_one_line_per_run(tmp_path, monkeypatch):
   for path in paths:
     with Image.open(path) as image:
       assert image.format == 'PNG'
+
+
+def test_runs_on_different_test_set_sizes_are_different_rows(tmp_path):
+  runs = [write_run(tmp_path, f'r{i}', method='PC-DARTS', test_accuracy=acc, params=1,
+                    dataset='cifar10', num_test_examples=n)
+          for i, (acc, n) in enumerate([(0.9, 128), (0.8, 128), (0.97, 10000)])]
+  _, rows = reports.paper_table(runs)
+  assert [(r['Dataset'], r['n']) for r in rows] == [
+      ('cifar10', '1'), ('cifar10 (128 of 10000 test images)', '2')]
+
+
+def test_a_run_given_twice_is_refused(tmp_path):
+  run = write_run(tmp_path, 'r', method='PC-DARTS', test_accuracy=0.9, params=1,
+                  dataset='cifar10')
+  os.symlink(run, tmp_path / 'link')
+  for twice in ([run, run], [run, str(tmp_path / 'link')]):
+    with pytest.raises(ValueError, match='is .* again; give each run once'):
+      reports.paper_table(twice)
