@@ -214,27 +214,52 @@ def test_command_line_errors_are_one_line(tmp_path):
       'checkpoint.max_to_keep must be a whole number >= 1, got 0.')
 
 
+def _fake_python(tmp_path):
+  """A `python` on PATH that records its working directory and arguments, standing in for
+  the two pcp_jax.main commands."""
+  calls = tmp_path / 'calls.txt'
+  fake = tmp_path / 'bin' / 'python'
+  fake.parent.mkdir()
+  fake.write_text(f'#!/usr/bin/env bash\necho "$PWD $@" >> {calls}\n')
+  fake.chmod(0o755)
+  return calls, dict(os.environ, PATH=f'{fake.parent}{os.pathsep}{os.environ["PATH"]}')
+
+
 @pytest.mark.slow
 def test_search_then_train_sends_each_flag_where_it_belongs(tmp_path):
-  calls = tmp_path / 'calls.txt'
-  fake = tmp_path / 'bin' / 'python'  # stands in for the two pcp_jax.main commands
-  fake.parent.mkdir()
-  fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n')
-  fake.chmod(0o755)
-  env = dict(os.environ, PATH=f'{fake.parent}{os.pathsep}{os.environ["PATH"]}')
+  calls, env = _fake_python(tmp_path)
   subprocess.run(
       [os.path.join(ROOT, 'launch/search_then_train.sh'), 'configs/ss_pcp.py', 'runs/x',
        'configs/train_cifar10.py', '--config.search.optim.weights.lr=0.1',
        '--config.train.epochs=3', '--config.fgsm.num_examples=10', '--config.seed=1'],
-      env=env, check=True, timeout=60)
+      env=env, check=True, timeout=60, cwd=ROOT)
   search_call, train_call = calls.read_text().splitlines()
   assert search_call.split() == [
-      '-m', 'pcp_jax.main', '--config=configs/ss_pcp.py', '--workdir=runs/x/search',
+      ROOT, '-m', 'pcp_jax.main', '--config=configs/ss_pcp.py', '--workdir=runs/x/search',
       '--config.search.optim.weights.lr=0.1', '--config.seed=1']
   assert train_call.split() == [
-      '-m', 'pcp_jax.main', '--config=configs/train_cifar10.py', '--workdir=runs/x/train',
+      ROOT, '-m', 'pcp_jax.main', '--config=configs/train_cifar10.py', '--workdir=runs/x/train',
       '--config.genotype=runs/x/search', '--config.train.epochs=3',
       '--config.fgsm.num_examples=10', '--config.seed=1']
+
+
+@pytest.mark.slow
+def test_search_then_train_without_a_train_config_and_with_spaced_flags(tmp_path):
+  # From another directory: paths stay relative to it; a flag in the third place is a flag;
+  # `--flag value` travels whole.
+  calls, env = _fake_python(tmp_path)
+  subprocess.run(
+      [os.path.join(ROOT, 'launch/search_then_train.sh'), 'my_configs/pcp.py:tiny', 'run',
+       '--config.search.batch_size', '8', '--config.train.epochs', '2', '--config.seed', '3'],
+      env=env, check=True, timeout=60, cwd=tmp_path)
+  search_call, train_call = calls.read_text().splitlines()
+  assert search_call.split() == [
+      str(tmp_path), '-m', 'pcp_jax.main', '--config=my_configs/pcp.py:tiny',
+      '--workdir=run/search', '--config.search.batch_size', '8', '--config.seed', '3']
+  assert train_call.split() == [
+      str(tmp_path), '-m', 'pcp_jax.main', f'--config={ROOT}/configs/train_cifar10.py',
+      '--workdir=run/train', '--config.genotype=run/search', '--config.train.epochs', '2',
+      '--config.seed', '3']
 
 
 def test_a_run_that_fails_before_writing_anything_leaves_no_workdir(tmp_path):
