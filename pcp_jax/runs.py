@@ -2,9 +2,10 @@
 trained genotype came from. Every module that reads or writes a run's file names it from here.
 """
 
+import glob
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 from absl import logging
 
@@ -33,6 +34,34 @@ RESULTS = 'results.json'
 FGSM = 'fgsm.json'
 CHECKPOINTS = 'checkpoints'
 BEST = 'best'
+# Where a fresh start moves what an earlier run left in the folder (`set_aside`).
+EARLIER = 'earlier_runs'
+# What a run writes that a fresh start in the same folder would otherwise leave beside its
+# own outputs (globs).
+SEARCH_OUTPUTS = (GENOTYPE, SEARCH_SUMMARY, SEARCH_METRICS, ARCH_HISTORY, GENOTYPE_LATEST,
+                  ARCH_WEIGHTS, 'arch_stage*.npz', 'normal.*', 'reduce.*', PLOTS_DIR)
+TRAIN_OUTPUTS = (TRAIN_METRICS, RESULTS, FGSM, 'fgsm_*.png', BEST, PLOTS_DIR)
+
+
+def set_aside(workdir: str, outputs) -> Optional[str]:
+  """Moves the files and folders of `outputs` (globs) an earlier run left in `workdir` into
+  `workdir/earlier_runs/<n>/`, so a fresh start's results never sit beside, or get reported
+  as, an earlier run's; returns that folder (None when there was nothing)."""
+  found = sorted({path for pattern in outputs
+                  for path in glob.glob(os.path.join(glob.escape(workdir), pattern))})
+  if not found:
+    return None
+  n = 1
+  while os.path.exists(os.path.join(workdir, EARLIER, str(n))):
+    n += 1
+  folder = os.path.join(workdir, EARLIER, str(n))
+  os.makedirs(folder)
+  for path in found:
+    os.replace(path, os.path.join(folder, os.path.basename(path)))
+  logging.warning('%s held the outputs of an earlier run and no checkpoint to resume from: '
+                  'moved %s to %s.', workdir, ', '.join(os.path.basename(p) for p in found),
+                  folder)
+  return folder
 
 
 def write_json(path: str, obj, sort_keys: bool = False) -> None:

@@ -388,6 +388,8 @@ def search(config, workdir):
   ckpt = checkpoint.Checkpointer(setup.path(runs.SEARCH_CHECKPOINTS),
                                  config.checkpoint.max_to_keep)
   start = _restore_or_start(setup, ckpt)
+  if start.state is None and setup.main_process:
+    runs.set_aside(workdir, runs.SEARCH_OUTPUTS)
   resume_step = setup.offsets[start.stage] + start.epoch * setup.steps + start.step
   rows = runs.Rows(setup.path(runs.SEARCH_METRICS), setup.main_process)
   for f in (rows, runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process)):

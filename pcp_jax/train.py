@@ -246,12 +246,15 @@ class Start:
 
 
 def _restore_or_start(setup: Setup, ckpt, init_key) -> Start:
-  """Where to go on from; writes genotype.json and train_config.json once the workdir is
-  found compatible (a refused run changes nothing)."""
+  """Where to go on from; once the workdir is found compatible (a refused run changes
+  nothing), sets an earlier run's outputs aside on a fresh start and writes genotype.json and
+  train_config.json."""
   shape = image_shape(setup.splits.info)
   restored = loop.restore(ckpt, lambda meta: _template(setup.model, setup.tx, shape),
                           setup.fingerprint, 'training')
   if parallel.is_main_process():
+    if restored is None:
+      runs.set_aside(setup.workdir, runs.TRAIN_OUTPUTS)
     genotypes.save(setup.genotype, setup.path(runs.GENOTYPE))
     runs.write_json(setup.path(runs.TRAIN_CONFIG),
                     json.loads(setup.config.to_json_best_effort()))
@@ -294,8 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup, t = _prepare(config, workdir), config.train
   init_key, train_key, order_key = jax.random.split(jax.random.key(config.seed), 3)
   ckpt = checkpoint.Checkpointer(setup.path(runs.CHECKPOINTS), config.checkpoint.max_to_keep)
-  best = checkpoint.Checkpointer(setup.path(runs.BEST), max_to_keep=1)
   start = _restore_or_start(setup, ckpt, init_key)
+  best = checkpoint.Checkpointer(setup.path(runs.BEST), max_to_keep=1)
   resume_step = start.epoch * setup.steps + start.step
   rows = runs.Rows(setup.path(runs.TRAIN_METRICS), parallel.is_main_process())
   rows.keep_until(resume_step)

@@ -79,3 +79,17 @@ def test_search_folder_from_a_relative_source(tmp_path):
   assert runs.search_folder(str(trained), os.path.join('search', runs.GENOTYPE)) == str(search)
   assert runs.search_folder(str(trained), 'PDARTS') == ''
   assert runs.search_folder(str(search), None) == str(search)  # a search folder is its own
+
+
+def test_set_aside_moves_an_earlier_runs_outputs_into_numbered_folders(tmp_path):
+  assert runs.set_aside(str(tmp_path), runs.TRAIN_OUTPUTS) is None  # nothing there
+  for round_ in (1, 2):
+    (tmp_path / runs.RESULTS).write_text(f'{{"round": {round_}}}')
+    (tmp_path / 'fgsm_accuracy.png').write_bytes(b'png')
+    (tmp_path / runs.BEST / '4').mkdir(parents=True)
+    (tmp_path / runs.CONFIG).write_text('{}')  # rewritten by every session: stays
+    folder = runs.set_aside(str(tmp_path), runs.TRAIN_OUTPUTS)
+    assert folder == str(tmp_path / runs.EARLIER / str(round_))
+    assert sorted(os.listdir(folder)) == sorted([runs.BEST, runs.RESULTS, 'fgsm_accuracy.png'])
+    assert runs.load_json(os.path.join(folder, runs.RESULTS)) == {'round': round_}
+    assert sorted(os.listdir(tmp_path)) == [runs.CONFIG, runs.EARLIER]

@@ -43,7 +43,12 @@ def test_tiny_search_end_to_end(name, arg, tmp_path):
     write_cifar100(str(tmp_path / 'data'))
     config.data.dir = str(tmp_path / 'data')
   workdir = str(tmp_path / 'run')
+  # An earlier run's genotype, with no checkpoint to resume from: set aside, not left beside.
+  os.makedirs(workdir)
+  genotypes.save(genotypes.REFERENCE_GENOTYPES['DARTS_V2'], os.path.join(workdir, 'genotype.json'))
   main.run(config, workdir)
+  assert genotypes.load(os.path.join(workdir, 'earlier_runs', '1', 'genotype.json')) == (
+      genotypes.REFERENCE_GENOTYPES['DARTS_V2'])
   summary = json.load(open(os.path.join(workdir, 'search_summary.json')))
   assert summary['dataset'] == config.data.dataset
 

@@ -286,6 +286,21 @@ def test_resume_refuses_a_changed_config_but_extends_epochs(one_epoch_run, tmp_p
   assert _read_json(os.path.join(workdir, 'train_config.json'))['train']['epochs'] == 2
 
 
+def test_a_fresh_start_sets_the_earlier_runs_outputs_aside(one_epoch_run, tmp_path):
+  # The checkpoints deleted: the rerun starts afresh, and the earlier results, best
+  # checkpoint and metric rows go to earlier_runs/1 instead of standing beside the new ones.
+  workdir = shutil.copytree(one_epoch_run, str(tmp_path / 'run'))
+  shutil.rmtree(os.path.join(workdir, 'checkpoints'))
+  (tmp_path / 'run' / 'results.json').write_text('{"test_accuracy": 0.5}')
+  earlier_rows = _rows(workdir)
+  train.train_and_evaluate(_tiny_config(epochs=1), workdir)
+  earlier = os.path.join(workdir, 'earlier_runs', '1')
+  assert sorted(os.listdir(earlier)) == ['best', 'results.json', 'train_metrics.jsonl']
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+  assert _rows(earlier) == earlier_rows and len(_rows(workdir)) == 1
+  assert checkpoint.Checkpointer(os.path.join(workdir, 'best')).all_steps() == [4]
+
+
 def test_a_damaged_best_checkpoint_falls_back_to_the_latest_with_a_warning(
     reference_run, tmp_path, caplog):
   config, workdir = reference_run
