@@ -190,6 +190,8 @@ def parse_flags(argv):
     sys.exit(f'error: --config: {str(e).strip().splitlines()[-1].strip()}')
   except flags.Error as e:
     sys.exit(f'error: {e} (--helpshort lists the flags)')
+  except OSError as e:  # an override of a config file that failed to load (e.g. not found)
+    sys.exit(f"error: --config: {' '.join(line.strip() for line in str(e).splitlines())}")
   except (AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
     given = ' '.join(a for a in argv[1:] if a.startswith('--config')) or 'none'
     message = str(e).strip('"\'')

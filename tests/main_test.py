@@ -120,12 +120,19 @@ def test_launch_scripts_print_usage_without_arguments(script):
 
 @pytest.mark.slow
 def test_single_host_script_passes_extra_flags_on(tmp_path):
-  result = subprocess.run(
-      [os.path.join(ROOT, 'launch/single_host.sh'), 'configs/pcp.py:tiny', str(tmp_path),
-       'configs/train_cifar10.py:tiny', '--config.modes=dance'],
-      cwd=str(tmp_path), env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
-                                  + os.environ['PATH']),
-      capture_output=True, text=True, timeout=240)
+  def run(config_dir):
+    return subprocess.run(
+        [os.path.join(ROOT, 'launch/single_host.sh'), f'{config_dir}/pcp.py:tiny', str(tmp_path),
+         f'{config_dir}/train_cifar10.py:tiny', '--config.modes=dance'],
+        cwd=str(tmp_path), env=dict(os.environ, PATH=os.path.dirname(sys.executable)
+                                    + os.pathsep + os.environ['PATH']),
+        capture_output=True, text=True, timeout=240)
+  # Paths are the caller's: from another folder `configs/` is not the checkout's, said in one
+  # line even with an override to apply.
+  result = run('configs')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr
+  assert "error: --config: " in result.stderr and 'configs/pcp.py' in result.stderr
+  result = run(os.path.join(ROOT, 'configs'))
   assert result.returncode != 0
   assert "got 'dance'" in result.stderr, result.stderr
 
