@@ -96,8 +96,7 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(template), metadata=ocp.args.JsonRestore()))
-    metadata = self._checked_metadata(step, restored.metadata)
-    expected = metadata.pop(CHECKSUM_KEY, None)
+    metadata, expected = self._checked_metadata(step, restored.metadata)
     if expected is not None and tree_checksum(restored.state) != expected:
       raise CorruptCheckpoint(f'checkpoint {step} in {self.directory}: its arrays do not '
                               'match their checksum (damaged on disk)')
@@ -107,20 +106,18 @@ class Checkpointer:
     """The metadata saved with `step` (without reading the state)."""
     restored = self._manager.restore(
         step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-    metadata = self._checked_metadata(step, restored.metadata)
-    metadata.pop(CHECKSUM_KEY, None)
-    return metadata
+    return self._checked_metadata(step, restored.metadata)[0]
 
-  def _checked_metadata(self, step: int, saved) -> dict:
-    """The saved metadata without its checksum, verified (checkpoints written before the
-    metadata had one are taken as they are)."""
+  def _checked_metadata(self, step: int, saved) -> Tuple[dict, Optional[str]]:
+    """(the caller's metadata, verified; the arrays' checksum) of what `save` stored.
+    Checkpoints written before a checksum existed are taken as they are."""
     metadata = dict(saved or {})
+    arrays_checksum = metadata.pop(CHECKSUM_KEY, None)
     expected = metadata.pop(METADATA_CHECKSUM_KEY, None)
-    rest = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
-    if expected is not None and metadata_checksum(rest) != expected:
+    if expected is not None and metadata_checksum(metadata) != expected:
       raise CorruptCheckpoint(f'checkpoint {step} in {self.directory}: its metadata does not '
                               'match its checksum (edited or damaged on disk)')
-    return metadata
+    return metadata, arrays_checksum
 
   def restore_latest(self, template: Union[Any, Callable[[dict], Any]]
                      ) -> Optional[Tuple[int, Any, dict]]:

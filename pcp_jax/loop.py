@@ -260,7 +260,6 @@ class Session:
   signals: Signals
   progress: monitor.Progress
   scalars: monitor.Scalars
-  place: Callable  # puts host values where the steps expect them
   elapsed: float = 0.0  # seconds of earlier sessions
   started: float = dataclasses.field(default_factory=time.time)
 

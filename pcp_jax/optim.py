@@ -36,8 +36,8 @@ def schedule(cfg, epochs: int = 1, steps_per_epoch: int = 1) -> Callable:
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   """PyTorch's `clip_grad_norm_`, as the reference code clips: the gradients times
-  min(1, max_norm / (norm + 1e-6)). (`optax.clip_by_global_norm` scales by max_norm / norm,
-  which drifts from the reference run by 1e-7 relative per clipped step.)"""
+  min(1, max_norm / (norm + 1e-6)). `optax.clip_by_global_norm` scales by max_norm / norm,
+  so a run compared step by step with the reference would drift from it."""
 
   def update(updates, state, params=None):
     del params

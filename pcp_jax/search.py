@@ -182,6 +182,7 @@ class Setup:
   offsets: list  # global step of each stage's first step
   root: Any  # the run's key
   main_process: bool
+  fingerprint: dict  # the config fields a resume must agree with
 
   @property
   def cfg(self):
@@ -220,7 +221,8 @@ def _prepare(config, workdir) -> Setup:
   return Setup(config=config, workdir=workdir, mesh=mesh, info=info, images=images,
                labels=labels, sizes={'train': len(w_x), 'valid': len(a_x)},
                image_shape=tuple(w_x.shape[1:]), steps=steps, offsets=offsets,
-               root=jax.random.PRNGKey(config.seed), main_process=parallel.is_main_process())
+               root=jax.random.PRNGKey(config.seed), main_process=parallel.is_main_process(),
+               fingerprint=loop.fingerprint(config, FREE_ON_RESUME))
 
 
 @dataclasses.dataclass
@@ -247,8 +249,7 @@ def _restore_or_start(setup: Setup, ckpt) -> Start:
     return {'state': loop.zeros_like_shapes(shapes),
             'sums': loop.zeros_like_shapes(loop.zero_sums(search_step.METRICS))}
 
-  restored = loop.restore(ckpt, template, loop.fingerprint(setup.config, FREE_ON_RESUME),
-                          'search')
+  restored = loop.restore(ckpt, template, setup.fingerprint, 'search')
   if restored is None:
     return Start({c: initial_switches(setup.cfg.initial_ops) for c in ('normal', 'reduce')})
   ckpt_step, tree, meta = restored
@@ -300,7 +301,7 @@ def _save(sess: loop.Session, setup: Setup, s: int, switches, epoch: int, state,
     runs.write_json(setup.path(runs.GENOTYPE_LATEST), dict(genotype, stage=s + 1, epoch=epoch,
                                                            step=step))
   sess.save(setup.offsets[s] + epoch * setup.steps + step, state, sums, {
-      'config': loop.fingerprint(setup.config, FREE_ON_RESUME), 'phase': s, 'epoch': epoch,
+      'config': setup.fingerprint, 'phase': s, 'epoch': epoch,
       'step': step, 'steps_per_epoch': setup.steps, 'genotype': genotype,
       'switches_normal': switches['normal'].tolist(),
       'switches_reduce': switches['reduce'].tolist()})
@@ -398,7 +399,7 @@ def search(config, workdir):
   with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows, what='the search',
                     hint='Lower search.optim.weights.lr or search.optim.arch.lr (in a new '
                          'workdir).', every_steps=config.checkpoint.every_steps,
-                    log_every_steps=cfg.log_every_steps, place=place,
+                    log_every_steps=cfg.log_every_steps,
                     total_steps=setup.offsets[-1], resume_step=resume_step,
                     resumed=start.state is not None, elapsed=start.elapsed) as sess:
     for s in range(start.stage, len(cfg.stages)):

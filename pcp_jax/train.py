@@ -317,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with loop.session(workdir, config, 'train', ckpt=ckpt, rows=rows, what='training',
                     hint='Lower train.optim.lr (or set train.optim.grad_clip) and rerun in a '
                          'new workdir.', every_steps=config.checkpoint.every_steps,
-                    log_every_steps=t.log_every_steps, place=setup.place,
+                    log_every_steps=t.log_every_steps,
                     total_steps=t.epochs * setup.steps, resume_step=resume_step,
                     resumed=start.resumed, elapsed=start.elapsed) as sess:
     for epoch in range(start.epoch, t.epochs):
@@ -363,16 +363,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def restore_for_eval(config: ml_collections.ConfigDict, workdir: str, model, info):
   """(state, checkpoint name, metadata) of the best checkpoint, else the latest with a warning."""
-  for name in ('best', 'checkpoints'):
+  for name in (runs.BEST, runs.CHECKPOINTS):
     try:
       restored = _restore_newest(config, os.path.join(workdir, name), model, info)
     except IOError as e:
-      if name != 'best':
+      if name != runs.BEST:
         raise
       logging.warning('%s', e)
       restored = None
     if restored is not None:
-      if name != 'best':
+      if name != runs.BEST:
         logging.warning('No best checkpoint in %s; using the latest one.', workdir)
       return restored[0], name, restored[1]
   raise FileNotFoundError(f'No checkpoint in {workdir}/best or {workdir}/checkpoints; run the '
@@ -407,7 +407,7 @@ def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The best checkpoint is chosen on the validation split, which is the test set under
   # val_split='test' (as the paper and DARTS do): the last epoch's accuracy is reported beside
   # it, a number no selection has seen.
-  last = _restore_newest(config, os.path.join(workdir, 'checkpoints'), model, info)
+  last = _restore_newest(config, os.path.join(workdir, runs.CHECKPOINTS), model, info)
   last_metrics = last and evaluate(last[0])
   count = functools.partial(networks.count_params, genotype, config.train.channels,
                             config.train.layers, info.num_classes,

@@ -82,7 +82,7 @@ def _session(tmp_path, every_steps=0, log_every_steps=0, what='training'):
   return loop.Session(ckpt=checkpoint.Checkpointer(str(tmp_path / 'ckpt')),
                       rows=None, what=what, hint='Lower the lr.', every_steps=every_steps,
                       log_every_steps=log_every_steps, signals=loop.Signals(what),
-                      progress=monitor.Progress(STEPS), scalars=None, place=lambda t: t)
+                      progress=monitor.Progress(STEPS), scalars=None)
 
 
 def _fake_step(state, batch, key, hparams):
