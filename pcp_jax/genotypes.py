@@ -170,12 +170,12 @@ def to_string(genotype: Genotype) -> str:
 
 def _literal(node, where: str):
   """A literal, or `range(a, b)` as its list: what the DARTS family's genotypes.py holds."""
-  if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-      and node.func.id == 'range' and not node.keywords):
-    return list(range(*(_literal(a, where) for a in node.args)))
   try:
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        and node.func.id == 'range' and not node.keywords):
+      return list(range(*(_literal(a, where) for a in node.args)))
     return ast.literal_eval(node)
-  except ValueError:
+  except (TypeError, ValueError):
     raise ValueError(f'{where} must be a literal (lists, tuples, numbers, strings) or '
                      f'range(a, b), got {ast.unparse(node)!r}.') from None
 

@@ -36,11 +36,7 @@ def edge_ops(switches) -> Tuple[Tuple[str, ...], ...]:
 
 def node_softmax(betas):
   """Edge-normalisation weights: softmax of the betas within each node's incoming edges."""
-  out, start = [], 0
-  for i in range(genotypes.STEPS):
-    out.append(jax.nn.softmax(betas[start:start + 2 + i]))
-    start += 2 + i
-  return jnp.concatenate(out)
+  return jnp.concatenate([jax.nn.softmax(betas[edges]) for edges in genotypes.NODE_EDGES])
 
 
 class PartialChannelMixedOp(nn.Module):
@@ -137,12 +133,10 @@ class PartialChannelMixedOp(nn.Module):
     return results
 
 
-# The edges of a cell by the state they read: edge e of node j reads state i
-# (0, 1: the cell inputs; 2 + k: node k). Edges reading the same state, or either input,
-# are computed together; after a group, the next node is complete.
-EDGES = tuple((i, j) for j in range(genotypes.STEPS) for i in range(2 + j))
+# The edges of a cell (`genotypes.EDGES`) by the state they read: edges reading the same
+# state, or either input, are computed together; after a group, the next node is complete.
 EDGE_GROUPS = tuple(
-    tuple(e for i in sources for e, (src, _) in enumerate(EDGES) if src == i)
+    tuple(e for i in sources for e, (src, _) in enumerate(genotypes.EDGES) if src == i)
     for sources in [(0, 1)] + [(2 + k,) for k in range(genotypes.STEPS - 1)])
 GROUP_NAMES = ('from_inputs',) + tuple(f'from_node{k}' for k in range(genotypes.STEPS - 1))
 
@@ -178,7 +172,7 @@ class SearchCell(nn.Module):
       perms = jnp.argsort(noise, axis=-1)
     # Skip-connect dropout acts on identities: the stride-1 edges that have skip_connect.
     def stride_of(e):
-      return 2 if self.reduction and EDGES[e][0] < 2 else 1
+      return 2 if self.reduction and genotypes.EDGES[e][0] < 2 else 1
     dropped = [e for e in range(genotypes.NUM_EDGES)
                if 'skip_connect' in self.edge_op_names[e] and stride_of(e) == 1]
     if skip_drop_rate is not None and dropped:
@@ -197,13 +191,13 @@ class SearchCell(nn.Module):
       outs = PartialChannelMixedOp(
           tuple(self.edge_op_names[e] for e in group), stride, self.partial_k,
           self.channel_mode, self.conv, self.norm, self.kernels, name=name)(
-              [states[EDGES[e][0]] for e in group], weights[index],
+              [states[genotypes.EDGES[e][0]] for e in group], weights[index],
               None if perms is None else perms[index],
               None if masks is None or not rows else masks[np.asarray(rows)], keep)
       for e, y in zip(group, outs):
         if edge_weights is not None:
           y = edge_weights[e].astype(y.dtype) * y
-        j = EDGES[e][1]
+        j = genotypes.EDGES[e][1]
         nodes[j] = y if nodes[j] is None else nodes[j] + y
       states.append(nodes[len(states) - 2])
     return jnp.concatenate(states[2:], axis=-1)

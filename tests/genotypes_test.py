@@ -208,6 +208,7 @@ def test_a_pasted_genotype_is_read_and_the_log_form_reads_back():
 
 @pytest.mark.parametrize('text, message', [
     ("Genotype(normal=__import__('os').system('true'))", 'must be a literal'),
+    (PC_DARTS_PASTED.replace('range(2, 6)', "range('2', 6)", 1), 'must be a literal'),
     ('Genotype(normal=[', 'not valid Python syntax'),
     ("Genotypes(normal=[])", 'neither a reference name'),
     ("Genotype([], range(2, 6), [], range(2, 6))", 'keyword arguments'),

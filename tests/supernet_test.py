@@ -213,7 +213,7 @@ def test_skip_dropout_rate_zero_is_no_dropout_and_acts_on_identities_only():
   # 1, have a max pool instead); normal cells: no skip_connect.
   switches = np.zeros((14, len(genotypes.PRIMITIVES)), bool)
   switches[:, genotypes.PRIMITIVES.index('avg_pool_3x3')] = True
-  for e, (src, _) in enumerate(supernet.EDGES):
+  for e, (src, _) in enumerate(genotypes.EDGES):
     switches[e, genotypes.PRIMITIVES.index('skip_connect' if src < 2 else 'max_pool_3x3')] = True
   no_skip = model.clone(switches_normal=only('max_pool_3x3', 'avg_pool_3x3'),
                         switches_reduce=genotypes.switches_to_tuple(switches))
