@@ -4,15 +4,20 @@
   python -m pcp_jax.bench --config=configs/ss_pcp.py --what=search --stages=all --project
   python -m pcp_jax.bench --what=train --batch_size=96,192 --dtype=bfloat16
   python -m pcp_jax.bench --config=configs/ss_pcp.py --stages=all --compile_only
+  python -m pcp_jax.bench --what=search,curvature --batch_size=64,256
 
 A pre-flight check before a long run (on its GPU): does the batch fit, how long compiling takes,
 how many images per second does a step run. Per case (a search stage or the train step at a
 batch size) it times building the state (`init s`), compiling the step as the loops do
 (`compile s`), then, after `--warmup` steps, `--steps` steps ending in one `block_until_ready`:
 the search step (architecture + weight step) in one call of `search.build_stage`'s on-device
-loop, as the search runs an epoch; `train.make_train_step` as queued calls. Inputs: random uint8
-images on the device. Peak memory: the GPU's `peak_bytes_in_use` or the process's peak RSS,
-since the process started. `XLA buffers` (arguments, outputs, temporaries) needs no run.
+loop, as the search runs an epoch; `train.make_train_step` as queued calls; `curvature`: one
+estimate of the collapse meter (`collapse`, `search.curvature_steps` Hessian-vector products on
+a batch of the case's size) per step, with its cost as a share of the search at the same stage
+and batch when the meter runs every `search.curvature_every` epochs (RobustDARTS's 2 when 0),
+and the estimate after each product. Inputs: random uint8 images on the device. Peak memory:
+the GPU's `peak_bytes_in_use` or the process's peak RSS, since the process started.
+`XLA buffers` (arguments, outputs, temporaries) needs no run.
 """
 
 import copy
@@ -33,17 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from pcp_jax import collapse
 from pcp_jax import data
 from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import models
 from pcp_jax import parallel
 from pcp_jax import search
+from pcp_jax import spaces
 from pcp_jax import search_step
 from pcp_jax import train
 from pcp_jax.cpu import host
 
-WHAT = ('search', 'train')
+WHAT = ('search', 'train', 'curvature')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Full training splits: steps per epoch for --project and the train schedule's length.
 TRAIN_SET_SIZES = {'cifar10': 50_000, 'cifar100': 50_000, 'fashion_mnist': 60_000}
@@ -57,7 +64,7 @@ def define_flags():
                                   'Search config of the search cases.', lock_config=True)
   config_flags.DEFINE_config_file('train_config', os.path.join(_CONFIGS, 'train_cifar10.py'),
                                   'Train config of the train case.', lock_config=True)
-  flags.DEFINE_string('what', 'search,train', 'Comma list of: search, train.')
+  flags.DEFINE_string('what', 'search,train', 'Comma list of: search, train, curvature.')
   flags.DEFINE_string('batch_size', '', "Comma list of batch sizes; '' = each config's.")
   flags.DEFINE_string('stages', '1', "Search stages to time: 1-based comma list or 'all'.")
   flags.DEFINE_integer('steps', 5, 'Timed steps per case.')
@@ -100,11 +107,12 @@ def plan(search_config, train_config, *, what='search,train', batch_size='', sta
          f'--out must be a file in an existing writable folder, got {out!r}.')
   cases = []
   for kind, config, flag in (('search', search_config, 'config'),
+                             ('curvature', search_config, 'config'),
                              ('train', train_config, 'train_config')):
     if kind not in kinds:
       continue
     try:
-      (search.check_config if kind == 'search' else train.check_config)(config)
+      (train.check_config if kind == 'train' else search.check_config)(config)
       if kind == 'train':
         genotypes.get(config.genotype)
       devices = parallel.make_mesh(config.num_devices).size
@@ -112,10 +120,10 @@ def plan(search_config, train_config, *, what='search,train', batch_size='', sta
       raise ValueError(f'--{flag}: {e}') from None
     sizes = _positive_ints(batch_size or config[kind].batch_size, 'batch_size')
     for b in sizes:  # search: batch norm needs two images
-      _check(kind == 'train' or b >= 2, f'--batch_size must be >= 2 for search, got {b}.')
+      _check(kind == 'train' or b >= 2, f'--batch_size must be >= 2 for {kind}, got {b}.')
       parallel.check_batch(b, devices, '--batch_size')
     indices = [None]
-    if kind == 'search':
+    if kind != 'train':
       n = len(config.search.stages)
       indices = (list(range(n)) if stages.strip().lower() == 'all'
                  else [s - 1 for s in _positive_ints(stages, 'stages')])
@@ -129,15 +137,18 @@ def plan(search_config, train_config, *, what='search,train', batch_size='', sta
 
 
 def stage_switches(search_config, stage_index):
-  """Op switches of a stage: the initial ops, then as many as the stage before keeps. Which
-  ones depends on the architecture weights; the last in PRIMITIVES order (the convolutions)
-  cost most, so later stages are timed at an upper bound."""
+  """Op switches of a stage: the space's initial ops, then as many as the stage before keeps.
+  Which ones depends on the architecture weights; the last in `genotypes.OPS` order (the DARTS
+  space's convolutions) cost most, so later stages are timed at an upper bound."""
   cfg = search_config.search
-  on = [p for p in genotypes.PRIMITIVES if p in cfg.initial_ops]
+  switches = spaces.initial_switches(cfg.space, cfg.initial_ops)
   if stage_index > 0:
-    on = on[len(on) - cfg.stages[stage_index - 1].num_keep:]
-  row = np.array([p in on for p in genotypes.PRIMITIVES])
-  return {c: np.tile(row, (genotypes.NUM_EDGES, 1)) for c in ('normal', 'reduce')}
+    keep = cfg.stages[stage_index - 1].num_keep
+    for cell in switches:
+      for row in switches[cell]:
+        on = np.flatnonzero(row)
+        row[on[:len(on) - keep]] = False
+  return switches
 
 
 def search_steps_per_epoch(config, batch_size):
@@ -161,9 +172,12 @@ class _Program:
     info = data.DATASETS[config.data.dataset]
     mesh = parallel.make_mesh(config.num_devices)
     key_init, self.key = jax.random.split(jax.random.PRNGKey(config.seed))
-    b, self.search = case['batch_size'], case['what'] == 'search'
+    b, self.kind = case['batch_size'], case['what']
+    self.search = self.kind == 'search'
     t0 = time.perf_counter()
-    if self.search:
+    if self.kind == 'curvature':
+      self._curvature(case, config, info, mesh, key_init)
+    elif self.search:
       config = copy.deepcopy(config)
       config.search.batch_size = b  # the on-device loop slices batches of this size
       stage = config.search.stages[case['stage']]
@@ -196,14 +210,36 @@ class _Program:
     jax.block_until_ready(self.carry)
     self.init_seconds = time.perf_counter() - t0
 
+  def _curvature(self, case, config, info, mesh, key_init):
+    """The collapse meter on a fresh supernet of the case's stage, batch `case['batch_size']`."""
+    stage = config.search.stages[case['stage']]
+    switches = stage_switches(config, case['stage'])
+    built = search.build_stage(config, stage.layers, stage.epochs, switches, info,
+                               train.image_shape(info), 1, mesh)
+    state = parallel.run_once(built.init, key_init)
+    self.carry = ({'params': state.params, 'arch': state.arch,
+                   'batch_stats': state.batch_stats},)
+    self.fn = collapse.make_curvature_fn(built.spec.model, info.mean, info.std,
+                                         config.search.curvature_steps)
+    images, labels = _inputs(case['batch_size'], info, ('valid',), mesh)
+    self.data = (images['valid'], labels['valid'], self.key)
+    self.name = (f"curvature, stage {case['stage'] + 1} ({stage.layers} cells, "
+                 f"{switches['normal'][0].sum()} ops), {config.search.curvature_steps} products")
+
   def _args(self, steps, update_arch):
+    if self.kind == 'curvature':
+      return self.data
     if self.search:
       return (*self.data, search_step.HParams(self.rate, jnp.bool_(update_arch)), jnp.int32(0),
               jnp.int32(steps))
     return (*self.data, train.HParams(self.rate))
 
   def run(self, compiled, steps, update_arch=True):
-    """Returns a device bool: all losses finite."""
+    """Returns a device bool: all losses (or estimates) finite."""
+    if self.kind == 'curvature':  # one estimate per step
+      for _ in range(steps):
+        _, self.history = compiled(*self.carry, *self.data)
+      return jnp.all(jnp.isfinite(self.history))
     if self.search:  # one call: the on-device loop runs every step
       state, sums, bad = compiled(*self.carry, *self._args(steps, update_arch))
       self.carry = (state, sums)
@@ -240,6 +276,8 @@ def run_case(case, config, *, steps=5, warmup=2, dtype='float32', compile_only=F
       result['seconds_per_step' + suffix] = (time.perf_counter() - t0) / steps
       result.setdefault('finite_losses', finite)
     result['images_per_second'] = case['batch_size'] / result['seconds_per_step']
+    if program.kind == 'curvature':
+      result['curvature_history'] = np.asarray(program.history, np.float64).tolist()
     if not result['finite_losses']:
       logging.warning('%s: a loss was NaN or infinite.', program.name)
   stats = jax.local_devices()[0].memory_stats() or {}  # None on a CPU
@@ -265,6 +303,28 @@ def project_search(search_config, results):
     projections.append(dict(batch_size=b, steps_per_epoch=steps, devices=n,
                             hours=seconds / 3600, device_days=seconds * n / 86400))
   return projections
+
+
+def curvature_costs(search_config, results):
+  """Per timed curvature case with a timed search case of the same stage and batch: one
+  estimate in search steps and as a share of the search time between two estimates
+  (`search.curvature_every` epochs of the full split, RobustDARTS's 2 when 0)."""
+  every = search_config.search.curvature_every or 2
+  costs = []
+  for r in results:
+    step = next((s for s in results if s['what'] == 'search' and 'seconds_per_step' in s
+                 and (s['stage'], s['batch_size']) == (r['stage'], r['batch_size'])), None)
+    if r['what'] != 'curvature' or 'seconds_per_step' not in r or step is None:
+      continue
+    steps = search_steps_per_epoch(search_config, r['batch_size'])
+    history = np.asarray(r['curvature_history'])
+    close = np.abs(history - history[-1]) <= 1e-3 * np.abs(history[-1])
+    costs.append(dict(
+        case=r['case'], batch_size=r['batch_size'], every_epochs=every, steps_per_epoch=steps,
+        products=len(history), estimate_in_steps=r['seconds_per_step'] / step['seconds_per_step'],
+        share=r['seconds_per_step'] / (every * steps * step['seconds_per_step']),
+        products_to_1e3=int(np.argmax(close)) + 1))
+  return costs
 
 
 def _size(n):
@@ -296,14 +356,21 @@ def benchmark(search_config, train_config, cases, *, out='', **timing):
     jax.clear_caches()
     host.trim_heap()
   projections = project_search(search_config, results) if timing.get('project') else []
+  costs = curvature_costs(search_config, results)
   device = jax.local_devices()[0]
   print(markdown_table(results))
+  for c in costs:
+    print(f"{c['case']} at batch {c['batch_size']}: one estimate costs "
+          f"{c['estimate_in_steps']:.1f} search steps, {100 * c['share']:.2f} % of the search "
+          f"when run every {c['every_epochs']} epochs of {c['steps_per_epoch']} steps; within "
+          f"1e-3 of its final value after {c['products_to_1e3']} of {c['products']} products.")
   for p in projections:
     print(f"Projected search at batch {p['batch_size']}: {p['hours']:.2f} h, {p['device_days']:.3f}"
           f" {device.device_kind}-days (steps and compiling; no evaluation, data loading).")
   if device.platform == 'cpu':
     print(host.status())
   report = dict(argv=sys.argv[1:], cases=results, projections=projections,
+                curvature_costs=costs,
                 platform=device.platform, device_kind=device.device_kind,
                 jax_version=jax.__version__, host_memory=host.status(),
                 compilation_cache_dir=jax.config.jax_compilation_cache_dir)

@@ -17,8 +17,9 @@ from pcp_jax import diagrams
 from pcp_jax import genotypes
 
 # One colour per op, the same in every figure (tab10 without its grey).
-OP_COLORS = dict(zip(genotypes.PRIMITIVES, (
-    '#7f7f7f', '#1f77b4', '#17becf', '#d62728', '#2ca02c', '#bcbd22', '#9467bd', '#ff7f0e')))
+OP_COLORS = dict(zip(genotypes.OPS, (
+    '#7f7f7f', '#1f77b4', '#17becf', '#d62728', '#2ca02c', '#bcbd22', '#9467bd', '#ff7f0e',
+    '#e377c2')))
 _SPLIT_COLORS = {'train': '#1f77b4', 'valid': '#d62728'}
 
 
@@ -71,15 +72,29 @@ def _epoch_axis(ax, n):
 # ---------------------------------------------------------------------------
 # Search.
 
+def _collapse_panels(lines, axes) -> None:
+  """The collapse indicators (`collapse`): curvature, its convergence, skips, entropy."""
+  lines(axes[0], [('curvature', 'largest eigenvalue', '#d62728')],
+        'Curvature: largest eigenvalue of the arch Hessian', 'eigenvalue')
+  lines(axes[1], [('skip_normal', 'skip connections', '#d62728')],
+        'Skip connections in the normal cell', 'count')
+  lines(axes[2], [('entropy_normal', 'normal cell', '#1f77b4'),
+                  ('entropy_reduce', 'reduction cell', '#ff7f0e')],
+        'Mean entropy of the op weights per edge', 'nats')
+  lines(axes[3], [('curvature_change', 'relative change, last 5 products', 'black')],
+        'Curvature estimate: Lanczos convergence', 'relative change', log=True)
+
+
 def search_curves_figure(rows: list) -> Figure:
-  """Losses, accuracies, architecture loss parts and gradients, lr and skip dropout."""
+  """Losses, accuracies, architecture loss parts and gradients, lr and skip dropout; the
+  collapse indicators (curvature, skip connections, alpha entropy) in the last row."""
   rows = search_order(rows)
   n = len(rows)
   x = np.arange(1, n + 1)
   spans = _stage_spans(rows)
   frozen = [bool(r.get('arch_frozen')) for r in rows]
-  fig = Figure(figsize=(17, 7.5), layout='constrained')
-  axes = fig.subplots(2, 4, sharex=True)
+  fig = Figure(figsize=(17, 11), layout='constrained')
+  axes = fig.subplots(3, 4, sharex=True)
 
   def values(key):
     v = _values(rows, key)
@@ -94,7 +109,9 @@ def search_curves_figure(rows: list) -> Figure:
       if _has(rows, key):
         v = values(key)
         for i, (_, first, last) in enumerate(spans):  # no line across a stage boundary
-          ax.plot(x[first - 1:last], v[first - 1:last], marker='o', markersize=3,
+          xs, vs = x[first - 1:last], v[first - 1:last]
+          measured = np.isfinite(vs)  # a value every few epochs (the curvature) is one line
+          ax.plot(xs[measured], vs[measured], marker='o', markersize=3,
                   label=label if i == 0 else None, color=color)
         drawn = True
     ax.set_title(title, fontsize=10, pad=14 if len(spans) > 1 else 6)
@@ -132,10 +149,11 @@ def search_curves_figure(rows: list) -> Figure:
   lines(axes[1, 2], [('lr', 'lr', 'black')], 'Learning rate (weights)', 'lr')
   lines(axes[1, 3], [('skip_dropout', 'skip dropout', 'black')], 'Skip-connect dropout',
         'rate')
+  _collapse_panels(lines, axes[2])
   for ax in axes.flat:
     _epoch_axis(ax, n)
     _mark_stages(ax, spans, frozen, label=True)
-  for ax in axes[1]:
+  for ax in axes[2]:
     ax.set_xlabel('epoch (all stages)')
   title = 'Search'
   if _has(rows, 'layers'):
@@ -191,9 +209,10 @@ def op_weights_figure(history: list, cell: str) -> Figure:
     grid[node, 0].set_ylabel('softmax weight', fontsize=8)
   for j in range(cols):
     grid[min(rows - 1, max(0, j - 1)), j].set_xlabel('epoch (all stages)', fontsize=8)
+  ever_on = [op for k, op in enumerate(primitives) if switches[..., k].any()]
   handles = [matplotlib.lines.Line2D([], [], color=OP_COLORS.get(op), linewidth=2, label=op)
-             for op in primitives]
-  fig.legend(handles=handles, loc='outside lower center', ncol=len(primitives), fontsize=9,
+             for op in ever_on]
+  fig.legend(handles=handles, loc='outside lower center', ncol=len(ever_on), fontsize=9,
              frameon=False)
   stages = f', {len(spans)} stages split by dashed lines' if len(spans) > 1 else ''
   fig.suptitle(f'Op weights of the {"normal" if cell == "normal" else "reduction"} cell '

@@ -14,6 +14,8 @@ Search configs:
                  the 8-cell one. The progressive configs default to 5/11/17 cells with 15 (the
                  labels look swapped: the progressive case is the 5/11/17-cell one).
   cells8         every progressive stage searches an 8-cell network (see `warmup`).
+  space=<name>   the search space (pcp_jax/spaces.py): `darts` (default) or RobustDARTS's
+                 `s1`..`s4`; stages keep at most the space's ops per edge.
   tiny           a CPU smoke run of a few minutes, nearly all of it XLA compilation (what the
                  tests use): 128 images of the shipped CIFAR-10 subset, 3-cell stages of 8
                  channels, 2 epochs each (1 warm-up), 4 cheap candidate ops (none, max/avg pool,
@@ -33,6 +35,7 @@ import ml_collections
 
 from pcp_jax import data
 from pcp_jax import genotypes
+from pcp_jax import spaces
 
 SEARCH_DATASETS = ('cifar10', 'cifar100')
 
@@ -85,6 +88,27 @@ def _base() -> ml_collections.ConfigDict:
   return config
 
 
+def _diagnostics() -> ml_collections.ConfigDict:
+  """The search's collapse-diagnostics fields."""
+  d = ml_collections.ConfigDict()
+  # Collapse diagnostics (pcp_jax/collapse.py; not in the paper). Every curvature_every
+  # epochs of a stage (and after its last; 0: never, RobustDARTS: 2) the largest eigenvalue
+  # of the validation CE's Hessian in the architecture parameters, by curvature_steps
+  # Lanczos products on the first curvature_batch validation images (RobustDARTS: 64).
+  d.curvature_every = 0
+  d.curvature_batch = 64
+  d.curvature_steps = 20
+  # Stopping rules: 'none'; 'darts_es' (RobustDARTS's DARTS-ES on the curvature, with their
+  # defaults below; needs curvature_every); 'skip_count' (DARTS+: the normal cell has
+  # early_stop_skips skip connections, after the warm-up). When a rule fires the search keeps
+  # the genotype of the epoch the rule names and stops ('stop') or only logs it ('warn').
+  d.early_stop = 'none'
+  d.early_stop_action = 'stop'
+  d.early_stop_skips = 2
+  d.darts_es = ml_collections.ConfigDict(dict(window=5, delta=4, factor=1.3, start_epoch=10))
+  return d
+
+
 def search_config() -> ml_collections.ConfigDict:
   """The progressive partial-channel search (PCP-DARTS) on CIFAR-10."""
   config = _base()
@@ -96,7 +120,10 @@ def search_config() -> ml_collections.ConfigDict:
   s.partial_k = 4  # 1 = plain DARTS edges
   s.channel_mode = 'random'  # 'random' (sampled per step) or 'shuffle' (reference code)
   s.use_betas = True  # PC-DARTS edge normalisation
-  s.initial_ops = genotypes.PRIMITIVES  # ops on every edge in the first stage
+  # The search space (pcp_jax/spaces.py): 'darts' puts initial_ops on every edge of both
+  # cells; RobustDARTS's 's1'..'s4' set each edge's ops themselves (initial_ops unused).
+  s.space = 'darts'
+  s.initial_ops = genotypes.PRIMITIVES  # ops on every edge in the first stage ('darts')
   # P-DARTS stages: 5/11/17 cells, 8 -> 5 -> 3 ops; after the last stage the genotype takes
   # the strongest op per edge. Skip dropout 0.1/0.4/0.7 is the P-DARTS CIFAR-10 code
   # (its paper: 0.0/0.4/0.7). The paper freezes the architecture for 15 epochs here.
@@ -149,6 +176,7 @@ def search_config() -> ml_collections.ConfigDict:
   # scaled by 8192 / D to keep the off-diagonal term's weight.
   s.projector_sizes = (512, 512, 512)
   s.bt_lambda = 0.0051 * 8192 / 512
+  s.update(_diagnostics())
   return config
 
 
@@ -223,6 +251,16 @@ def _warmup(config, value):
     st.warmup_epochs = warmup
 
 
+def _space(config, value):
+  if value not in spaces.NAMES:
+    raise ValueError(f'Config argument space must be one of {list(spaces.NAMES)}, '
+                     f'got {value!r}.')
+  config.search.space = value
+  ops = spaces.ops_per_edge(value, config.search.initial_ops)
+  for st in config.search.stages:
+    st.num_keep = min(st.num_keep, ops)
+
+
 def _cells8(config, _):
   for st in config.search.stages:
     st.layers = 8
@@ -239,7 +277,8 @@ def _tiny_search(config, _):
   s.projector_sizes = (32, 32)
   s.bt_lambda = 0.0051 * 8192 / 32
   s.initial_ops = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect')
-  keep = [3, 1] if len(s.stages) > 1 else [1]
+  ops = spaces.ops_per_edge(s.space, s.initial_ops)
+  keep = [min(3, ops), 1] if len(s.stages) > 1 else [1]
   s.stages = [stage(layers=3, num_keep=k, epochs=2, warmup_epochs=1,
                     skip_dropout=st.skip_dropout) for k, st in zip(keep, s.stages)]
 
@@ -271,6 +310,7 @@ ARGS = {
     'dataset': (True, 'search', _dataset),
     'warmup': (True, 'search', _warmup),
     'cells8': (False, 'search', _cells8),
+    'space': (True, 'search', _space),
     'tiny': (False, None, None),
     'sgd': (False, 'train', _sgd),
     'adam': (False, 'train', _adam),

@@ -23,7 +23,11 @@ PRIMITIVES = (
     'dil_conv_3x3',
     'dil_conv_5x5',
 )
-NUM_OPS = len(PRIMITIVES)
+# Every op a search space can hold (`spaces`): the DARTS ops, then RobustDARTS's S4 `noise`.
+# Op switches have one column per op here.
+OPS = PRIMITIVES + ('noise',)
+NUM_OPS = len(OPS)
+CELLS = ('normal', 'reduce')
 
 # The cell topology, enumerated here only: node j (0..STEPS-1) has an edge from each state
 # i < 2 + j (0, 1: the cell inputs c_{k-2}, c_{k-1}; 2 + k: node k). Edges are numbered node
@@ -83,9 +87,9 @@ def validate(genotype: Genotype) -> Genotype:
       raise ValueError(
           f'genotype.{cell} must list {2 * STEPS} (op, input) pairs, got {len(edges)}.')
     for k, (op, j) in enumerate(edges):
-      if op not in PRIMITIVES or op == 'none':
+      if op not in OPS or op == 'none':
         raise ValueError(
-            f'genotype.{cell}[{k}]: unknown op {op!r}; allowed: {PRIMITIVES[1:]}.')
+            f'genotype.{cell}[{k}]: unknown op {op!r}; allowed: {OPS[1:]}.')
       node = k // 2
       if not 0 <= j < node + 2:
         raise ValueError(
@@ -213,7 +217,7 @@ def get(name_or_path: str) -> Genotype:
 
 
 # ---------------------------------------------------------------------------
-# Op switches: which of the 8 PRIMITIVES each of the 14 edges still has.
+# Op switches: which of the OPS each of the 14 edges still has.
 
 
 def reduction_indices(layers: int) -> Tuple[int, int]:
@@ -222,16 +226,24 @@ def reduction_indices(layers: int) -> Tuple[int, int]:
 
 
 def all_switches() -> np.ndarray:
-  return np.ones((NUM_EDGES, NUM_OPS), dtype=bool)
+  """The DARTS space: the eight PRIMITIVES on every edge."""
+  switches = np.zeros((NUM_EDGES, NUM_OPS), dtype=bool)
+  switches[:, :len(PRIMITIVES)] = True
+  return switches
 
 
 def switches_to_tuple(switches) -> tuple:
-  """A hashable form of a (14, 8) boolean switch array (for module attributes)."""
-  return tuple(tuple(bool(s) for s in row) for row in np.asarray(switches))
+  """A hashable form of a (14, NUM_OPS) boolean switch array (for module attributes)."""
+  return tuple(tuple(bool(s) for s in row) for row in check_switches(switches))
 
 
 def check_switches(switches, name='switches') -> np.ndarray:
+  """(14, NUM_OPS) booleans; (14, 8) ones (the DARTS ops only, as runs before `noise` wrote
+  them) gain an off `noise` column."""
   switches = np.asarray(switches, dtype=bool)
+  if switches.shape == (NUM_EDGES, len(PRIMITIVES)):
+    switches = np.concatenate(
+        [switches, np.zeros((NUM_EDGES, NUM_OPS - len(PRIMITIVES)), bool)], axis=1)
   if switches.shape != (NUM_EDGES, NUM_OPS):
     raise ValueError(f'{name} must have shape ({NUM_EDGES}, {NUM_OPS}), got {switches.shape}.')
   counts = switches.sum(axis=1)
@@ -242,7 +254,8 @@ def check_switches(switches, name='switches') -> np.ndarray:
 
 
 def edge_softmax(alphas, switches) -> np.ndarray:
-  """Softmax of (14, n_on) alphas scattered to a (14, 8) array; ops that are off get 0."""
+  """Softmax of (14, n_on) alphas scattered to a (14, NUM_OPS) array; ops that are off get
+  0."""
   alphas = np.asarray(alphas, dtype=np.float64)
   switches = check_switches(switches)
   if alphas.shape != (NUM_EDGES, int(switches[0].sum())):
@@ -264,6 +277,20 @@ def node_softmax(betas) -> np.ndarray:
     e = np.exp(betas[edges] - betas[edges].max())
     out[edges] = e / e.sum()
   return out
+
+
+def arch_weights(arch, switches, use_betas) -> dict:
+  """Softmaxed alphas ((14, NUM_OPS), 0 for ops off) and edge-normalised betas (14) of both
+  cells, as lists: one row of `arch_history.jsonl`."""
+  row = {'primitives': list(OPS)}
+  for cell in ('normal', 'reduce'):
+    row[f'alphas_{cell}'] = edge_softmax(
+        np.asarray(arch[f'alphas_{cell}']), switches[cell]).round(6).tolist()
+    betas = (node_softmax(np.asarray(arch[f'betas_{cell}'])) if use_betas
+             else np.ones(NUM_EDGES))
+    row[f'betas_{cell}'] = np.asarray(betas).round(6).tolist()
+    row[f'switches_{cell}'] = switches[cell].tolist()
+  return row
 
 
 def drop_weakest_ops(alphas, switches, num_keep: int, drop_none_first: bool = False) -> np.ndarray:
@@ -293,7 +320,7 @@ def describe_dropped(before, after) -> str:
   edges = []
   for e, (was, now) in enumerate(zip(check_switches(before), check_switches(after))):
     source, node = EDGES[e]
-    ops = ', '.join(PRIMITIVES[k] for k in np.flatnonzero(was & ~now)) or '-'
+    ops = ', '.join(OPS[k] for k in np.flatnonzero(was & ~now)) or '-'
     edges.append(f'{state_name(source)}->node {node}: {ops}')
   return '; '.join(edges)
 
@@ -310,7 +337,7 @@ def _parse_cell(weights: np.ndarray, allowed: np.ndarray):
     for j in edges:
       if not np.isfinite(strength[start + j]):
         raise ValueError(f'edge {start + j} has no op left to choose besides `none`.')
-      gene.append((PRIMITIVES[best_op[start + j]], j, start + j))
+      gene.append((OPS[best_op[start + j]], j, start + j))
   return gene
 
 
@@ -324,8 +351,8 @@ def derive_genotype(arch: Mapping[str, np.ndarray], use_betas: bool = True,
       `use_betas`, `betas_normal`, `betas_reduce` (14).
     use_betas: weight each edge's op probabilities by its edge-normalisation weight
       (PC-DARTS); without it the plain softmax of the alphas is used (DARTS/P-DARTS).
-    switches_normal, switches_reduce: (14, 8) booleans saying which PRIMITIVES the
-      alpha columns stand for (default: all 8 on).
+    switches_normal, switches_reduce: (14, NUM_OPS) booleans saying which OPS the alpha
+      columns stand for (default: the eight PRIMITIVES on).
     max_skip_normal: the P-DARTS rule; while the normal cell has more skip-connects
       than this, the weakest chosen skip-connect is removed and the cell re-derived.
 

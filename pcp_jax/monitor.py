@@ -250,7 +250,7 @@ class Scalars:
   def write_arch(self, step: int, weights: Mapping[str, Any]) -> None:
     """Writes architecture weights as `arch/<cell>/edgeNN/<op>` scalars at `step`.
 
-    `weights` is a row of `search.arch_weights`: per cell ('normal', 'reduce'),
+    `weights` is a row of `genotypes.arch_weights`: per cell ('normal', 'reduce'),
     `alphas_<cell>` (14 edges x len(primitives)) op probabilities, optionally
     `switches_<cell>` (ops off are skipped, so a pruned op's line ends) and `betas_<cell>`
     (14 edge-normalisation weights, written as `edgeNN/edge_weight`; all ones means the

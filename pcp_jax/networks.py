@@ -1,6 +1,7 @@
 """The DARTS evaluation network built from a genotype (affine BN, auxiliary head, drop-path).
 
-Rng stream: `'drop_path'` (only in training, only when a drop-path rate is given).
+Rng streams: `'drop_path'` (only in training, only when a drop-path rate is given) and
+`'noise'` (the S4 space's `noise` op, `ops.Noise`).
 """
 
 import dataclasses

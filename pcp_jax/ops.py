@@ -20,6 +20,7 @@ linear layer's weight, and a linear layer's bias, uniform in +-1/sqrt(fan_in) (`
 
 import dataclasses
 import math
+import zlib
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -218,10 +219,25 @@ class Pool(nn.Module):
     return x if self.norm is None else _norm(self.norm, False)(x)
 
 
+class Noise(nn.Module):
+  """RobustDARTS's S4 `noise` op: standard normal noise of the (strided) input's shape,
+  whatever the input. Drawn from the `'noise'` rng stream when the caller gives one (search
+  and training steps); otherwise (evaluation) from a fixed key per op, so evaluations repeat."""
+  stride: int
+
+  @nn.compact
+  def __call__(self, x):
+    if self.has_rng('noise'):
+      key = self.make_rng('noise')
+    else:
+      key = jax.random.fold_in(jax.random.PRNGKey(0), zlib.crc32('/'.join(self.path).encode()))
+    return jax.random.normal(key, zeros_like_strided(x, self.stride).shape, x.dtype)
+
+
 def make_op(name: str, features: int, stride: int, affine: bool, *, conv: ModuleDef,
             norm: ModuleDef, max_pool: Callable, avg_pool: Callable,
             module_name: Optional[str] = None, blocks: int = 1):
-  """One of the PRIMITIVES as a callable `op(x)`; `None` for `none` and identity.
+  """One of `genotypes.OPS` as a callable `op(x)`; `None` for `none` and identity.
 
   `none` and stride-1 `skip_connect` have no parameters; callers handle them
   directly (zeros cost nothing, identities are free), which is why they map to None.
@@ -237,6 +253,8 @@ def make_op(name: str, features: int, stride: int, affine: bool, *, conv: Module
   layers = dict(affine=affine, conv=conv, norm=norm, blocks=blocks, name=module_name)
   if name == 'skip_connect':
     return FactorizedReduce(features, **layers)
+  if name == 'noise':
+    return Noise(stride, name=module_name)
   if name in ('max_pool_3x3', 'avg_pool_3x3'):
     return Pool(max_pool if name == 'max_pool_3x3' else avg_pool, stride,
                 None if affine else norm, name=module_name)

@@ -9,7 +9,6 @@ each stage its epochs, then the genotype.
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from typing import Any, Callable
@@ -19,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcp_jax import augment
 from pcp_jax import checkpoint
+from pcp_jax import collapse
 from pcp_jax import data as data_lib
 from pcp_jax import defaults
 from pcp_jax import diagrams
@@ -31,6 +30,7 @@ from pcp_jax import optim
 from pcp_jax import parallel
 from pcp_jax import runs
 from pcp_jax import search_step
+from pcp_jax import spaces
 from pcp_jax import supernet
 
 # Config fields that may differ between a run and its resumption (everything else must match).
@@ -38,62 +38,29 @@ FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
                   'data.download', 'search.log_every_steps', 'method')
 
 
-def skip_dropout_rate(rate, epoch, epochs, warmup_epochs):
-  """P-DARTS skip-connect dropout schedule for epoch `epoch` of a stage."""
-  if epoch < warmup_epochs:
-    return rate * (epochs - epoch - 1) / epochs
-  return rate * math.exp(-(epoch - warmup_epochs) * 0.2)
-
-
-BT_SCALES = ('none', 'dim', 'balance')
-DTYPES = ('float32', 'float64')
-
-
 def check_config(config):
   """Validates the search config, naming the option and the allowed values."""
   cfg = config.search
-  kernel_set = models.select_kernels(config.get('op_impl', 'auto'))
-  if not 0.0 <= cfg.ss_factor <= 1.0:
-    raise ValueError(f'search.ss_factor must be in [0, 1], got {cfg.ss_factor}.')
-  if cfg.dtype not in DTYPES:
-    raise ValueError(f'search.dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}.')
-  if cfg.dtype == 'float64' and not jax.config.jax_enable_x64:
-    raise ValueError("search.dtype='float64' needs float64 arrays in JAX: set "
-                     'JAX_ENABLE_X64=1 (or jax.config.update("jax_enable_x64", True)).')
-  if cfg.dtype == 'float64' and kernel_set.name != 'xla':
-    raise ValueError("search.dtype='float64' needs op_impl='xla' (the CPU wing computes in "
-                     f'float32), got op_impl={config.get("op_impl", "auto")!r}.')
-  if cfg.bt_scale not in BT_SCALES:
-    raise ValueError(f'search.bt_scale must be one of {list(BT_SCALES)}, got {cfg.bt_scale!r}.')
-  if cfg.bt_views not in augment.BT_VIEWS:
-    raise ValueError(f'search.bt_views must be one of {list(augment.BT_VIEWS)}, '
-                     f'got {cfg.bt_views!r}.')
+  search_step.check_config(config)
   defaults.check_fields(
       config, whole=(('search.channels', 1), ('search.max_skip_normal', -1),
                      ('search.batch_size', 2), ('search.eval_batch_size', 1),
                      ('search.log_every_steps', 0)),
-      booleans=('search.shared_channels', 'search.projector_warmup', 'search.use_betas',
-                'search.augment', 'search.bt_augment'),
-      at_least_zero=('search.bt_lambda',))
-  sizes = cfg.projector_sizes
-  if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-    raise ValueError(f'search.projector_sizes must be whole numbers >= 1 (the layer widths), '
-                     f'got {sizes!r}.')
+      booleans=('search.use_betas',))
   if cfg.channel_mode not in supernet.CHANNEL_MODES:
     raise ValueError(f'search.channel_mode must be one of {supernet.CHANNEL_MODES}, '
                      f'got {cfg.channel_mode!r}.')
   if cfg.partial_k < 1 or cfg.channels % cfg.partial_k:
     raise ValueError(f'search.partial_k must be >= 1 and divide search.channels '
                      f'({cfg.channels}), got {cfg.partial_k}.')
-  for name in ('weights', 'arch', 'projector'):
-    optim.check(cfg.optim[name], f'search.optim.{name}')
   if not cfg.stages:
     raise ValueError('search.stages must list at least one stage.')
-  unknown = set(cfg.initial_ops) - set(genotypes.PRIMITIVES)
+  unknown = set(cfg.initial_ops) - set(genotypes.OPS)
   if unknown or not cfg.initial_ops:
     raise ValueError(f'search.initial_ops must be a non-empty subset of '
-                     f'{genotypes.PRIMITIVES}, got {list(cfg.initial_ops)}.')
-  ops_on = len(cfg.initial_ops)
+                     f'{genotypes.OPS}, got {list(cfg.initial_ops)}.')
+  ops_on = spaces.ops_per_edge(cfg.space, cfg.initial_ops)
+  collapse.check_config(config)
   for i, stage in enumerate(cfg.stages):
     if stage.layers < 3:
       raise ValueError(f'search.stages[{i}].layers must be >= 3, got {stage.layers}.')
@@ -109,13 +76,6 @@ def check_config(config):
     ops_on = stage.num_keep
 
 
-def initial_switches(initial_ops) -> np.ndarray:
-  """(14, 8) booleans: the ops of `initial_ops` on every edge."""
-  switches = np.zeros((genotypes.NUM_EDGES, genotypes.NUM_OPS), bool)
-  switches[:, [genotypes.PRIMITIVES.index(op) for op in initial_ops]] = True
-  return switches
-
-
 @dataclasses.dataclass
 class Stage:
   """A search stage built: its step's static pieces, initial state and compiled functions."""
@@ -124,6 +84,7 @@ class Stage:
   lr_schedule: Callable  # optimiser step -> the weights' learning rate
   chunk_fn: Any  # loop.make_chunk_fn of the search step
   eval_fn: Any  # loop.make_eval_fn of the supernet
+  curvature_fn: Any  # collapse.make_curvature_fn of the supernet; None when not measured
 
 
 def build_stage(config, layers: int, epochs: int, switches, info: data_lib.DatasetInfo,
@@ -149,7 +110,10 @@ def build_stage(config, layers: int, epochs: int, switches, info: data_lib.Datas
   return Stage(spec=spec, init=init, lr_schedule=lr_schedule,
                chunk_fn=loop.make_chunk_fn(step_fn, cfg.batch_size, mesh),
                eval_fn=parallel.CompiledOnFirstCall(
-                   loop.make_eval_fn(model, info.mean, info.std)))
+                   loop.make_eval_fn(model, info.mean, info.std)),
+               curvature_fn=collapse.make_curvature_fn(model, info.mean, info.std,
+                                                       cfg.curvature_steps)
+               if cfg.curvature_every else None)
 
 
 def _widen_floats(init, dtype):
@@ -229,13 +193,14 @@ def _prepare(config, workdir) -> Setup:
 class Start:
   """Where a session starts: a stage's epoch and step, its op switches and, when resuming,
   the restored state and epoch sums."""
-  switches: dict  # {'normal', 'reduce'}: (14, 8) booleans
+  switches: dict  # {'normal', 'reduce'}: (14, NUM_OPS) booleans
   stage: int = 0
   epoch: int = 0
   step: int = 0
   state: Any = None
   sums: Any = None
   elapsed: float = 0.0
+  collapse: Any = dataclasses.field(default_factory=lambda: collapse.History())
 
 
 def _switches_from(meta):
@@ -251,26 +216,13 @@ def _restore_or_start(setup: Setup, ckpt) -> Start:
 
   restored = loop.restore(ckpt, template, setup.fingerprint, 'search')
   if restored is None:
-    return Start({c: initial_switches(setup.cfg.initial_ops) for c in ('normal', 'reduce')})
+    return Start(spaces.initial_switches(setup.cfg.space, setup.cfg.initial_ops))
   ckpt_step, tree, meta = restored
   logging.info('Resuming the search from checkpoint %d: stage %d, epoch %d, step %d.',
                ckpt_step, meta['phase'] + 1, meta['epoch'] + 1, meta['step'])
   return Start(_switches_from(meta), meta['phase'], meta['epoch'], meta['step'],
-               tree['state'], tree['sums'] if meta['step'] else None, meta['elapsed_seconds'])
-
-
-def arch_weights(arch, switches, use_betas) -> dict:
-  """Softmaxed alphas ((14, 8), 0 for ops off) and edge-normalised betas (14) of both cells,
-  as lists: one row of `arch_history.jsonl`."""
-  row = {'primitives': list(genotypes.PRIMITIVES)}
-  for cell in ('normal', 'reduce'):
-    row[f'alphas_{cell}'] = genotypes.edge_softmax(
-        np.asarray(arch[f'alphas_{cell}']), switches[cell]).round(6).tolist()
-    betas = (genotypes.node_softmax(np.asarray(arch[f'betas_{cell}'])) if use_betas
-             else np.ones(genotypes.NUM_EDGES))
-    row[f'betas_{cell}'] = np.asarray(betas).round(6).tolist()
-    row[f'switches_{cell}'] = switches[cell].tolist()
-  return row
+               tree['state'], tree['sums'] if meta['step'] else None, meta['elapsed_seconds'],
+               collapse.History.from_meta(meta.get('collapse')))
 
 
 def _epoch_inputs(setup: Setup, s: int, epoch: int) -> loop.EpochInputs:
@@ -280,7 +232,7 @@ def _epoch_inputs(setup: Setup, s: int, epoch: int) -> loop.EpochInputs:
   k_epoch = jax.random.fold_in(k_order, epoch)
   order = {split: jax.random.permutation(jax.random.fold_in(k_epoch, i), setup.sizes[split])
            for i, split in enumerate(('train', 'valid'))}
-  rate = skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs, stage.warmup_epochs)
+  rate = search_step.skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs, stage.warmup_epochs)
   hparams = search_step.HParams(skip_rate=jnp.float32(rate),
                                 update_arch=jnp.bool_(epoch >= stage.warmup_epochs))
   return loop.EpochInputs(setup.images, setup.labels, parallel.replicate(order, setup.mesh),
@@ -292,8 +244,8 @@ def _genotype_of(setup: Setup, arch, switches, **kwargs):
                                    switches['reduce'], **kwargs)
 
 
-def _save(sess: loop.Session, setup: Setup, s: int, switches, epoch: int, state, sums,
-          step: int) -> None:
+def _save(sess: loop.Session, setup: Setup, s: int, switches, history, epoch: int, state,
+          sums, step: int) -> None:
   """The search's checkpoint at step `step` of stage `s`'s epoch `epoch` (step 0 of epoch
   e + 1 after epoch e's end), and genotype_latest.json."""
   genotype = genotypes.to_dict(_genotype_of(setup, _host(state.arch), switches))
@@ -304,7 +256,7 @@ def _save(sess: loop.Session, setup: Setup, s: int, switches, epoch: int, state,
       'config': setup.fingerprint, 'phase': s, 'epoch': epoch,
       'step': step, 'steps_per_epoch': setup.steps, 'genotype': genotype,
       'switches_normal': switches['normal'].tolist(),
-      'switches_reduce': switches['reduce'].tolist()})
+      'switches_reduce': switches['reduce'].tolist(), 'collapse': history.to_meta()})
 
 
 def _epoch_row(setup: Setup, sess: loop.Session, built: Stage, s: int, switches, state,
@@ -318,18 +270,24 @@ def _epoch_row(setup: Setup, sess: loop.Session, built: Stage, s: int, switches,
                         setup.stage_keys(s)[3])
   arch = _host(state.arch)
   global_step = setup.offsets[s] + (epoch + 1) * setup.steps
-  weights = arch_weights(arch, switches, cfg.use_betas)
+  weights = genotypes.arch_weights(arch, switches, cfg.use_betas)
   runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process).append(
       dict(stage=s + 1, epoch=epoch + 1, step=global_step, **weights))
   sess.scalars.write_arch(global_step, weights)
-  return dict(stage=s + 1, epoch=epoch + 1, layers=stage.layers,
-              ops_per_edge=int(switches['normal'][0].sum()), **means,
-              valid_loss=valid['loss'], valid_acc=valid['accuracy'],
-              lr=float(built.lr_schedule(epoch * setup.steps)),
-              skip_dropout=skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs,
-                                             stage.warmup_epochs),
-              arch_frozen=epoch < stage.warmup_epochs,
-              genotype=genotypes.to_dict(_genotype_of(setup, arch, switches)))
+  genotype = genotypes.to_dict(_genotype_of(setup, arch, switches))
+  row = dict(stage=s + 1, epoch=epoch + 1, layers=stage.layers,
+             ops_per_edge=int(switches['normal'][0].sum()), **means,
+             valid_loss=valid['loss'], valid_acc=valid['accuracy'],
+             lr=float(built.lr_schedule(epoch * setup.steps)),
+             skip_dropout=search_step.skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs,
+                                            stage.warmup_epochs),
+             arch_frozen=epoch < stage.warmup_epochs, genotype=genotype,
+             **collapse.indicators(weights, genotype))
+  if built.curvature_fn is not None and collapse.due(epoch, stage.epochs, cfg.curvature_every):
+    row.update(collapse.measure(built.curvature_fn, state, setup.images['valid'],
+                                setup.labels['valid'], cfg.curvature_batch,
+                                jax.random.fold_in(setup.stage_keys(s)[3], 1_000_000 + epoch)))
+  return row
 
 
 def _log_row(row: dict, stages: int, epochs: int) -> None:
@@ -342,20 +300,43 @@ def _log_row(row: dict, stages: int, epochs: int) -> None:
       row['arch_bt_grad_norm'], row['arch_grad_cosine'],
       ' [arch frozen]' if row['arch_frozen'] else '', row['lr'], row['skip_dropout'],
       row['epoch_seconds'])
+  logging.info('collapse: %s%d skip connection(s) in the normal cell, alpha entropy %.3f '
+               '(normal) %.3f (reduce)',
+               f"curvature {row['curvature']:.4g} | " if 'curvature' in row else '',
+               row['skip_normal'], row['entropy_normal'], row['entropy_reduce'])
   logging.info('genotype = %s', genotypes.to_string(genotypes.from_dict(row['genotype'])))
 
 
-def _log_dropped(s: int, before, after) -> None:
-  for cell in ('normal', 'reduce'):
+def _end_stage(setup: Setup, s: int, arch, switches):
+  """Writes stage `s`'s architecture weights; the switches of the next stage (P-DARTS: the
+  `num_keep` strongest ops of each edge), logged per edge."""
+  if setup.main_process:
+    np.savez(setup.path(runs.ARCH_STAGE.format(s + 1)), **arch,
+             switches_normal=switches['normal'], switches_reduce=switches['reduce'])
+  if s == len(setup.cfg.stages) - 1:
+    return switches
+  kept = {cell: genotypes.drop_weakest_ops(arch[f'alphas_{cell}'], switches[cell],
+                                           setup.cfg.stages[s].num_keep)
+          for cell in genotypes.CELLS}
+  for cell in genotypes.CELLS:
     logging.info('Stage %d dropped from the %s cell: %s', s + 1, cell,
-                 genotypes.describe_dropped(before[cell], after[cell]))
+                 genotypes.describe_dropped(switches[cell], kept[cell]))
+  return kept
 
 
-def _finish(setup: Setup, arch, switches, hours):
-  """Writes genotype.json, arch.npz, the cell diagrams and search_summary.json."""
+def _result_genotype(setup: Setup, arch, switches):
+  """The genotype the search returns from `arch`: the P-DARTS skip limit applied."""
+  max_skip = setup.cfg.max_skip_normal if setup.cfg.max_skip_normal >= 0 else None
+  return _genotype_of(setup, arch, switches, max_skip_normal=max_skip)
+
+
+def _finish(setup: Setup, arch, switches, hours, decision=None):
+  """Writes genotype.json, arch.npz, the cell diagrams and search_summary.json; a stopping
+  rule's decision (action 'stop') gives the genotype."""
   cfg = setup.cfg
-  max_skip = cfg.max_skip_normal if cfg.max_skip_normal >= 0 else None
-  genotype = _genotype_of(setup, arch, switches, max_skip_normal=max_skip)
+  genotype = _result_genotype(setup, arch, switches)
+  if decision is not None and decision['action'] == 'stop':
+    genotype = genotypes.from_dict(decision['genotype'])
   device = jax.devices()[0]
   if setup.main_process:
     genotypes.save(genotype, setup.path(runs.GENOTYPE))
@@ -365,7 +346,7 @@ def _finish(setup: Setup, arch, switches, hours):
     runs.write_json(setup.path(runs.SEARCH_SUMMARY), {
         'method': setup.config.get('method', 'search'), 'dataset': setup.info.name,
         'seed': setup.config.seed, 'ss_factor': cfg.ss_factor, 'bt_scale': cfg.bt_scale,
-        'genotype': genotypes.to_dict(genotype),
+        'genotype': genotypes.to_dict(genotype), 'space': cfg.space, 'early_stop': decision,
         'search_cost_hours': hours, 'search_cost_days': hours / 24,
         'device_count': setup.mesh.size, 'process_count': jax.process_count(),
         'platform': device.platform, 'device_kind': device.device_kind})
@@ -396,16 +377,18 @@ def search(config, workdir):
   for f in (rows, runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process)):
     f.keep_until(resume_step)
   switches, place = start.switches, functools.partial(parallel.replicate, mesh=setup.mesh)
+  history, arch = start.collapse, None if start.state is None else _host(start.state.arch)
   with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows, what='the search',
                     hint='Lower search.optim.weights.lr or search.optim.arch.lr (in a new '
                          'workdir).', every_steps=config.checkpoint.every_steps,
                     log_every_steps=cfg.log_every_steps,
                     total_steps=setup.offsets[-1], resume_step=resume_step,
                     resumed=start.state is not None, elapsed=start.elapsed) as sess:
-    for s in range(start.stage, len(cfg.stages)):
+    for s in range(start.stage, len(cfg.stages) * (not history.stopped)):
       stage, t_stage = cfg.stages[s], time.time()
       built = setup.build(s, switches)
       resuming = s == start.stage and start.state is not None
+      history = history if resuming else history.next_stage()
       state = place(start.state if resuming else parallel.run_once(built.init,
                                                                    setup.stage_keys(s)[0]))
       sums = place(start.sums) if resuming and start.sums is not None else None
@@ -422,7 +405,7 @@ def search(config, workdir):
             sess, built.chunk_fn, state,
             place(loop.zero_sums(search_step.METRICS)) if sums is None else sums,
             _epoch_inputs(setup, s, epoch), where, step,
-            save=functools.partial(_save, sess, setup, s, switches, epoch))
+            save=functools.partial(_save, sess, setup, s, switches, history, epoch))
         row = _epoch_row(setup, sess, built, s, switches, state,
                          loop.means(sums, setup.steps), epoch)
         if epoch == 0:
@@ -431,19 +414,16 @@ def search(config, workdir):
                    elapsed_seconds=sess.elapsed_seconds())
         _log_row(row, len(cfg.stages), stage.epochs)
         sess.write_row(row)
-        _save(sess, setup, s, switches, epoch + 1, state, sums, 0)
+        history.update(cfg, row, genotypes.to_dict(
+            _result_genotype(setup, _host(state.arch), switches)), s)
+        _save(sess, setup, s, switches, history, epoch + 1, state, sums, 0)
         sess.stop_if_requested()
         sums = None
+        if history.stopped:
+          break
       arch = _host(state.arch)
-      if setup.main_process:
-        np.savez(setup.path(runs.ARCH_STAGE.format(s + 1)), **arch,
-                 switches_normal=switches['normal'], switches_reduce=switches['reduce'])
-      if s < len(cfg.stages) - 1:
-        kept = {cell: genotypes.drop_weakest_ops(arch[f'alphas_{cell}'], switches[cell],
-                                                 stage.num_keep)
-                for cell in ('normal', 'reduce')}
-        _log_dropped(s, switches, kept)
-        switches = kept
-  genotype = _finish(setup, arch, switches, sess.elapsed_seconds() / 3600)
+      if not history.stopped:
+        switches = _end_stage(setup, s, arch, switches)
+  genotype = _finish(setup, arch, switches, sess.elapsed_seconds() / 3600, history.decision)
   ckpt.close()
   return genotype

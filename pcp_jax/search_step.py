@@ -8,6 +8,7 @@ warm-up the architecture is frozen (`HParams.update_arch` False).
 """
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import flax
@@ -16,11 +17,50 @@ import jax.numpy as jnp
 import optax
 
 from pcp_jax import augment
+from pcp_jax import defaults
 from pcp_jax import heads
 from pcp_jax import kernels
 from pcp_jax import losses
+from pcp_jax import models
+from pcp_jax import optim
 from pcp_jax import parallel
 from pcp_jax import supernet
+
+
+BT_SCALES = ('none', 'dim', 'balance')
+DTYPES = ('float32', 'float64')
+
+
+def check_config(config):
+  """Validates the step's fields of `config.search` (the dtype, self-supervision and
+  optimiser fields), naming the option and the allowed values."""
+  cfg = config.search
+  kernel_set = models.select_kernels(config.get('op_impl', 'auto'))
+  if not 0.0 <= cfg.ss_factor <= 1.0:
+    raise ValueError(f'search.ss_factor must be in [0, 1], got {cfg.ss_factor}.')
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f'search.dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}.')
+  if cfg.dtype == 'float64' and not jax.config.jax_enable_x64:
+    raise ValueError("search.dtype='float64' needs float64 arrays in JAX: set "
+                     'JAX_ENABLE_X64=1 (or jax.config.update("jax_enable_x64", True)).')
+  if cfg.dtype == 'float64' and kernel_set.name != 'xla':
+    raise ValueError("search.dtype='float64' needs op_impl='xla' (the CPU wing computes in "
+                     f'float32), got op_impl={config.get("op_impl", "auto")!r}.')
+  if cfg.bt_scale not in BT_SCALES:
+    raise ValueError(f'search.bt_scale must be one of {list(BT_SCALES)}, got {cfg.bt_scale!r}.')
+  if cfg.bt_views not in augment.BT_VIEWS:
+    raise ValueError(f'search.bt_views must be one of {list(augment.BT_VIEWS)}, '
+                     f'got {cfg.bt_views!r}.')
+  defaults.check_fields(
+      config, booleans=('search.shared_channels', 'search.projector_warmup', 'search.augment',
+                        'search.bt_augment'),
+      at_least_zero=('search.bt_lambda',))
+  sizes = cfg.projector_sizes
+  if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+    raise ValueError(f'search.projector_sizes must be whole numbers >= 1 (the layer widths), '
+                     f'got {sizes!r}.')
+  for name in ('weights', 'arch', 'projector'):
+    optim.check(cfg.optim[name], f'search.optim.{name}')
 
 
 @flax.struct.dataclass
@@ -40,6 +80,13 @@ class HParams:
   """The step's hyperparameters that change between epochs, traced (no recompile)."""
   skip_rate: Any  # skip-connect dropout rate (a float32 scalar)
   update_arch: Any  # a bool scalar: False during the warm-up (architecture frozen)
+
+def skip_dropout_rate(rate, epoch, epochs, warmup_epochs):
+  """P-DARTS skip-connect dropout schedule for epoch `epoch` of a stage."""
+  if epoch < warmup_epochs:
+    return rate * (epochs - epoch - 1) / epochs
+  return rate * math.exp(-(epoch - warmup_epochs) * 0.2)
+
 
 # ---------------------------------------------------------------------------
 # The step.
@@ -111,7 +158,8 @@ def _forward(spec: StepSpec, params, arch, batch_stats, x, channel_key, dropout_
       {'params': params, 'arch': arch, 'batch_stats': batch_stats}, x, train=True,
       skip_drop_rate=skip_rate,
       rngs={'channels': channel_key,
-            'dropout': parallel.device_key(dropout_key, spec.num_devices)},
+            'dropout': parallel.device_key(dropout_key, spec.num_devices),
+            'noise': parallel.device_key(jax.random.fold_in(dropout_key, 1), spec.num_devices)},
       mutable=['batch_stats'])
   return logits, features, new_vars['batch_stats']
 

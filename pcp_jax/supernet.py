@@ -4,7 +4,7 @@ Variable collections: `'params'` (network weights), `'arch'` (alphas_normal,
 alphas_reduce and, with edge normalisation, betas_normal, betas_reduce),
 `'batch_stats'` (BN statistics). Rng streams: `'channels'` (partial-channel
 sampling in `random` mode) and `'dropout'` (skip-connect dropout), one draw each per call;
-cell i uses `fold_in(draw, i)`.
+cell i uses `fold_in(draw, i)`; `'noise'` for the S4 space's `noise` op (`ops.Noise`).
 
 Runs of three or more identical cells (`cell_runs`: normal cells whose two inputs are
 normal-cell-shaped outputs, as in the 17-cell stage of a progressive search) are one `nn.scan`
@@ -29,9 +29,9 @@ CHANNEL_MODES = ('random', 'shuffle')
 
 
 def edge_ops(switches) -> Tuple[Tuple[str, ...], ...]:
-  """The op names still on at each of the 14 edges, in PRIMITIVES order."""
+  """The op names still on at each of the 14 edges, in `genotypes.OPS` order."""
   switches = genotypes.check_switches(switches)
-  return tuple(tuple(p for p, on in zip(genotypes.PRIMITIVES, row) if on) for row in switches)
+  return tuple(tuple(p for p, on in zip(genotypes.OPS, row) if on) for row in switches)
 
 
 def node_softmax(betas):
@@ -95,7 +95,7 @@ class PartialChannelMixedOp(nn.Module):
       return y[..., i * c_part:(i + 1) * c_part]
 
     out = None
-    for name in genotypes.PRIMITIVES:
+    for name in genotypes.OPS:
       members = [e for e in range(n) if name in self.op_names[e]]
       if not members or name == 'none':
         continue  # `none` contributes exactly zero
@@ -255,7 +255,7 @@ def _cell_step(cell, carry, index, weights, edge_weights, skip_drop_rate, channe
 # stacked over the run, the cell index scanned over, the rest broadcast.
 _ScannedCells = nn.scan(
     _cell_step, variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
-    split_rngs={'params': True}, in_axes=(0,) + (nn.broadcast,) * 5)
+    split_rngs={'params': True, 'noise': True}, in_axes=(0,) + (nn.broadcast,) * 5)
 
 
 def stack_cells(collection, layers: int):
@@ -370,7 +370,7 @@ def init_variables(model: SearchNetwork, key, image_shape: Sequence[int], batch:
 
 def count_params(channels: int = 16, layers: int = 8, num_classes: int = 10,
                  partial_k: int = 4, use_betas: bool = True, image_shape=(32, 32, 3)):
-  """(weights, arch) parameter counts of the search network with all 8 ops on."""
+  """(weights, arch) parameter counts of the search network with the 8 DARTS ops on."""
   # Every kernel set has the same variables.
   model = SearchNetwork(num_classes=num_classes, channels=channels, layers=layers,
                         partial_k=partial_k, use_betas=use_betas, kernels=kernels_lib.XLA)

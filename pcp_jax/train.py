@@ -130,7 +130,9 @@ def train_step(state: TrainState, batch, key, hparams: HParams, *, model, tx, me
     (logits, aux_logits), updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
         drop_path_rate=hparams.drop_path_rate,
-        rngs={'drop_path': parallel.device_key(drop_key, num_devices)}, mutable=['batch_stats'])
+        rngs={'drop_path': parallel.device_key(drop_key, num_devices),
+              'noise': parallel.device_key(jax.random.fold_in(drop_key, 1), num_devices)},
+        mutable=['batch_stats'])
     loss = losses.cross_entropy(logits, labels)
     if aux_logits is not None:
       loss += auxiliary_weight * losses.cross_entropy(aux_logits, labels)

@@ -26,7 +26,7 @@ def tiny_configs():
 
 
 @pytest.mark.parametrize('options, message', [
-    (dict(what='search,eval'), "--what must be a comma list of ['search', 'train']"),
+    (dict(what='search,eval'), "--what must be a comma list of ['search', 'train', 'curvature']"),
     (dict(what=''), '--what must be'),
     (dict(batch_size='0'), '--batch_size must be a comma list of positive integers'),
     (dict(batch_size='64,x'), '--batch_size must be a comma list of positive integers'),
@@ -54,8 +54,8 @@ def test_bad_options_fail_naming_the_flag(options, message, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('args, message', [
-    (['--what=search,eval'], "Error: --what must be a comma list of ['search', 'train'], got "
-                             "'search,eval'."),
+    (['--what=search,eval'], "Error: --what must be a comma list of ['search', 'train', "
+                             "'curvature'], got 'search,eval'."),
     (['--out={tmp}/missing/bench.json'], 'Error: --out must be a file in an existing writable '
                                          'folder'),
 ])
@@ -68,16 +68,18 @@ def test_the_command_fails_in_one_line_before_any_case_runs(args, message, tmp_p
   assert 'compiled in' not in proc.stderr and not os.listdir(tmp_path)
 
 
-def test_a_tiny_search_and_train_case_run_and_report(tmp_path, capsys):
+def test_a_tiny_search_train_and_curvature_case_run_and_report(tmp_path, capsys):
   search_config, train_config = tiny_configs()
-  cases = bench.plan(search_config, train_config, batch_size='8', project=True, **TIMING)
+  search_config.search.curvature_steps = 4
+  cases = bench.plan(search_config, train_config, what='search,train,curvature',
+                     batch_size='8', project=True, **TIMING)
   assert [(c['what'], c['stage'], c['batch_size']) for c in cases] == [
-      ('search', 0, 8), ('train', None, 8)]
+      ('search', 0, 8), ('curvature', 0, 8), ('train', None, 8)]
   out = tmp_path / 'bench.json'
   bench.benchmark(search_config, train_config, cases, out=str(out), project=True, **TIMING)
   printed = capsys.readouterr().out
   report = json.loads(out.read_text())
-  search_case, train_case = report['cases']
+  search_case, curvature_case, train_case = report['cases']
   assert search_case['case'] == 'search stage 1 (3 cells, 4 ops)'
   assert train_case['case'] == 'train (3 cells, PC_DARTS_cifar)'
   for case in (search_case, train_case):
@@ -99,6 +101,15 @@ def test_a_tiny_search_and_train_case_run_and_report(tmp_path, capsys):
       + (stage.epochs - stage.warmup_epochs) * search_case['seconds_per_step']))
   assert projection['device_days'] == pytest.approx(projection['hours'] / 24)
   assert 'Projected search at batch 8:' in printed and f'Wrote {out}' in printed
+  # The meter: one estimate per timed step, its cost against the search step of its batch.
+  assert curvature_case['case'] == 'curvature, stage 1 (3 cells, 4 ops), 4 products'
+  assert len(curvature_case['curvature_history']) == 4 and curvature_case['finite_losses']
+  cost, = report['curvature_costs']
+  assert cost['estimate_in_steps'] == pytest.approx(
+      curvature_case['seconds_per_step'] / search_case['seconds_per_step'])
+  assert cost['share'] == pytest.approx(cost['estimate_in_steps'] / (2 * steps))
+  assert 1 <= cost['products_to_1e3'] <= 4
+  assert f"{curvature_case['case']} at batch 8: one estimate costs" in printed
 
 
 def test_compile_only_reports_xla_buffer_bytes_without_running(capsys):

@@ -20,6 +20,7 @@ from pcp_jax import models
 from pcp_jax import parallel
 from pcp_jax import search
 from pcp_jax import search_step
+from pcp_jax import spaces
 from pcp_jax import train
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -50,8 +51,7 @@ GOLDEN_TRAIN = {'train_loss': 3.72066973892, 'grad_norm': 5.91330327699, 'train_
 def test_one_search_step():
   config = importlib.import_module('configs.ss_pcp').get_config('tiny')
   config.op_impl, config.search.dtype = 'xla', 'float64'
-  switches = {c: search.initial_switches(config.search.initial_ops)
-              for c in ('normal', 'reduce')}
+  switches = spaces.initial_switches('darts', config.search.initial_ops)
   info = data.DatasetInfo('random', 10, 16, 3, MEAN, STD)
   stage = search.build_stage(config, 3, 2, switches, info, (16, 16, 3), 4,
                              parallel.make_mesh(1))

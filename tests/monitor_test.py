@@ -122,7 +122,7 @@ def test_arch_weights_written(tmp_path):
   probs[~switches] = 0
   probs /= probs.sum(axis=1, keepdims=True)
   betas = rng.uniform(size=genotypes.NUM_EDGES)
-  row = {'primitives': list(genotypes.PRIMITIVES),
+  row = {'primitives': list(genotypes.OPS),
          'alphas_normal': probs.tolist(), 'switches_normal': switches.tolist(),
          'betas_normal': betas.tolist(),
          'alphas_reduce': probs.tolist(), 'switches_reduce': switches.tolist(),

@@ -33,7 +33,7 @@ def synthetic_search(run_dir, epochs=5, warmup=2, betas=True, seed=0):
                                                                                          'reduce')}
   drift = {c: rng.normal(0, 0.25, logits[c].shape) for c in logits}
   beta_logits = {c: rng.normal(0, 0.1, genotypes.NUM_EDGES) for c in logits}
-  switches = {c: np.ones((genotypes.NUM_EDGES, genotypes.NUM_OPS), bool) for c in logits}
+  switches = {c: genotypes.all_switches() for c in logits}  # the DARTS space
   metrics, history = [], []
   steps, step, elapsed = 40, 0, 0.0
   for s, (ops, layers) in enumerate(zip(STAGE_OPS, STAGE_LAYERS)):
@@ -64,7 +64,7 @@ def synthetic_search(run_dir, epochs=5, warmup=2, betas=True, seed=0):
           'epoch_seconds': 30.0 + s * 12, 'elapsed_seconds': elapsed,
           'genotype': genotypes.to_dict(genotypes.REFERENCE_GENOTYPES[STAGE_GENOTYPES[s]])})
       row = {'stage': s + 1, 'epoch': e + 1, 'step': step,
-             'primitives': list(genotypes.PRIMITIVES)}
+             'primitives': list(genotypes.OPS)}
       for c in logits:
         weights = np.where(switches[c], np.exp(logits[c]), 0.0)
         row[f'alphas_{c}'] = (weights / weights.sum(1, keepdims=True)).round(6).tolist()
@@ -144,8 +144,8 @@ def test_op_weights_figure_has_14_panels_a_line_per_op_still_on(tmp_path):
   # Each panel: a line per op ever on (one segment per stage, no line across a boundary: each
   # stage starts fresh weights); a dropped op's line stops at its last stage.
   for ax in panels:
-    labelled = [line for line in ax.get_lines() if line.get_label() in genotypes.PRIMITIVES]
-    assert len(labelled) == genotypes.NUM_OPS
+    labelled = [line for line in ax.get_lines() if line.get_label() in genotypes.OPS]
+    assert len(labelled) == len(genotypes.PRIMITIVES)
     points = collections.Counter()
     for line in ax.get_lines():
       if line.get_linestyle() != '--':
@@ -157,7 +157,7 @@ def test_op_weights_figure_has_14_panels_a_line_per_op_still_on(tmp_path):
   boundaries = [line.get_xdata()[0] for line in panels[0].get_lines()
                 if line.get_linestyle() == '--']
   assert boundaries == [5.5, 10.5]
-  # One shared legend naming all 8 ops.
+  # One shared legend naming the 8 ops that were on (not the S4 space's noise).
   assert len(fig.legends) == 1
   assert [t.get_text() for t in fig.legends[0].get_texts()] == list(genotypes.PRIMITIVES)
 

@@ -12,6 +12,7 @@ from pcp_jax import genotypes
 from pcp_jax import main
 from pcp_jax import monitor
 from pcp_jax import search
+from pcp_jax import search_step
 
 
 def load_config(name, arg='tiny'):
@@ -127,10 +128,10 @@ def test_tiny_search_end_to_end(name, arg, tmp_path):
 
 def test_skip_dropout_schedule():
   # Warm-up: r * (E - e - 1) / E; afterwards r * exp(-(e - warmup) * 0.2).
-  assert search.skip_dropout_rate(0.4, 0, 25, 10) == pytest.approx(0.4 * 24 / 25)
-  assert search.skip_dropout_rate(0.4, 9, 25, 10) == pytest.approx(0.4 * 15 / 25)
-  assert search.skip_dropout_rate(0.4, 10, 25, 10) == pytest.approx(0.4)
-  assert search.skip_dropout_rate(0.4, 15, 25, 10) == pytest.approx(0.4 * np.exp(-1.0))
+  assert search_step.skip_dropout_rate(0.4, 0, 25, 10) == pytest.approx(0.4 * 24 / 25)
+  assert search_step.skip_dropout_rate(0.4, 9, 25, 10) == pytest.approx(0.4 * 15 / 25)
+  assert search_step.skip_dropout_rate(0.4, 10, 25, 10) == pytest.approx(0.4)
+  assert search_step.skip_dropout_rate(0.4, 15, 25, 10) == pytest.approx(0.4 * np.exp(-1.0))
 
 
 def test_config_errors_name_the_option():
