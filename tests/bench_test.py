@@ -68,6 +68,7 @@ def test_the_command_fails_in_one_line_before_any_case_runs(args, message, tmp_p
   assert 'compiled in' not in proc.stderr and not os.listdir(tmp_path)
 
 
+@pytest.mark.slow  # compiles; the quick suite keeps the option checks
 def test_a_tiny_search_train_and_curvature_case_run_and_report(tmp_path, capsys):
   search_config, train_config = tiny_configs()
   search_config.search.curvature_steps = 4
@@ -112,6 +113,7 @@ def test_a_tiny_search_train_and_curvature_case_run_and_report(tmp_path, capsys)
   assert f"{curvature_case['case']} at batch 8: one estimate costs" in printed
 
 
+@pytest.mark.slow  # compiles; the quick suite keeps the option checks
 def test_compile_only_reports_xla_buffer_bytes_without_running(capsys):
   search_config, train_config = tiny_configs()
   cases = bench.plan(search_config, train_config, what='search', batch_size='8',

@@ -197,7 +197,7 @@ def test_a_tiny_s3_search_measures_the_curvature_stops_and_keeps_the_chosen_geno
   assert all(set(op for op, _ in r['genotype']['normal']) <= {'skip_connect', 'sep_conv_3x3'}
              for r in rows)
   summary = runs.load_json(os.path.join(workdir, runs.SEARCH_SUMMARY))
-  assert summary['space'] == 's3'
+  assert summary['space'] == 's3' and summary['method'] == 'PC-DARTS'
   assert summary['early_stop']['rule'] == 'darts_es' and summary['early_stop']['chosen'] == 0
   kept = genotypes.load(os.path.join(workdir, runs.GENOTYPE))
   assert genotypes.to_dict(kept) == rows[0]['genotype'] == summary['genotype']
