@@ -1,8 +1,10 @@
-"""The paper's robustness analysis: FGSM attacks swept over eps and the `fgsm` mode on a
-trained run, drawn by `plots.plot_fgsm` (several runs side by side, the paper's Fig. 13:
+"""Evaluations of a trained run: the `test` mode (the best checkpoint on the test split,
+results.json) and the paper's robustness analysis, FGSM attacks swept over eps (the `fgsm`
+mode), drawn by `plots.plot_fgsm` (several runs side by side, the paper's Fig. 13:
 `reports.fgsm_overlay`).
 """
 
+import functools
 import os
 from typing import Callable, Sequence
 
@@ -13,10 +15,13 @@ import numpy as np
 import optax
 
 from pcp_jax import augment
+from pcp_jax import checkpoint
 from pcp_jax import data
 from pcp_jax import defaults
+from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import models
+from pcp_jax import networks
 from pcp_jax import parallel
 from pcp_jax import plots
 from pcp_jax import runs
@@ -137,7 +142,7 @@ def fgsm(config, workdir: str) -> dict:
   splits = data.train_splits(config)
   info = splits.info
   model = models.eval_network(config, genotype, info.num_classes)
-  state, checkpoint_name, meta = train.restore_for_eval(config, workdir, model, info)
+  state, checkpoint_name, meta = restore_for_eval(config, workdir, model, info)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
 
   def logits_fn(x_pixels):
@@ -160,3 +165,97 @@ def fgsm(config, workdir: str) -> dict:
   logging.info('FGSM accuracy by eps %s: %s', sweep['eps'],
                ', '.join(f'{a:.4f}' for a in sweep['accuracy']))
   return results
+
+
+# ---------------------------------------------------------------------------
+# Test on the best checkpoint.
+
+
+def restore_for_eval(config, workdir: str, model, info):
+  """(state, checkpoint name, metadata) of the best checkpoint, else the latest with a warning."""
+  for name in (runs.BEST, runs.CHECKPOINTS):
+    try:
+      restored = _restore_newest(config, os.path.join(workdir, name), model, info)
+    except IOError as e:
+      if name != runs.BEST:
+        raise
+      logging.warning('%s', e)
+      restored = None
+    if restored is not None:
+      if name != runs.BEST:
+        logging.warning('No best checkpoint in %s; using the latest one.', workdir)
+      return restored[0], name, restored[1]
+  raise FileNotFoundError(f'No checkpoint in {workdir}/best or {workdir}/checkpoints; run the '
+                          'train mode first.')
+
+
+def _restore_newest(config, folder: str, model, info):
+  """(state on the device, metadata) of the newest checkpoint in `folder` that restores, or
+  None when there is none."""
+  if not os.path.isdir(folder):
+    return None
+  template = train.checkpoint_template(model, train.make_optimizer(config)[0],
+                                       train.image_shape(info))
+  restored = loop.restore(checkpoint.Checkpointer(folder, max_to_keep=None),
+                          lambda meta: template, loop.fingerprint(config, ()), 'training',
+                          only=train.STATE_FIELDS)
+  return None if restored is None else (jax.device_put(restored[1]['state']), restored[2])
+
+
+def test(config, workdir: str) -> dict:
+  """Evaluates the best checkpoint on the test split; writes and returns results.json."""
+  train.check_config(config)
+  genotype = train.load_genotype(config, workdir)
+  splits = data.train_splits(config)
+  info = splits.info
+  model = models.eval_network(config, genotype, info.num_classes)
+  state, checkpoint_name, meta = restore_for_eval(config, workdir, model, info)
+  eval_fn = loop.make_eval_fn(model, info.mean, info.std)
+
+  def evaluate(state):
+    return loop.evaluate(eval_fn, train.eval_variables(state), splits.test_images,
+                         splits.test_labels, config.train.eval_batch_size)
+
+  metrics = evaluate(state)
+  # The best checkpoint is chosen on the validation split, which is the test set under
+  # val_split='test' (as the paper and DARTS do): the last epoch's accuracy is reported beside
+  # it, a number no selection has seen.
+  last = _restore_newest(config, os.path.join(workdir, runs.CHECKPOINTS), model, info)
+  last_metrics = last and evaluate(last[0])
+  count = functools.partial(networks.count_params, genotype, config.train.channels,
+                            config.train.layers, info.num_classes,
+                            image_shape=train.image_shape(info))
+  rows = runs.Rows(os.path.join(workdir, runs.TRAIN_METRICS)).read()
+  results = {
+      'test_accuracy': metrics['accuracy'],
+      'test_top5_accuracy': metrics['top5_accuracy'],
+      'test_loss': metrics['loss'],
+      'num_test_examples': len(splits.test_images),
+      'params': count(auxiliary=False),
+      'params_with_aux': count(auxiliary=config.train.auxiliary),
+      'genotype': genotypes.to_dict(genotype),
+      'genotype_source': config.genotype,
+      'dataset': info.name,
+      'method': runs.method_name(config.genotype, config.train.method),
+      'search_cost_days': runs.search_summary(config.genotype).get('search_cost_days'),
+      'epochs': rows[-1]['epoch'] if rows else config.train.epochs,
+      'checkpoint': checkpoint_name,
+      'checkpoint_epoch': meta.get('epoch'),
+      'val_split': str(config.train.val_split),
+      'last_test_accuracy': last_metrics['accuracy'] if last_metrics else None,
+      'last_test_loss': last_metrics['loss'] if last_metrics else None,
+      'last_checkpoint_epoch': last[1].get('epoch') if last else None,
+      'train_seconds': rows[-1]['elapsed_seconds'] if rows else None,
+  }
+  if parallel.is_main_process():
+    runs.write_json(os.path.join(workdir, runs.RESULTS), results)
+  logging.info('Test (%s checkpoint, epoch %s): accuracy %.4f (top-5 %.4f), loss %.4f on %d '
+               'images; %d params.', checkpoint_name, meta.get('epoch'), metrics['accuracy'],
+               metrics['top5_accuracy'], metrics['loss'], len(splits.test_images),
+               results['params'])
+  if last_metrics:
+    logging.info('Test (last checkpoint, epoch %s): accuracy %.4f, loss %.4f.',
+                 results['last_checkpoint_epoch'], last_metrics['accuracy'],
+                 last_metrics['loss'])
+  return results
+

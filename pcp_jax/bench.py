@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from pcp_jax import collapse
 from pcp_jax import data
+from pcp_jax import defaults
 from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import models
@@ -54,15 +55,14 @@ WHAT = ('search', 'train', 'curvature')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Full training splits: steps per epoch for --project and the train schedule's length.
 TRAIN_SET_SIZES = {'cifar10': 50_000, 'cifar100': 50_000, 'fashion_mnist': 60_000}
-_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   """Defined only when run as a program: pcp_jax.main has its own --config."""
-  config_flags.DEFINE_config_file('config', os.path.join(_CONFIGS, 'pc_darts.py'),
+  config_flags.DEFINE_config_file('config', defaults.config_file('pc_darts'),
                                   'Search config of the search cases.', lock_config=True)
-  config_flags.DEFINE_config_file('train_config', os.path.join(_CONFIGS, 'train_cifar10.py'),
+  config_flags.DEFINE_config_file('train_config', defaults.config_file('train_cifar10'),
                                   'Train config of the train case.', lock_config=True)
   flags.DEFINE_string('what', 'search,train', 'Comma list of: search, train, curvature.')
   flags.DEFINE_string('batch_size', '', "Comma list of batch sizes; '' = each config's.")
@@ -348,7 +348,7 @@ def benchmark(search_config, train_config, cases, *, out='', **timing):
   """Runs the planned `cases`, prints the table, writes the JSON report to `out`, returns it."""
   results = []
   for c in cases:
-    results.append(run_case(c, search_config if c['what'] == 'search' else train_config,
+    results.append(run_case(c, train_config if c['what'] == 'train' else search_config,
                             **timing))
     # Each case's programs and buffers go before the next case builds its own: on a CPU the
     # stages of a progressive search do not fit in memory together.
@@ -395,7 +395,21 @@ def main(argv):
   benchmark(FLAGS.config, FLAGS.train_config, cases, out=FLAGS.out, **timing)
 
 
-if __name__ == '__main__':
+def parse_flags(argv):
+  """absl's flag parsing, with configs also by name (`--config=ss_pcp:tiny`)."""
+  try:
+    argv = defaults.config_args(argv)
+  except ValueError as e:
+    raise SystemExit(f'Error: {e}') from None
+  return app.parse_flags_with_usage(argv)
+
+
+def cli():
+  """The `pcp-jax-bench` command (`python -m pcp_jax.bench`)."""
   host.reexec()  # glibc reads its huge-page tunable only at start-up
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  cli()

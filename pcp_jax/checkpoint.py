@@ -172,20 +172,34 @@ class WorkdirLock:
     self.workdir = os.path.abspath(workdir)
     self.path = os.path.join(self.workdir, self.NAME)
     self._file = None
-    self._created = False
+    self._created = []  # the folders this run made, the workdir first
 
   def __enter__(self):
-    self._created = not os.path.isdir(self.workdir)
+    folder = self.workdir
+    while not os.path.isdir(folder):
+      self._created.append(folder)
+      folder = os.path.dirname(folder)
     os.makedirs(self.workdir, exist_ok=True)
-    self._file = open(self.path, 'a+')  # pylint: disable=consider-using-with
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._file.seek(0)
-      holder = self._file.read().strip() or 'a process'
+    for _ in range(100):
+      self._file = open(self.path, 'a+')  # pylint: disable=consider-using-with
+      try:
+        fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        self._file.seek(0)
+        holder = self._file.read().strip() or 'a process'
+        self._file.close()
+        self.__exit__(None, None, None, locked=False)
+        raise WorkdirBusy(f'{self.workdir} is in use by another run ({holder}); wait for it, '
+                          'stop it, or use another --workdir.') from None
+      # A holder that just finished removed the file it locked: this lock is on that old
+      # file, not on the one at the path now; take the path's.
+      try:
+        same = os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path))
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
       self._file.close()
-      raise WorkdirBusy(f'{self.workdir} is in use by another run ({holder}); wait for it, '
-                        'stop it, or use another --workdir.') from None
     self._file.seek(0)
     self._file.truncate()
     self._file.write(f'pid {os.getpid()} on {socket.gethostname()} since '
@@ -193,9 +207,11 @@ class WorkdirLock:
     self._file.flush()
     return self
 
-  def __exit__(self, *exc):
-    os.remove(self.path)
-    self._file.close()  # closing releases the lock
-    if self._created and not os.listdir(self.workdir):
-      os.rmdir(self.workdir)
+  def __exit__(self, *exc, locked=True):
+    if locked:
+      os.remove(self.path)  # while holding the lock: a later run locks a new file
+      self._file.close()  # closing releases the lock
+    for folder in self._created:  # those this run made and left empty (an early failure)
+      if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
     return False

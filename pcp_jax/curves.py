@@ -9,6 +9,7 @@ leaves the caller's backend as it is.
 import math
 
 import matplotlib.lines
+import matplotlib.patches
 from matplotlib import transforms
 from matplotlib.figure import Figure
 import numpy as np
@@ -170,9 +171,17 @@ def edge_names() -> list:
   return [f'{genotypes.state_name(i)} \u2192 node {node}' for i, node in genotypes.EDGES]
 
 
-def op_weights_figure(history: list, cell: str) -> Figure:
+def chosen_edges(genotype, cell: str) -> dict:
+  """{edge index: op} of the edges the `cell` of `genotype` keeps."""
+  return {genotypes.NODE_EDGES[k // 2].start + j: op
+          for k, (op, j) in enumerate(getattr(genotype, cell))}
+
+
+def op_weights_figure(history: list, cell: str, frozen=None, genotype=None) -> Figure:
   """The DARTS papers' op-weight figure: 14 panels (a row per node, a column per input), one
-  line per op (softmaxed alphas), ending where the op is switched off."""
+  line per op (softmaxed alphas), ending where the op is switched off. Each panel has its own
+  scale, so that small moves show; `frozen` (a bool per row) shades the warm-up epochs and
+  `genotype` marks each kept edge's op with a star and its panel's title."""
   history = search_order(history)
   n = len(history)
   x = np.arange(1, n + 1)
@@ -184,9 +193,9 @@ def op_weights_figure(history: list, cell: str) -> Figure:
   alphas = np.where(switches, alphas, np.nan)
   rows, cols = genotypes.STEPS, genotypes.STEPS + 1
   fig = Figure(figsize=(3.0 * cols, 2.25 * rows + 0.9), layout='constrained')
-  grid = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+  grid = fig.subplots(rows, cols, sharex=True, squeeze=False)
   names = edge_names()
-  top = np.nanmax(alphas) if np.isfinite(alphas).any() else 1.0
+  chosen = {} if genotype is None else chosen_edges(genotype, cell)
   for edge, (i, node) in enumerate(genotypes.EDGES):  # a row per node, a column per input
     ax = grid[node, i]
     for op_index, op in enumerate(primitives):
@@ -197,10 +206,22 @@ def op_weights_figure(history: list, cell: str) -> Figure:
           ax.plot(x[first - 1:last], series[first - 1:last], color=OP_COLORS.get(op),
                   linewidth=1.4, label=op if i == 0 else None,
                   marker='o' if last - first < 3 else None, markersize=3)
-    _mark_stages(ax, spans)
+    _mark_stages(ax, spans, frozen)
     _epoch_axis(ax, n)
-    ax.set_ylim(0, min(1.0, top * 1.08))
-    ax.set_title(names[edge], fontsize=9)
+    found = alphas[:, edge][np.isfinite(alphas[:, edge])]
+    if found.size:
+      pad = max(0.08 * (found.max() - found.min()), 1e-4)
+      ax.set_ylim(found.min() - pad, found.max() + pad)
+    title = names[edge]
+    if edge in chosen and chosen[edge] in primitives:
+      op = chosen[edge]
+      series = alphas[:, edge, primitives.index(op)]
+      last = np.flatnonzero(np.isfinite(series))
+      if last.size:
+        ax.plot(x[last[-1]], series[last[-1]], marker='*', markersize=12, zorder=5,
+                color=OP_COLORS.get(op), markeredgecolor='black')
+      title = f'{title}: {op}'
+    ax.set_title(title, fontsize=9, fontweight='bold' if edge in chosen else 'normal')
     ax.tick_params(labelsize=8, labelbottom=True, labelleft=True)
   for (node, i), ax in np.ndenumerate(grid):
     if i >= node + 2:  # no such edge
@@ -215,8 +236,43 @@ def op_weights_figure(history: list, cell: str) -> Figure:
   fig.legend(handles=handles, loc='outside lower center', ncol=len(ever_on), fontsize=9,
              frameon=False)
   stages = f', {len(spans)} stages split by dashed lines' if len(spans) > 1 else ''
+  marks = ('; shaded: architecture frozen' if frozen is not None and any(frozen) else '') + (
+      '; \u2605 and bold: the genotype\'s choice' if chosen else '')
   fig.suptitle(f'Op weights of the {"normal" if cell == "normal" else "reduction"} cell '
-               f'(softmax over the ops still on{stages})', fontsize=11)
+               f'(softmax over the ops still on, each panel on its own scale{stages}{marks})',
+               fontsize=11)
+  return fig
+
+
+def arch_heatmap_figure(history: list, genotype=None) -> Figure:
+  """The final op weights (the last row's softmaxed alphas) as an edge x op map per cell,
+  over the ops ever on; `genotype`'s choices boxed."""
+  last = search_order(history)[-1]
+  primitives = last.get('primitives', list(genotypes.PRIMITIVES))
+  fig = Figure(figsize=(13, 6.5), layout='constrained')
+  for ax, cell in zip(fig.subplots(1, 2, squeeze=False)[0], diagrams.CELLS):
+    probs = np.asarray(last[f'alphas_{cell}'], float)
+    on = np.asarray(last.get(f'switches_{cell}', np.ones(probs.shape, bool)), bool)
+    cols = [k for k in range(len(primitives)) if on[:, k].any()]
+    data = np.where(on, probs, np.nan)[:, cols]
+    image = ax.imshow(data, cmap='viridis', aspect='auto', vmin=0, vmax=np.nanmax(data))
+    ax.set_xticks(range(len(cols)), [primitives[k] for k in cols], rotation=40, ha='right',
+                  fontsize=8)
+    ax.set_yticks(range(genotypes.NUM_EDGES), edge_names(), fontsize=8)
+    for (e, c), value in np.ndenumerate(data):
+      if np.isfinite(value):
+        ax.text(c, e, f'{value:.2f}', ha='center', va='center', fontsize=7,
+                color='white' if value < 0.6 * np.nanmax(data) else 'black')
+    for e, op in ({} if genotype is None else chosen_edges(genotype, cell)).items():
+      if op in primitives and primitives.index(op) in cols:
+        ax.add_patch(matplotlib.patches.Rectangle(
+            (cols.index(primitives.index(op)) - 0.5, e - 0.5), 1, 1, fill=False,
+            edgecolor='#d62728', linewidth=2.2))
+    ax.set_title(f'{"normal" if cell == "normal" else "reduction"} cell', fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.8, label='softmax weight')
+  boxed = '; boxed: the genotype\'s choices' if genotype is not None else ''
+  fig.suptitle(f'Final op weights, stage {last["stage"]} epoch {last["epoch"]} (blank: ops '
+               f'off){boxed}', fontsize=11)
   return fig
 
 
@@ -226,8 +282,9 @@ def uses_betas(history: list) -> bool:
              for r in history for cell in diagrams.CELLS)
 
 
-def betas_figure(history: list) -> Figure:
-  """Edge-normalised betas over epochs: a panel per (cell, node), a line per incoming edge."""
+def betas_figure(history: list, frozen=None) -> Figure:
+  """Edge-normalised betas over epochs: a panel per (cell, node), a line per incoming edge;
+  `frozen` (a bool per row) shades the warm-up epochs."""
   history = search_order(history)
   n = len(history)
   x = np.arange(1, n + 1)
@@ -244,18 +301,23 @@ def betas_figure(history: list) -> Figure:
             label=f'from {genotypes.state_name(i)}' if k == 0 else None,
             marker='o' if last - first < 3 else None, markersize=3)
     for node, ax in enumerate(grid[row]):
-      _mark_stages(ax, spans)
+      _mark_stages(ax, spans, frozen)
       _epoch_axis(ax, n)
       ax.set_ylim(0, 1)
       ax.set_title(f'{"normal" if cell == "normal" else "reduction"} cell, node {node}',
                    fontsize=10)
-      ax.legend(fontsize=7.5, loc='upper left')
       ax.tick_params(labelleft=True)
     grid[row, 0].set_ylabel('beta (softmax over inputs)')
   for ax in grid[-1]:
     ax.set_xlabel('epoch (all stages)')
+  handles = [matplotlib.lines.Line2D([], [], color=colors[i], linewidth=2,
+                                     label=f'from {genotypes.state_name(i)}')
+             for i in range(genotypes.STEPS + 1)]
+  fig.legend(handles=handles, loc='outside lower center', ncol=len(handles), fontsize=9,
+             frameon=False)
+  shaded = '; shaded: architecture frozen' if frozen is not None and any(frozen) else ''
   fig.suptitle('Edge-normalisation weights (betas) of each node\'s incoming edges; the two '
-               'largest alpha x beta pick the node\'s inputs', fontsize=11)
+               f'largest alpha x beta pick the node\'s inputs{shaded}', fontsize=11)
   return fig
 
 

@@ -52,7 +52,7 @@ class NonFinite(FloatingPointError):
 
 class Signals:
   """Context manager: the first SIGINT or SIGTERM only sets `requested` (the loop saves and
-  stops); a second one raises KeyboardInterrupt at once. Outside the main thread (where
+  stops); a second one raises `Interrupted` at once. Outside the main thread (where
   Python cannot install handlers) it does nothing."""
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -64,8 +64,10 @@ class Signals:
 
   def _handler(self, signum, frame):
     del frame
-    if self.requested is not None:
-      raise KeyboardInterrupt
+    if self.requested is not None:  # main.py answers it in one line, as the first one
+      raise Interrupted(f'{self.what.capitalize()} stopped at once on a second '
+                        f'{signal.Signals(signum).name}; the steps since the last checkpoint '
+                        'are lost. Rerun the same command to resume.', signum)
     self.requested = signum
     logging.warning('%s: %s saves a checkpoint after the current steps and stops; signal '
                     'again to stop at once (losing the steps since the last checkpoint).',
@@ -227,13 +229,20 @@ def check_fingerprint(saved: dict, current: dict, directory: str, what: str) -> 
 
 
 def restore(ckpt: checkpoint.Checkpointer, template: Callable[[dict], Any],
-            config_fingerprint: dict, what: str):
+            config_fingerprint: dict, what: str, only: tuple = ()):
   """(global step, {'state', 'sums'}, metadata) of the newest checkpoint that restores, or
   None. `template(metadata)` gives the tree's structure (shapes by `jax.eval_shape`); a
-  checkpoint of another configuration is refused before its arrays are read."""
+  checkpoint of another configuration (in the fields starting with one of `only`, if given)
+  is refused before its arrays are read."""
 
   def checked_template(meta):
-    check_fingerprint(meta.get('config', {}), config_fingerprint, ckpt.directory, what)
+    saved = meta.get('config', {})
+    if only:
+      saved, current = ({k: v for k, v in f.items() if k.startswith(only)}
+                        for f in (saved, config_fingerprint))
+    else:
+      current = config_fingerprint
+    check_fingerprint(saved, current, ckpt.directory, what)
     return template(meta)
 
   return ckpt.restore_latest(checked_template)
@@ -262,14 +271,21 @@ class Session:
   scalars: monitor.Scalars
   elapsed: float = 0.0  # seconds of earlier sessions
   started: float = dataclasses.field(default_factory=time.time)
+  saved_elapsed: Optional[float] = None  # elapsed seconds at this session's latest save
 
   def elapsed_seconds(self) -> float:
     return self.elapsed + time.time() - self.started
 
+  def work_seconds(self) -> float:
+    """The run's elapsed seconds at its latest checkpoint: a rerun of a finished run, which
+    saves nothing, adds nothing."""
+    return self.elapsed if self.saved_elapsed is None else self.saved_elapsed
+
   def save(self, global_step: int, state, sums, meta: Mapping) -> None:
     """A checkpoint of `{'state', 'sums'}` with the mode's metadata and the elapsed time."""
+    self.saved_elapsed = self.elapsed_seconds()
     self.ckpt.save(global_step, {'state': state, 'sums': sums},
-                   dict(meta, elapsed_seconds=self.elapsed_seconds()))
+                   dict(meta, elapsed_seconds=self.saved_elapsed))
 
   def stop_if_requested(self) -> None:
     """Raises `Interrupted` if a signal reached any process (call after a save)."""

@@ -36,7 +36,7 @@ flags.DEFINE_bool(
     'PCP_JAX_COORDINATOR (host:port of process 0), PCP_JAX_NUM_PROCESSES and PCP_JAX_PROCESS_ID.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = {'search': search.search, 'train': train.train_and_evaluate, 'test': train.test,
+MODES = {'search': search.search, 'train': train.train_and_evaluate, 'test': analysis.test,
          'fgsm': analysis.fgsm}
 DISTRIBUTED_VARS = ('PCP_JAX_COORDINATOR', 'PCP_JAX_NUM_PROCESSES', 'PCP_JAX_PROCESS_ID')
 
@@ -122,11 +122,25 @@ def check(config) -> list:
   return modes
 
 
+def check_workdir(workdir) -> None:
+  """A workdir that can be a folder this run writes, or a ValueError naming --workdir."""
+  if not isinstance(workdir, str) or not workdir.strip():
+    raise ValueError(f'--workdir must name a folder, got {workdir!r}.')
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'--workdir {workdir}: {existing} is a file, not a folder.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f'--workdir {workdir}: {existing} is not writable.')
+
+
 def run(config, workdir):
   """Runs every mode of `config.modes` on `workdir` (also callable from a notebook): the
   config is checked for every mode before the first one starts, and the workdir is locked
   against a second run."""
   modes = check(config)
+  check_workdir(workdir)
   lock = (checkpoint.WorkdirLock(workdir) if parallel.is_main_process()
           else contextlib.nullcontext())
   with lock:
@@ -179,9 +193,24 @@ def main(argv):
     sys.exit(1)
 
 
+def _plain(error) -> str:
+  """An error's own text on one line: ml_collections wraps a KeyError (whose text is a repr,
+  quotes and newlines escaped) in an AttributeError."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+  lines = [line.strip().strip('"\'') for line in text.splitlines() if line.strip()]
+  return ': '.join([lines[0], ' '.join(lines[1:])]) if len(lines) > 1 else ''.join(lines)
+
+
 def parse_flags(argv):
   """absl's flag parsing; a config file or `--config.*` override that fails (a misspelt field,
-  a bad config argument, an unparsable value) is answered in one line."""
+  a bad config argument, an unparsable value) is answered in one line. `--config` also takes a
+  config by name (`--config=ss_pcp:tiny`, `defaults.config_file`)."""
+  try:
+    argv = defaults.config_args(argv, ('config',))
+  except ValueError as e:
+    sys.exit(f'error: --config: {e}')
   try:
     return FLAGS(argv)
   except flags.IllegalFlagValueError as e:
@@ -194,12 +223,16 @@ def parse_flags(argv):
     sys.exit(f"error: --config: {' '.join(line.strip() for line in str(e).splitlines())}")
   except (AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
     given = ' '.join(a for a in argv[1:] if a.startswith('--config')) or 'none'
-    message = str(e).strip('"\'')
-    sys.exit(f'error: --config: {message} (given: {given}). Overrides name existing fields '
+    sys.exit(f'error: --config: {_plain(e)} (given: {given}). Overrides name existing fields '
              'and take values of their type, e.g. --config.search.batch_size=64, '
              '--config.search.stages[0].epochs=10, --config.fgsm.eps="(0.0,0.01)".')
 
 
-if __name__ == '__main__':
+def cli():
+  """The `pcp-jax` command (`python -m pcp_jax.main`)."""
   host.reexec()  # glibc reads its huge-page tunable only at start-up
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  cli()

@@ -37,6 +37,7 @@ from absl import logging
 import jax
 import numpy as np
 
+import pcp_jax
 from pcp_jax import genotypes
 from pcp_jax import parallel
 from pcp_jax import runs
@@ -151,6 +152,7 @@ def environment(mode: Optional[str] = None) -> Dict[str, Any]:
       'mode': mode,
       'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'python': platform.python_version(),
+      'pcp_jax': pcp_jax.__version__,
       **{package: _version(package) for package in _PACKAGES},
       'platform': platform.platform(),
       'backend': jax.default_backend(),

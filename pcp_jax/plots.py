@@ -168,11 +168,19 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
     written.append(_save(curves.search_curves_figure(search_rows),
                          os.path.join(out_dir, 'search_curves.png')))
   if history:
+    ordered = curves.search_order(search_rows)
+    frozen = ([bool(r.get('arch_frozen')) for r in ordered]
+              if len(ordered) == len(curves.search_order(history)) else None)
+    genotype_path = os.path.join(run_dir, runs.GENOTYPE)
+    genotype = genotypes.load(genotype_path) if os.path.isfile(genotype_path) else None
     for cell in diagrams.CELLS:
-      written.append(_save(curves.op_weights_figure(history, cell),
+      written.append(_save(curves.op_weights_figure(history, cell, frozen, genotype),
                            os.path.join(out_dir, f'op_weights_{cell}.png')))
+    written.append(_save(curves.arch_heatmap_figure(history, genotype),
+                         os.path.join(out_dir, 'arch_heatmap.png')))
     if curves.uses_betas(history):
-      written.append(_save(curves.betas_figure(history), os.path.join(out_dir, 'betas.png')))
+      written.append(_save(curves.betas_figure(history, frozen),
+                           os.path.join(out_dir, 'betas.png')))
   written += _plot_cells(search_rows, os.path.join(run_dir, runs.GENOTYPE), out_dir)
   if train_rows:
     written.append(_save(curves.train_curves_figure(train_rows),

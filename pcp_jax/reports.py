@@ -39,8 +39,14 @@ def _read_results(run_dir: str) -> dict:
     raise ValueError(f'{path} is missing the keys {sorted(missing)}.')
   for key in ('test_accuracy', 'last_test_accuracy', 'test_top5_accuracy'):
     value = results.get(key)
-    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-      raise ValueError(f'{path}: {key} must be a fraction in [0, 1], got {value}.')
+    if (value is not None or key == 'test_accuracy') and not (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+      raise ValueError(f'{path}: {key} must be a fraction in [0, 1], got {value!r}.')
+  params = results['params']
+  if isinstance(params, bool) or not isinstance(params, (int, float)) or params < 0:
+    raise ValueError(f'{path}: params must be a number of parameters, got {params!r}.')
+  if not isinstance(results['dataset'], str):
+    raise ValueError(f'{path}: dataset must be a name, got {results["dataset"]!r}.')
   return results
 
 

@@ -79,9 +79,12 @@ def load_json(path: str) -> dict:
     return {}
   with open(path) as f:
     try:
-      return json.load(f)
+      value = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path} is not valid JSON ({e.msg}, line {e.lineno}).') from None
+  if not isinstance(value, dict):
+    raise ValueError(f'{path} holds a JSON {type(value).__name__}, not an object.')
+  return value
 
 
 class Rows:
@@ -105,7 +108,7 @@ class Rows:
       if not line.strip():
         continue
       try:
-        rows.append(json.loads(line))
+        row = json.loads(line)
       except json.JSONDecodeError:
         if all(not rest.strip() for rest in lines[number:]):
           logging.warning('%s: line %d is cut short (an interrupted write); ignoring it.',
@@ -113,6 +116,11 @@ class Rows:
           break
         raise ValueError(f'{self.path}: line {number} is not valid JSON; repair or delete '
                          'that line.') from None
+      if not isinstance(row, dict) or isinstance(row.get('step'), bool) or not isinstance(
+          row.get('step'), int):
+        raise ValueError(f'{self.path}: line {number} is not a row (a JSON object with a whole '
+                         'number `step`); repair or delete that line.')
+      rows.append(row)
     return rows
 
   def keep_until(self, step: int) -> None:

@@ -424,6 +424,6 @@ def search(config, workdir):
       arch = _host(state.arch)
       if not history.stopped:
         switches = _end_stage(setup, s, arch, switches)
-  genotype = _finish(setup, arch, switches, sess.elapsed_seconds() / 3600, history.decision)
+  genotype = _finish(setup, arch, switches, sess.work_seconds() / 3600, history.decision)
   ckpt.close()
   return genotype

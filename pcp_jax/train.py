@@ -37,6 +37,9 @@ from pcp_jax import parallel
 from pcp_jax import runs
 
 METRICS = ('train_loss', 'train_acc', 'grad_norm')
+# The fields that shape a checkpoint's state: test and fgsm name those that changed.
+STATE_FIELDS = ('genotype', 'train.channels', 'train.layers', 'train.auxiliary',
+                'train.optim.name', 'data.dataset', 'data.pad_to_32')
 # Config fields that may differ between a run and its resumption (everything else must match):
 # `train.epochs` extends a finished run.
 FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
@@ -99,7 +102,7 @@ def initial_state(model: networks.EvalNetwork, tx, key, shape) -> TrainState:
   return parallel.run_once(functools.partial(init_state, model, tx, shape=shape), key)
 
 
-def _template(model, tx, shape) -> dict:
+def checkpoint_template(model, tx, shape) -> dict:
   """Zeros shaped like a training checkpoint ({'state', 'sums'}), for restoring."""
   shapes = jax.eval_shape(functools.partial(init_state, model, tx, shape=shape),
                           jax.random.key(0))
@@ -165,7 +168,7 @@ def make_train_step(config, model, tx, info, mesh=None):
   return jax.jit(parallel.data_parallel(step, mesh), donate_argnums=0)
 
 
-def _variables(state):
+def eval_variables(state):
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
@@ -252,7 +255,7 @@ def _restore_or_start(setup: Setup, ckpt, init_key) -> Start:
   nothing), sets an earlier run's outputs aside on a fresh start and writes genotype.json and
   train_config.json."""
   shape = image_shape(setup.splits.info)
-  restored = loop.restore(ckpt, lambda meta: _template(setup.model, setup.tx, shape),
+  restored = loop.restore(ckpt, lambda meta: checkpoint_template(setup.model, setup.tx, shape),
                           setup.fingerprint, 'training')
   if parallel.is_main_process():
     if restored is None:
@@ -334,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           inputs, loop.Epoch('training', epoch, t.epochs, setup.steps, epoch * setup.steps),
           start.step if epoch == start.epoch else 0,
           save=functools.partial(_save, sess, setup, best_val_loss, epoch))
-      val = loop.evaluate(eval_fn, _variables(state), splits.val_images, splits.val_labels,
+      val = loop.evaluate(eval_fn, eval_variables(state), splits.val_images, splits.val_labels,
                           t.eval_batch_size)
       improved = is_better(val['loss'], best_val_loss)
       if improved:
@@ -357,94 +360,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best.close()
   all_rows = rows.read()
   return all_rows[-1] if all_rows else {}
-
-
-# ---------------------------------------------------------------------------
-# Test on the best checkpoint.
-
-
-def restore_for_eval(config: ml_collections.ConfigDict, workdir: str, model, info):
-  """(state, checkpoint name, metadata) of the best checkpoint, else the latest with a warning."""
-  for name in (runs.BEST, runs.CHECKPOINTS):
-    try:
-      restored = _restore_newest(config, os.path.join(workdir, name), model, info)
-    except IOError as e:
-      if name != runs.BEST:
-        raise
-      logging.warning('%s', e)
-      restored = None
-    if restored is not None:
-      if name != runs.BEST:
-        logging.warning('No best checkpoint in %s; using the latest one.', workdir)
-      return restored[0], name, restored[1]
-  raise FileNotFoundError(f'No checkpoint in {workdir}/best or {workdir}/checkpoints; run the '
-                          'train mode first.')
-
-
-def _restore_newest(config: ml_collections.ConfigDict, folder: str, model, info):
-  """(state on the device, metadata) of the newest checkpoint in `folder` that restores, or
-  None when there is none."""
-  if not os.path.isdir(folder):
-    return None
-  template = _template(model, make_optimizer(config)[0], image_shape(info))
-  restored = checkpoint.Checkpointer(folder, max_to_keep=None).restore_latest(template)
-  return None if restored is None else (jax.device_put(restored[1]['state']), restored[2])
-
-
-def test(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Evaluates the best checkpoint on the test split; writes and returns results.json."""
-  check_config(config)
-  genotype = load_genotype(config, workdir)
-  splits = data.train_splits(config)
-  info = splits.info
-  model = models.eval_network(config, genotype, info.num_classes)
-  state, checkpoint_name, meta = restore_for_eval(config, workdir, model, info)
-  eval_fn = loop.make_eval_fn(model, info.mean, info.std)
-
-  def evaluate(state):
-    return loop.evaluate(eval_fn, _variables(state), splits.test_images, splits.test_labels,
-                         config.train.eval_batch_size)
-
-  metrics = evaluate(state)
-  # The best checkpoint is chosen on the validation split, which is the test set under
-  # val_split='test' (as the paper and DARTS do): the last epoch's accuracy is reported beside
-  # it, a number no selection has seen.
-  last = _restore_newest(config, os.path.join(workdir, runs.CHECKPOINTS), model, info)
-  last_metrics = last and evaluate(last[0])
-  count = functools.partial(networks.count_params, genotype, config.train.channels,
-                            config.train.layers, info.num_classes,
-                            image_shape=image_shape(info))
-  rows = runs.Rows(os.path.join(workdir, runs.TRAIN_METRICS)).read()
-  results = {
-      'test_accuracy': metrics['accuracy'],
-      'test_top5_accuracy': metrics['top5_accuracy'],
-      'test_loss': metrics['loss'],
-      'num_test_examples': len(splits.test_images),
-      'params': count(auxiliary=False),
-      'params_with_aux': count(auxiliary=config.train.auxiliary),
-      'genotype': genotypes.to_dict(genotype),
-      'genotype_source': config.genotype,
-      'dataset': info.name,
-      'method': runs.method_name(config.genotype, config.train.method),
-      'search_cost_days': runs.search_summary(config.genotype).get('search_cost_days'),
-      'epochs': rows[-1]['epoch'] if rows else config.train.epochs,
-      'checkpoint': checkpoint_name,
-      'checkpoint_epoch': meta.get('epoch'),
-      'val_split': str(config.train.val_split),
-      'last_test_accuracy': last_metrics['accuracy'] if last_metrics else None,
-      'last_test_loss': last_metrics['loss'] if last_metrics else None,
-      'last_checkpoint_epoch': last[1].get('epoch') if last else None,
-      'train_seconds': rows[-1]['elapsed_seconds'] if rows else None,
-  }
-  if parallel.is_main_process():
-    runs.write_json(os.path.join(workdir, runs.RESULTS), results)
-  logging.info('Test (%s checkpoint, epoch %s): accuracy %.4f (top-5 %.4f), loss %.4f on %d '
-               'images; %d params.', checkpoint_name, meta.get('epoch'), metrics['accuracy'],
-               metrics['top5_accuracy'], metrics['loss'], len(splits.test_images),
-               results['params'])
-  if last_metrics:
-    logging.info('Test (last checkpoint, epoch %s): accuracy %.4f, loss %.4f.',
-                 results['last_checkpoint_epoch'], last_metrics['accuracy'],
-                 last_metrics['loss'])
-  return results
-

@@ -135,3 +135,31 @@ def test_edited_metadata_falls_back_with_a_warning_not_a_refusal(tmp_path, caplo
   assert step == 1 and state['epoch'] == 1 and metadata['epoch'] == 1
   assert checkpoint.METADATA_CHECKSUM_KEY not in metadata
   assert 'Checkpoint 2' in caplog.text and 'metadata does not match' in caplog.text
+
+
+def test_workdir_lock_takes_the_file_at_its_path_not_one_a_finished_run_removed(
+    tmp_path, monkeypatch):
+  # The narrow window: this run opened the lock file just before its holder removed it and
+  # let go; locking that removed file must not count, or a third run could hold the new one.
+  path = tmp_path / checkpoint.WorkdirLock.NAME
+  path.write_text('pid 1\n')
+  orphan = open(path, 'a+')  # pylint: disable=consider-using-with
+  path.unlink()
+  handles = iter([orphan])
+  real_open = open
+  monkeypatch.setattr('builtins.open', lambda *a, **k: next(handles, None) or real_open(*a, **k))
+  with checkpoint.WorkdirLock(str(tmp_path)) as lock:
+    assert orphan.closed and os.path.samestat(os.fstat(lock._file.fileno()), os.stat(path))
+    assert path.read_text().startswith(f'pid {os.getpid()} ')
+
+
+def test_workdir_lock_removes_the_folders_a_failed_start_made(tmp_path):
+  workdir = tmp_path / 'new' / 'nested' / 'run'
+  with pytest.raises(RuntimeError):
+    with checkpoint.WorkdirLock(str(workdir)):
+      raise RuntimeError('failed before writing anything')
+  assert os.listdir(tmp_path) == []
+  kept = tmp_path / 'kept'
+  with checkpoint.WorkdirLock(str(kept / 'run')):
+    (kept / 'run' / 'genotype.json').write_text('{}')
+  assert os.listdir(kept / 'run') == ['genotype.json']

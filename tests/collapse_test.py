@@ -209,10 +209,13 @@ def test_a_tiny_s3_search_measures_the_curvature_stops_and_keeps_the_chosen_geno
                if ax.get_title().startswith('Curvature'))
   assert len(panel.get_lines()[0].get_xdata()) == 2
   assert os.path.getsize(os.path.join(workdir, 'plots', 'search_curves.png')) > 10_000
-  # A rerun resumes a stopped search as stopped: no third epoch, the same genotype.
+  # A rerun resumes a stopped search as stopped: no third epoch, the same genotype, and the
+  # rerun's seconds are no search cost.
   main.run(config, workdir)
   assert len(runs.Rows(os.path.join(workdir, runs.SEARCH_METRICS)).read()) == 2
   assert genotypes.load(os.path.join(workdir, runs.GENOTYPE)) == kept
+  again = runs.load_json(os.path.join(workdir, runs.SEARCH_SUMMARY))
+  assert again['search_cost_hours'] == summary['search_cost_hours'] > 0
 
 
 def test_trajectory_tabulates_the_indicators_and_replays_both_rules():

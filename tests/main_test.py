@@ -1,6 +1,7 @@
 """The command-line entry point's multi-process start and the launch scripts."""
 
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -10,10 +11,13 @@ import tomllib
 import jax
 import pytest
 
+import pcp_jax
+from pcp_jax import defaults
 from pcp_jax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ['launch/search_then_train.sh', 'launch/single_host.sh', 'launch/slurm_multihost.sbatch']
+SCRIPTS = ['launch/search_then_train.sh', 'launch/single_host.sh', 'launch/slurm_multihost.sbatch',
+           'launch/collapse_check.sh']
 EXPLICIT = {'PCP_JAX_COORDINATOR': 'node0:1234', 'PCP_JAX_NUM_PROCESSES': '4',
             'PCP_JAX_PROCESS_ID': '3'}
 
@@ -279,6 +283,8 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_workdir(tmp_path):
 
 @pytest.mark.parametrize('override, answer', [
     ('--config.search.nope=1', 'error: --config: nope (given: '),
+    ('--config.search.batch_sizes=1',
+     'error: --config: batch_sizes: Did you mean "batch_size" instead of "batch_sizes"? (given'),
     ('--config.search.stages[0].epochs=x', 'error: --config: '),
     # Tuples and stage fields are settable: this run gets as far as the modes check.
     ('--config.search.stages[0].epochs=3', "config.modes must be a comma list"),
@@ -301,4 +307,66 @@ def test_the_installed_package_includes_every_subpackage():
     listed = set(tomllib.load(f)['tool']['setuptools']['packages'])
   found = {os.path.relpath(d, ROOT).replace(os.sep, '.')
            for d, _, files in os.walk(os.path.join(ROOT, 'pcp_jax')) if '__init__.py' in files}
-  assert 'pcp_jax.cpu' in found and listed == found
+  assert 'pcp_jax.cpu' in found and listed == found | {'pcp_jax.configs'}
+
+
+def test_configs_are_reachable_by_name():
+  path = defaults.config_file('pcp:tiny,ssf=0.5')
+  assert path == os.path.join(ROOT, 'configs', 'pcp.py') + ':tiny,ssf=0.5'
+  assert defaults.config_file('configs/pcp.py:tiny') == 'configs/pcp.py:tiny'  # a path
+  assert defaults.config_args(['main', '--config=ss_pcp', '--train_config', 'train_cifar10',
+                               '--workdir=x']) == [
+      'main', f'--config={ROOT}/configs/ss_pcp.py', '--train_config',
+      f'{ROOT}/configs/train_cifar10.py', '--workdir=x']
+  with pytest.raises(ValueError, match="config 'sspcp' is neither a file nor a config name "
+                                       r"\(p_darts, pc_darts, pcp, quickstart, ss_pcp, "):
+    defaults.config_file('sspcp')
+
+
+@pytest.mark.slow
+def test_an_installed_package_runs_its_configs_by_name_from_anywhere(tmp_path):
+  # `pip install .` without the dependencies (the environment has them) into a folder of its
+  # own; run from another folder, with the checkout off the path.
+  target, elsewhere = tmp_path / 'site', tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
+                  '--no-build-isolation', f'--target={target}', ROOT], check=True,
+                 capture_output=True, timeout=300)
+  env = dict(os.environ, PYTHONPATH=str(target))
+  code = ('from pcp_jax import defaults, monitor; import importlib.util as u; '
+          'p = defaults.config_file("pc_darts:tiny").split(":")[0]; '
+          's = u.spec_from_file_location("c", p); m = u.module_from_spec(s); '
+          's.loader.exec_module(m); print(p); print(m.get_config("tiny").search.channels); '
+          'print(monitor.environment()["pcp_jax"])')
+  result = subprocess.run([sys.executable, '-c', code], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  path, channels, version = result.stdout.split()
+  assert path.startswith(str(target)) and path.endswith('pcp_jax/configs/pc_darts.py')
+  assert channels == '8' and version == pcp_jax.__version__
+  result = subprocess.run([sys.executable, '-m', 'pcp_jax.main', '--config=nope',
+                           '--workdir=x'], cwd=elsewhere, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode != 0 and "config 'nope' is neither a file" in result.stderr
+
+
+def test_a_wrapped_config_error_reads_as_plain_text():
+  # ml_collections raises AttributeError(KeyError("'x'\nDid you mean ...")): its str() is a
+  # repr with escaped quotes and newlines.
+  error = AttributeError(KeyError("'batch_sizes'\nDid you mean \"batch_size\"?"))
+  assert '\\' in str(error)
+  assert main._plain(error) == 'batch_sizes: Did you mean "batch_size"?'
+  assert main._plain(KeyError('nope')) == 'nope'
+
+
+def test_bad_workdirs_are_named_before_anything_runs(tmp_path):
+  afile = tmp_path / 'a_file'
+  afile.write_text('x')
+  for workdir, message in (('', "--workdir must name a folder, got ''"),
+                           ('  ', "--workdir must name a folder"),
+                           (str(afile), f'--workdir {afile}: {afile} is a file, not a folder.'),
+                           (str(afile / 'run'), f'{afile} is a file, not a folder.')):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      main.check_workdir(workdir)
+  main.check_workdir(str(tmp_path / 'new' / 'run'))  # made later, by the run
+  assert os.listdir(tmp_path) == ['a_file']

@@ -117,7 +117,7 @@ def test_search_run_writes_every_picture(search_plots):
   names = sorted(os.path.relpath(p, out) for p in paths)
   assert names == sorted(
       ['search_curves.png', 'op_weights_normal.png', 'op_weights_reduce.png', 'betas.png',
-       'stage_cells.png']
+       'arch_heatmap.png', 'stage_cells.png']
       + [f'cells/{prefix}_{cell}.png' for prefix in ('stage1', 'stage2', 'stage3', 'final')
          for cell in ('normal', 'reduce')])
   for path in paths:
@@ -263,3 +263,28 @@ def test_cli_one_line_error_for_a_folder_with_nothing_to_plot(tmp_path):
   # The other folder is still drawn.
   assert 'train: wrote 3 files' in result.stdout
   assert os.path.isfile(os.path.join(run_dir, 'plots', 'train_curves.png'))
+
+
+def test_op_weights_show_small_moves_the_warm_up_and_the_chosen_ops(tmp_path):
+  run_dir = synthetic_search(str(tmp_path))
+  history = runs.Rows(os.path.join(run_dir, runs.ARCH_HISTORY)).read()
+  rows = runs.Rows(os.path.join(run_dir, runs.SEARCH_METRICS)).read()
+  # Moves of 1e-3 around 1/8: each panel's scale is its own, not 0..1.
+  for h in history:
+    h['alphas_normal'] = (np.asarray(genotypes.all_switches(), float) / 8 + 1e-3 * np.random.
+                          default_rng(h['step']).uniform(size=(14, 9))).tolist()
+  genotype = genotypes.load(os.path.join(run_dir, runs.GENOTYPE))
+  frozen = [r['arch_frozen'] for r in rows]
+  fig = curves.op_weights_figure(history, 'normal', frozen, genotype)
+  low, high = fig.axes[0].get_ylim()
+  assert high - low < 0.01
+  chosen = curves.chosen_edges(genotype, 'normal')
+  assert len(chosen) == 8
+  for edge, ax in enumerate(fig.axes):
+    stars = [line for line in ax.get_lines() if line.get_marker() == '*']
+    assert len(stars) == (edge in chosen)
+    assert (ax.title.get_fontweight() == 'bold') == (edge in chosen)
+    assert len(ax.patches) == sum(frozen)  # a shaded span per frozen epoch
+  heat = curves.arch_heatmap_figure(history, genotype)
+  boxes = [p for ax in heat.axes[:2] for p in ax.patches]
+  assert len(boxes) == 16  # 8 choices per cell

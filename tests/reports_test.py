@@ -86,6 +86,11 @@ def test_paper_table_names_the_folder_without_results(tmp_path):
     ({'test_accuracy': 0.97, 'last_test_accuracy': 96.5, 'params': 1, 'dataset': 'cifar10'},
      'last_test_accuracy must be a fraction'),
     ({'test_accuracy': 0.97}, r"missing the keys \['dataset', 'params'\]"),
+    ({'test_accuracy': None, 'params': 1, 'dataset': 'cifar10'},
+     'test_accuracy must be a fraction in \\[0, 1\\], got None'),
+    ({'test_accuracy': 0.97, 'params': '3.6M', 'dataset': 'cifar10'},
+     "params must be a number of parameters, got '3.6M'"),
+    ({'test_accuracy': 0.97, 'params': 1, 'dataset': ['cifar10']}, 'dataset must be a name'),
 ])
 def test_paper_table_names_the_file_of_bad_results(tmp_path, results, message):
   run = write_run(tmp_path, 'bad', **results)
@@ -102,6 +107,9 @@ def test_paper_table_names_a_results_file_that_is_not_json(tmp_path):
   with pytest.raises(ValueError, match='not valid JSON') as error:
     reports.paper_table([str(run)])
   assert str(run / 'results.json') in str(error.value)
+  (run / 'results.json').write_text('["test_accuracy", "params", "dataset"]')
+  with pytest.raises(ValueError, match='holds a JSON list, not an object'):
+    reports.paper_table([str(run)])
 
 
 # ---------------------------------------------------------------------------

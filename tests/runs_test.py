@@ -45,6 +45,10 @@ def test_rows_cut_short_at_the_end_are_dropped_elsewhere_named(tmp_path):
   path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
   with pytest.raises(ValueError, match='line 2 is not valid JSON'):
     runs.Rows(str(path)).read()
+  for bad in ('{}', '[1, 2]', '{"step": "3"}', '{"step": true}'):  # a row holds its step
+    path.write_text('{"step": 1}\n' + bad + '\n')
+    with pytest.raises(ValueError, match='line 2 is not a row .* repair or delete that line'):
+      runs.Rows(str(path)).keep_until(5)
 
 
 def write_search(folder, method='SS PCP-DARTS'):

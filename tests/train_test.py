@@ -21,6 +21,7 @@ from conftest import OnChunk
 from configs import train_cifar10
 from configs import train_cifar100
 from configs import train_fashion_mnist
+from pcp_jax import analysis
 from pcp_jax import checkpoint
 from pcp_jax import data
 from pcp_jax import genotypes
@@ -312,7 +313,7 @@ def test_a_damaged_best_checkpoint_falls_back_to_the_latest_with_a_warning(
           f.write(b'garbage')
   splits = data.train_splits(config)
   model = models.eval_network(config, genotypes.get(GENOTYPE), splits.info.num_classes)
-  _, name, meta = train.restore_for_eval(config, workdir, model, splits.info)
+  _, name, meta = analysis.restore_for_eval(config, workdir, model, splits.info)
   assert name == 'checkpoints' and meta['epoch'] == 2
   assert 'best' in caplog.text and 'restores' in caplog.text
 
@@ -326,14 +327,22 @@ def test_a_pasted_genotype_trains_as_the_same_genotype(reference_run):
 
 def test_workdir_of_another_genotype_is_refused(reference_run):
   with pytest.raises(ValueError, match='another genotype'):
-    train.test(_tiny_config(genotype='PDARTS'), reference_run[1])
+    analysis.test(_tiny_config(genotype='PDARTS'), reference_run[1])
+
+
+@pytest.mark.parametrize('mode', ['test', 'fgsm'])
+def test_test_and_fgsm_name_a_changed_network_field(reference_run, mode):
+  config = _tiny_config(channels=8)
+  with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                     match=r'different configuration \(train\.channels: 4 -> 8\)'):
+    (analysis.test if mode == 'test' else analysis.fgsm)(config, reference_run[1])
 
 
 def test_evaluate_pads_the_last_batch(reference_run):
   config, workdir = reference_run
   splits = data.train_splits(config)
   model = models.eval_network(config, genotypes.get(GENOTYPE), splits.info.num_classes)
-  state, name, _ = train.restore_for_eval(config, workdir, model, splits.info)
+  state, name, _ = analysis.restore_for_eval(config, workdir, model, splits.info)
   assert name == 'best'
   eval_fn = loop.make_eval_fn(model, splits.info.mean, splits.info.std)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
