@@ -231,6 +231,9 @@ def test(config, workdir: str) -> dict:
       'test_top5_accuracy': metrics['top5_accuracy'],
       'test_loss': metrics['loss'],
       'num_test_examples': len(splits.test_images),
+      # The training images a run learnt from (its own validation part left out).
+      'num_train_examples': len(splits.train_images),
+      'data_source': config.data.source,
       'params': count(auxiliary=False),
       'params_with_aux': count(auxiliary=config.train.auxiliary),
       'genotype': genotypes.to_dict(genotype),

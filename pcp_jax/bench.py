@@ -53,8 +53,6 @@ from pcp_jax.cpu import host
 
 WHAT = ('search', 'train', 'curvature')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# Full training splits: steps per epoch for --project and the train schedule's length.
-TRAIN_SET_SIZES = {'cifar10': 50_000, 'cifar100': 50_000, 'fashion_mnist': 60_000}
 FLAGS = flags.FLAGS
 
 
@@ -153,7 +151,7 @@ def stage_switches(search_config, stage_index):
 
 def search_steps_per_epoch(config, batch_size):
   """Steps per search epoch on the configured split of the dataset's full training set."""
-  n = config.data.max_train or TRAIN_SET_SIZES[config.data.dataset]
+  n = config.data.max_train or data.DATASETS[config.data.dataset].train_size
   n_weights = int(config.data.train_portion * n)
   return min(n_weights, n - n_weights) // batch_size
 
@@ -199,7 +197,7 @@ class _Program:
     else:
       model = models.eval_network(config, genotypes.get(config.genotype), info.num_classes,
                                   mesh.size)
-      tx, _ = train.make_optimizer(config, max(1, TRAIN_SET_SIZES[info.name] // b))
+      tx, _ = train.make_optimizer(config, max(1, info.train_size // b))
       state = train.initial_state(model, tx, key_init, train.image_shape(info))
       self.carry = (parallel.replicate(state, mesh),)
       self.fn = train.make_train_step(config, model.clone(dtype=dtype), tx, info, mesh)

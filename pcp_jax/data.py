@@ -32,6 +32,7 @@ class DatasetInfo:
   mean: Tuple[float, ...]
   std: Tuple[float, ...]
   test_size: int = 10_000  # images in the official test split
+  train_size: int = 50_000  # images in the official training split
 
 
 DATASETS = {
@@ -40,7 +41,7 @@ DATASETS = {
     'cifar100': DatasetInfo('cifar100', 100, 32, 3, (0.5071, 0.4865, 0.4409),
                             (0.2673, 0.2564, 0.2762)),
     'fashion_mnist': DatasetInfo('fashion_mnist', 10, 28, 1, (0.2860,),
-                                 (0.3530,)),
+                                 (0.3530,), train_size=60_000),
 }
 
 

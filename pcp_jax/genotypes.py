@@ -55,6 +55,13 @@ def _genotype(normal, reduce):
 
 
 REFERENCE_GENOTYPES = {
+    'DARTS_V1': _genotype(
+        normal=[('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('skip_connect', 0),
+                ('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 1),
+                ('sep_conv_3x3', 0), ('skip_connect', 2)],
+        reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2),
+                ('max_pool_3x3', 0), ('max_pool_3x3', 0), ('skip_connect', 2),
+                ('skip_connect', 2), ('avg_pool_3x3', 0)]),
     'DARTS_V2': _genotype(
         normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0),
                 ('sep_conv_3x3', 1), ('sep_conv_3x3', 1), ('skip_connect', 0),
@@ -76,6 +83,16 @@ REFERENCE_GENOTYPES = {
         reduce=[('avg_pool_3x3', 0), ('sep_conv_5x5', 1), ('sep_conv_3x3', 0),
                 ('dil_conv_5x5', 2), ('max_pool_3x3', 0), ('dil_conv_3x3', 1),
                 ('dil_conv_3x3', 1), ('dil_conv_5x5', 3)]),
+}
+
+
+# The reference cells as results name them, and their published search cost in GPU-days
+# (None: not published for that cell alone).
+REFERENCE_METHODS = {
+    'DARTS_V1': ('DARTS (1st order) cell', None),
+    'DARTS_V2': ('DARTS (2nd order) cell', 1.0),
+    'PC_DARTS_cifar': ('PC-DARTS cell', 0.1),
+    'PDARTS': ('P-DARTS cell', 0.3),
 }
 
 

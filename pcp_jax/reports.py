@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from pcp_jax import data
+from pcp_jax import genotypes
 from pcp_jax import plots
 from pcp_jax import runs
 
@@ -88,6 +89,9 @@ def describe_run(run_dir: str, record: dict) -> dict:
     cost = summary['search_cost_days'] * summary.get('device_count', 1)
   else:
     cost = record.get('search_cost_days')
+  platform = summary.get('platform')
+  if cost is None and source in genotypes.REFERENCE_METHODS:  # a published cell
+    cost, platform = genotypes.REFERENCE_METHODS[source][1], 'gpu'
   settings = {f'search.{k}': v for k, v in _flatten(search_config).items()}
   settings.update({f'train.{k}': v for k, v in _flatten(train_config).items()})
   return {
@@ -98,7 +102,7 @@ def describe_run(run_dir: str, record: dict) -> dict:
       'ssf': None if ssf is None else float(ssf),
       'bt_scale': bt_scale,
       'cost': cost,
-      'cost_unit': cost_unit(summary.get('platform')) if cost is not None else None,
+      'cost_unit': cost_unit(platform) if cost is not None else None,
       'search_method': ('gradient-based, self-supervised' if ssf and float(ssf) > 0
                         else 'gradient-based'),
       'settings': {k: v for k, v in settings.items() if _is_setting(k)},
@@ -155,12 +159,40 @@ def _check_distinct(run_dirs: Sequence[str]) -> None:
     seen[real] = run_dir
 
 
-def _dataset_label(dataset: str, num_test) -> str:
-  """The dataset, with the test images counted when a run saw only part of the test split."""
+def _dataset_label(dataset: str, num_test, num_train=None) -> str:
+  """The dataset, with the images counted when a run saw only part of its training or test
+  split (a subset or a `tiny` run)."""
   info = data.DATASETS.get(dataset)
-  if info is None or num_test is None or num_test >= info.test_size:
+  if info is None:
     return dataset
-  return f'{dataset} ({num_test} of {info.test_size} test images)'
+  parts = [f'{n} of {full} {what} images' for n, full, what in (
+      (num_train, info.train_size, 'training'), (num_test, info.test_size, 'test'))
+           if n is not None and n < full]
+  return f'{dataset} ({", ".join(parts)})' if parts else dataset
+
+
+# Published CIFAR-10 rows (the papers; the DARTS-family rows are their own, not the seed
+# paper's reruns): (method, test error %, params M, search cost GPU-days).
+PUBLISHED = (
+    ('DARTS (2nd order), published', 2.76, 3.3, 1.0),
+    ('P-DARTS, published', 2.50, 3.4, 0.3),
+    ('PC-DARTS, published', 2.57, 3.6, 0.1),
+    ('Vanilla PCP-DARTS, the paper', 3.12, 4.5, 0.163),
+    ('SS PCP-DARTS (ssf 0.25), the paper', 3.91, 3.9, 0.220),
+    ('SS PCP-DARTS (ssf 0.5), the paper', 3.57, 3.7, 0.154),
+    ('SS PCP-DARTS (ssf 0.75), the paper', 2.99, 3.7, 0.199),
+    ('SS PCP-DARTS (ssf 1), the paper', 3.28, 4.2, 0.195),
+)
+
+
+def published_rows(columns: Sequence[str]) -> list:
+  """`PUBLISHED` as rows of a `paper_table` with `columns` (n: 'published')."""
+  cost = next(c for c in columns if c.startswith('Search cost'))
+  return [dict({c: '-' for c in columns}, **{
+      'Method': method, 'Test error (%)': f'{error:.2f}', 'Params (M)': f'{params:.1f}',
+      cost: f'{gpu_days:.3g}' + ('' if cost.endswith('(GPU-days)') else ' GPU-days'),
+      'Search method': 'gradient-based', 'n': 'published', 'Dataset': 'cifar10'})
+          for method, error, params, gpu_days in PUBLISHED]
 
 
 def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
@@ -183,7 +215,8 @@ def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
   groups = collections.defaultdict(list)
   for label, run, result in zip(method_labels(described), described, results):
     # Runs tested on different numbers of test images are different rows.
-    dataset = _dataset_label(run['dataset'], result.get('num_test_examples'))
+    dataset = _dataset_label(run['dataset'], result.get('num_test_examples'),
+                             result.get('num_train_examples'))
     groups[(label, dataset, run['cost_unit'])].append((run, result))
   units = {unit for _, _, unit in groups if unit}
   cost_column = f'Search cost ({units.pop()})' if len(units) == 1 else 'Search cost'
@@ -215,9 +248,12 @@ def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
   return columns, rows
 
 
-def write_paper_table(run_dirs: Sequence[str], out_dir: str, name: str = 'table2') -> list:
-  """Writes `paper_table` as `{out_dir}/{name}.md` and `.csv`; returns the paths."""
+def write_paper_table(run_dirs: Sequence[str], out_dir: str, name: str = 'table2',
+                      published: bool = False) -> list:
+  """Writes `paper_table` as `{out_dir}/{name}.md` and `.csv` (with `published`, the
+  `PUBLISHED` rows below the runs'); returns the paths."""
   columns, rows = paper_table(run_dirs)
+  rows += published_rows(columns) if published else []
   os.makedirs(out_dir, exist_ok=True)
   md_path, csv_path = (os.path.join(out_dir, f'{name}.{ext}') for ext in ('md', 'csv'))
   left = {'Method', 'Search method', 'Dataset'}
@@ -275,6 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   table.add_argument('runs', nargs='+', metavar='RUN')
   table.add_argument('--out', required=True, help='folder for table2.md and table2.csv')
   table.add_argument('--name', default='table2', help='file name stem (default table2)')
+  table.add_argument('--published', action='store_true',
+                     help='add the published rows (DARTS, P-DARTS, PC-DARTS, the paper)')
   fgsm = commands.add_parser(
       'fgsm', help='Overlay the fgsm.json of several runs (Fig. 13).')
   fgsm.add_argument('runs', nargs='+', metavar='RUN')
@@ -283,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == 'table':
-      paths = write_paper_table(args.runs, args.out, args.name)
+      paths = write_paper_table(args.runs, args.out, args.name, args.published)
     else:
       paths = fgsm_overlay(args.runs, args.out, args.prefix)
   except (OSError, ValueError, KeyError) as e:

@@ -166,12 +166,12 @@ def search_summary(source: str) -> dict:
 
 def method_name(source: str, method: str = '') -> str:
   """A trained genotype's name in results: `method` (train.method) if given, else the
-  reference name, the search's method, the search folder's (or file's) name, or 'pasted
-  genotype' for a `Genotype(...)` given as text."""
+  reference cell's published name, the search's method, the search folder's (or file's)
+  name, or 'pasted genotype' for a `Genotype(...)` given as text."""
   if method:
     return method
-  if source in genotypes.REFERENCE_GENOTYPES:
-    return source
+  if source in genotypes.REFERENCE_METHODS:
+    return genotypes.REFERENCE_METHODS[source][0]
   if source.lstrip().startswith('Genotype('):
     return 'pasted genotype'
   searched = search_summary(source).get('method')

@@ -12,6 +12,7 @@ from PIL import Image
 from pcp_jax import genotypes
 from pcp_jax import plots
 from pcp_jax import reports
+from pcp_jax import runs as runs_lib
 
 
 def write_run(root, folder, **results):
@@ -285,6 +286,23 @@ def test_runs_on_different_test_set_sizes_are_different_rows(tmp_path):
   _, rows = reports.paper_table(runs)
   assert [(r['Dataset'], r['n']) for r in rows] == [
       ('cifar10', '1'), ('cifar10 (128 of 10000 test images)', '2')]
+
+
+def test_tiny_runs_and_published_cells_say_what_they_are(tmp_path):
+  tiny = write_run(tmp_path, 'tiny', test_accuracy=0.3, params=1, dataset='cifar10',
+                   num_test_examples=128, num_train_examples=256, genotype_source='PDARTS',
+                   method=runs_lib.method_name('PDARTS'))
+  _, (row,) = reports.paper_table([tiny])
+  assert row['Method'] == 'P-DARTS cell'
+  assert row['Dataset'] == 'cifar10 (256 of 50000 training images, 128 of 10000 test images)'
+  assert row['Search cost (GPU-days)'] == '0.300'  # the published cell's published cost
+  # Published rows beside one's own, on request.
+  md, _ = reports.write_paper_table([tiny], str(tmp_path / 'out'), published=True)
+  text = open(md).read()
+  row = '| PC-DARTS, published | 2.57 | - | 3.6 | 0.1 | gradient-based | published | cifar10 |'
+  assert row in text
+  assert '| SS PCP-DARTS (ssf 0.75), the paper | 2.99 |' in text
+  assert 'published' not in open(reports.write_paper_table([tiny], str(tmp_path / 'o2'))[0]).read()
 
 
 def test_a_run_given_twice_is_refused(tmp_path):

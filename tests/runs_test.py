@@ -64,7 +64,8 @@ def test_a_trained_genotype_is_named_after_its_search(tmp_path):
   genotype_path = str(search / runs.GENOTYPE)
   assert runs.method_name(genotype_path) == runs.method_name(str(search)) == 'SS PCP-DARTS'
   assert runs.method_name(genotype_path, 'mine') == 'mine'
-  assert runs.method_name('PDARTS') == 'PDARTS'
+  assert runs.method_name('PDARTS') == 'P-DARTS cell'
+  assert set(genotypes.REFERENCE_METHODS) == set(genotypes.REFERENCE_GENOTYPES)
   assert runs.search_summary(genotype_path)['search_cost_days'] == 0.2
   assert runs.search_summary('PDARTS') == {}
   # Without a search summary: the folder's name, or the file's.

@@ -96,7 +96,10 @@ def test_pipeline_from_a_reference_name(reference_run):
   assert results['params_with_aux'] > results['params']
   assert 0.0 <= results['test_accuracy'] <= 1.0 and math.isfinite(results['test_loss'])
   assert results['num_test_examples'] == 40
-  assert results['method'] == GENOTYPE and results['genotype_source'] == GENOTYPE
+  # 64 training images of the shipped subset: a tiny run, marked as such.
+  assert results['num_train_examples'] == 64 and results['data_source'] == 'subset'
+  method = genotypes.REFERENCE_METHODS[GENOTYPE][0]  # the cell's published name
+  assert results['method'] == method and results['genotype_source'] == GENOTYPE
   assert results['search_cost_days'] is None
   assert results['dataset'] == 'cifar10' and results['epochs'] == 2
   # The last epoch's test accuracy beside the best checkpoint's: the same number exactly when
@@ -112,7 +115,7 @@ def test_pipeline_from_a_reference_name(reference_run):
   fgsm = _read_json(os.path.join(workdir, 'fgsm.json'))
   assert fgsm['eps'] == pytest.approx(list(config.fgsm.eps))
   assert len(fgsm['accuracy']) == len(fgsm['eps']) and set(fgsm['examples']) == {'0', '1'}
-  assert fgsm['num_examples'] == 8 and fgsm['method'] == GENOTYPE
+  assert fgsm['num_examples'] == 8 and fgsm['method'] == method
   pngs = [f for f in os.listdir(workdir) if f.endswith('.png')]
   assert len(pngs) == 3 and all('fgsm' in f for f in pngs)
   for name in pngs:
