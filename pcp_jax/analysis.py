@@ -49,14 +49,16 @@ def fgsm_perturb(logits_fn: LogitsFn, x_pixels, labels, eps, clip: bool = True):
 
 
 def _make_attack_batch(logits_fn: LogitsFn):
-  """A jitted (x, labels, eps) -> (correct, true-class prob) per example; eps is traced."""
+  """A jitted (x, labels, eps) -> (correct, true-class prob, prediction) per example; eps is
+  traced."""
   @jax.jit
   def attack_batch(x, labels, eps):
     x_adv = fgsm_perturb(logits_fn, x, labels, eps)
     logits = logits_fn(x_adv).astype(jnp.float32)
     probs = jax.nn.softmax(logits)
     true_prob = jnp.take_along_axis(probs, labels[:, None], axis=1)[:, 0]
-    return jnp.argmax(logits, axis=-1) == labels, true_prob
+    prediction = jnp.argmax(logits, axis=-1)
+    return prediction == labels, true_prob, prediction
   return attack_batch
 
 
@@ -76,9 +78,10 @@ def fgsm_sweep(logits_fn: LogitsFn, images, labels, eps_list: Sequence[float],
       (the paper's per-example curves, Fig. 13).
 
   Returns:
-    A JSON-ready dict: `eps`, `accuracy` and `mean_true_prob` (one value per eps) and
+    A JSON-ready dict: `eps`, `accuracy` and `mean_true_prob` (one value per eps),
     `examples`, mapping str(index) to the true-class probability per eps (string keys,
-    so the dict is unchanged by a JSON round trip).
+    so the dict is unchanged by a JSON round trip), and `example_details`: per example its
+    label, the predicted class per eps and the clean image (uint8, for the figure).
   """
   images = np.asarray(images, dtype=np.float32)
   labels = np.asarray(labels, dtype=np.int32)
@@ -94,19 +97,18 @@ def fgsm_sweep(logits_fn: LogitsFn, images, labels, eps_list: Sequence[float],
   batch_size = min(batch_size, num_examples)
   attack_batch = _make_attack_batch(logits_fn)
 
-  accuracy, mean_true_prob, true_prob_by_eps = [], [], []
+  accuracy, mean_true_prob, true_prob_by_eps, predictions_by_eps = [], [], [], []
   for eps in eps_list:
-    correct_parts, prob_parts = [], []
+    parts = ([], [], [])
     for idx, mask in loop.padded_batches(num_examples, batch_size):
-      correct, true_prob = attack_batch(images[idx], labels[idx], np.float32(eps))
-      keep = mask > 0
-      correct_parts.append(np.asarray(correct)[keep])
-      prob_parts.append(np.asarray(true_prob)[keep])
-    correct = np.concatenate(correct_parts)
-    true_prob = np.concatenate(prob_parts)
+      outputs = attack_batch(images[idx], labels[idx], np.float32(eps))
+      for part, value in zip(parts, outputs):
+        part.append(np.asarray(value)[mask > 0])
+    correct, true_prob, predictions = (np.concatenate(part) for part in parts)
     accuracy.append(float(correct.mean()))
     mean_true_prob.append(float(true_prob.mean()))
     true_prob_by_eps.append(true_prob)
+    predictions_by_eps.append(predictions)
 
   return {
       'eps': [float(eps) for eps in eps_list],
@@ -114,6 +116,10 @@ def fgsm_sweep(logits_fn: LogitsFn, images, labels, eps_list: Sequence[float],
       'mean_true_prob': mean_true_prob,
       'examples': {
           str(int(i)): [float(p[i]) for p in true_prob_by_eps] for i in example_indices},
+      'example_details': {str(int(i)): {
+          'label': int(labels[i]), 'predictions': [int(p[i]) for p in predictions_by_eps],
+          'image': np.round(255 * images[i]).astype(np.uint8).tolist()}
+                          for i in example_indices},
   }
 
 
@@ -158,10 +164,11 @@ def fgsm(config, workdir: str) -> dict:
   method = runs.method_name(config.genotype, config.train.method)
   results = dict(sweep, method=method, dataset=info.name, genotype_source=config.genotype,
                  num_examples=len(images), checkpoint=checkpoint_name,
-                 checkpoint_epoch=meta.get('epoch'))
+                 checkpoint_epoch=meta.get('epoch'),
+                 class_names=data.CLASS_NAMES.get(info.name))
   if parallel.is_main_process():
     runs.write_json(os.path.join(workdir, runs.FGSM), results)
-    plots.plot_fgsm({method: sweep}, workdir, prefix='fgsm')
+    plots.plot_fgsm({method: results}, workdir, prefix='fgsm')
   logging.info('FGSM accuracy by eps %s: %s', sweep['eps'],
                ', '.join(f'{a:.4f}' for a in sweep['accuracy']))
   return results

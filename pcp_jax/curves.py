@@ -6,7 +6,6 @@ results (fgsm.json) over eps. Built with matplotlib's Figure API (no pyplot), so
 leaves the caller's backend as it is.
 """
 
-import math
 
 import matplotlib.lines
 import matplotlib.patches
@@ -379,15 +378,29 @@ def train_curves_figure(rows: list) -> Figure:
 # ---------------------------------------------------------------------------
 # FGSM.
 
+def _eps_axis(ax, results_by_name: dict) -> None:
+  """The eps axis in the paper's units: k/255 of the pixel range, ticks at the eps run."""
+  eps = sorted({round(255 * e, 6) for r in results_by_name.values() for e in r['eps']})
+  ax.set_xticks(eps, [f'{e:g}' for e in eps])
+  ax.set_xlabel('FGSM eps (x/255 of the pixel range)')
+
+
+def _sample_size(results_by_name: dict) -> str:
+  sizes = {r.get('num_examples') for r in results_by_name.values()} - {None}
+  return f' (n = {sizes.pop()} test images)' if len(sizes) == 1 else ''
+
+
 def fgsm_figure(results_by_name: dict, key: str, ylabel: str, title: str) -> Figure:
-  """`key` of `analysis.fgsm_sweep` results over eps, one line per architecture name."""
+  """`key` of `analysis.fgsm_sweep` results over eps (in x/255), one line per architecture
+  name; the number of attacked images in the title."""
   fig = Figure(figsize=(6, 4.5), layout='constrained')
   ax = fig.add_subplot()
   for name, results in results_by_name.items():
-    ax.plot(results['eps'], results[key], marker='o', markersize=3, label=name)
-  ax.set_xlabel('FGSM eps (pixel scale [0, 1])')
+    ax.plot([255 * e for e in results['eps']], results[key], marker='o', markersize=3,
+            label=name)
+  _eps_axis(ax, results_by_name)
   ax.set_ylabel(ylabel)
-  ax.set_title(title)
+  ax.set_title(title + _sample_size(results_by_name))
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)
   ax.legend()
@@ -395,25 +408,41 @@ def fgsm_figure(results_by_name: dict, key: str, ylabel: str, title: str) -> Fig
 
 
 def fgsm_examples_figure(results_by_name: dict, indices: list) -> Figure:
-  """A panel per recorded example (`indices`, string keys of `examples`): its true-class
-  probability over eps, one line per architecture name."""
-  ncols = min(4, len(indices))
-  nrows = math.ceil(len(indices) / ncols)
-  fig = Figure(figsize=(3.2 * ncols, 2.8 * nrows), layout='constrained')
-  axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
-  for ax, index in zip(axes.flat, indices):
+  """A row per recorded example (`indices`, string keys of `examples`): the image with its
+  true class, and its true-class probability over eps, one line per architecture name, each
+  point labelled with the predicted class where a single architecture is drawn."""
+  fig = Figure(figsize=(7.5, 2.6 * len(indices)), layout='constrained')
+  axes = fig.subplots(len(indices), 2, squeeze=False, width_ratios=(1, 2.6))
+  for (image_ax, ax), index in zip(axes, indices):
+    details = next((r.get('example_details', {}).get(index) for r in results_by_name.values()
+                    if index in r.get('example_details', {})), None)
+    names = next((r.get('class_names') for r in results_by_name.values()
+                  if r.get('class_names')), None)
+
+    def label(k):
+      return names[k] if names and 0 <= k < len(names) else f'class {k}'
+
+    image_ax.axis('off')
+    if details is not None:
+      pixels = np.asarray(details['image'], np.uint8)
+      image_ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels,
+                      cmap='gray' if pixels.shape[-1] == 1 else None, interpolation='nearest')
+      image_ax.set_title(f'#{index}: {label(details["label"])}', fontsize=9)
     for name, results in results_by_name.items():
       if index in results['examples']:
-        ax.plot(results['eps'], results['examples'][index], marker='o', markersize=3,
-                label=name)
-    ax.set_title(f'example {index}')
-    ax.set_ylim(-0.02, 1.02)
+        x = [255 * e for e in results['eps']]
+        ax.plot(x, results['examples'][index], marker='o', markersize=3, label=name)
+        shown = results.get('example_details', {}).get(index)
+        if len(results_by_name) == 1 and shown:
+          for xi, p, k in zip(x, results['examples'][index], shown['predictions']):
+            ax.annotate(label(k), (xi, p), textcoords='offset points', xytext=(0, 5),
+                        ha='center', fontsize=7,
+                        color='#2ca02c' if k == shown['label'] else '#d62728')
+    _eps_axis(ax, results_by_name)
+    ax.set_ylabel('true-class probability', fontsize=8)
+    ax.set_ylim(-0.02, 1.12)
     ax.grid(alpha=0.3)
-  for ax in axes.flat[len(indices):]:
-    ax.set_visible(False)
-  for ax in axes[-1]:
-    ax.set_xlabel('eps')
-  for ax in axes[:, 0]:
-    ax.set_ylabel('true-class probability')
-  axes.flat[0].legend(fontsize='small')
+  axes[0, 1].legend(fontsize='small')
+  fig.suptitle('FGSM, example by example: predicted class at each eps (green: correct)'
+               + _sample_size(results_by_name), fontsize=10)
   return fig

@@ -35,6 +35,14 @@ class DatasetInfo:
   train_size: int = 50_000  # images in the official training split
 
 
+# Class names by label, for figures (CIFAR-100's hundred are shown as numbers).
+CLASS_NAMES = {
+    'cifar10': ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+                'truck'],
+    'fashion_mnist': ['T-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt',
+                      'sneaker', 'bag', 'ankle boot'],
+}
+
 DATASETS = {
     'cifar10': DatasetInfo('cifar10', 10, 32, 3, (0.4914, 0.4822, 0.4465),
                            (0.2470, 0.2435, 0.2616)),

@@ -231,10 +231,27 @@ def test_plot_fgsm_draws_a_line_per_architecture(tmp_path, monkeypatch):
     lines = fig.axes[0].get_lines()
     assert [line.get_label() for line in lines] == ['PC-DARTS', 'SS PCP ssf=1']
     assert np.allclose(lines[1].get_ydata(), from_code[key])
-  # A panel per recorded example, whichever the key type.
-  panels = [ax for ax in examples.axes if ax.get_visible()]
-  assert [ax.get_title() for ax in panels] == ['example 0', 'example 4', 'example 7']
+  # A row per recorded example (its image, its curve), whichever the key type.
+  panels = examples.axes[1::2]
+  assert len(panels) == 3
   assert np.allclose(panels[2].get_lines()[1].get_ydata(), from_code['examples'][7])
+  # eps in x/255, as the paper's Fig. 13.
+  assert np.allclose(accuracy.axes[0].get_lines()[0].get_xdata(), [0, 2.55, 12.75])
+
+
+def test_fgsm_examples_show_the_image_the_true_class_and_each_prediction(tmp_path):
+  eps = [0.0, 1 / 255, 8 / 255]
+  image = np.zeros((32, 32, 3), np.uint8).tolist()
+  results = dict(fake_fgsm(0, eps), num_examples=32, class_names=['airplane', 'cat'] + ['x'] * 8,
+                 example_details={str(i): {'label': 1, 'predictions': [1, 1, 0], 'image': image}
+                                  for i in (0, 4, 7)})
+  accuracy = curves.fgsm_figure({'PC-DARTS': results}, 'accuracy', 'accuracy', 'Accuracy')
+  assert accuracy.axes[0].get_title() == 'Accuracy (n = 32 test images)'
+  assert [t.get_text() for t in accuracy.axes[0].get_xticklabels()] == ['0', '1', '8']
+  fig = curves.fgsm_examples_figure({'PC-DARTS': results}, ['0', '4', '7'])
+  image_ax, curve_ax = fig.axes[:2]
+  assert len(image_ax.get_images()) == 1 and image_ax.get_title() == '#0: cat'
+  assert [t.get_text() for t in curve_ax.texts] == ['cat', 'cat', 'airplane']
 
 
 def test_plot_fgsm_without_results_or_examples_says_so(tmp_path):
