@@ -75,4 +75,6 @@ def test_notebook_clones_the_repository_when_it_sees_no_checkout(tmp_path, monke
   clone = tmp_path / 'pcp_jax_repo'
   text = ''.join(o.get('text', '') for o in nb.cells[0].outputs if o.output_type == 'stream')
   assert f'pcp_jax from {clone}' in text, text
+  # Only what is missing is installed (here: nothing), so Colab's own packages stay.
+  assert 'requirements: all installed already' in text, text
   assert (clone / 'pcp_jax' / 'main.py').is_file() and (clone / 'configs').is_dir()
