@@ -8,7 +8,7 @@
 #    256 (the paper's): the search step, one meter estimate (20 products) and its share of the
 #    search at RobustDARTS's cadence (every 2 epochs): OUT_DIR/bench.json, bench.log.
 # 2. A short S3 search (pcp_jax.main, configs/pc_darts.py:space=s3, 8 cells, batch 64, no
-#    warm-up, 10 epochs on the shipped CIFAR-10 subset, no download) with the meter every epoch
+#    warm-up, 20 epochs on the shipped CIFAR-10 subset, no download) with the meter every epoch
 #    and DARTS+'s skip rule in `warn` mode: OUT_DIR/s3/.
 # 3. OUT_DIR/collapse.md: per epoch the curvature, how far Lanczos still moved, the skip
 #    connections and the alpha entropies, and what `darts_es` and `skip_count` decide on them.
@@ -39,7 +39,7 @@ if (( TINY )); then
   CONFIG=configs/pc_darts.py:space=s3,tiny BATCHES=8 EPOCHS=3
   SEARCH=(--config.search.batch_size=8)
 else
-  CONFIG=configs/pc_darts.py:space=s3 BATCHES=64,256 EPOCHS=10
+  CONFIG=configs/pc_darts.py:space=s3 BATCHES=64,256 EPOCHS=20
   SEARCH=(--config.data.source=subset --config.data.max_train=0 --config.search.batch_size=64
           --config.search.eval_batch_size=250)
 fi

@@ -3,8 +3,9 @@
 The curvature meter is RobustDARTS's quantity (Zela et al., ICLR 2020): the largest algebraic
 eigenvalue of the Hessian of the validation cross-entropy with respect to the architecture
 parameters (alphas and, with edge normalisation, betas). RobustDARTS builds the full Hessian
-row by row; here a few Lanczos steps on forward-over-reverse Hessian-vector products give the
-same number, in one compiled function. Across the products of one estimate the weights, the
+row by row; here a few Lanczos steps on Hessian-vector products (forward-over-reverse with
+XLA's kernels, reverse-over-reverse through the CPU wing's custom gradients) give the same
+number, in one compiled function. Across the products of one estimate the weights, the
 batch, the BN mode (batch statistics, as in the search step) and the partial-channel key are
 fixed, so the operator is one symmetric matrix. Skip-connect dropout is off. The Hessian is
 the cross-entropy's alone: RobustDARTS adds the architecture weight decay (`wd * I`), which
@@ -119,8 +120,9 @@ def arch_ce(model, variables, arch, images, labels, channel_key, mean, std):
 
 
 def arch_hvp(model, variables, images, labels, channel_key, mean, std):
-  """(flat architecture vector, unravel, v -> H v): forward-over-reverse Hessian-vector products
-  of `arch_ce` at the current architecture."""
+  """(flat architecture vector, unravel, v -> H v): Hessian-vector products of `arch_ce` at the
+  current architecture; forward-over-reverse, or reverse-over-reverse for a kernel set with
+  custom gradients (the CPU wing's, which forward mode cannot go through)."""
   flat, unravel = jax.flatten_util.ravel_pytree(variables['arch'])
   params = {k: v for k, v in variables.items() if k != 'arch'}
 
@@ -128,7 +130,9 @@ def arch_hvp(model, variables, images, labels, channel_key, mean, std):
     return arch_ce(model, params, unravel(a), images, labels, channel_key, mean, std)
 
   def hvp(v):
-    return jax.jvp(jax.grad(loss), (flat,), (v,))[1]
+    if model.kernels.name == 'xla':
+      return jax.jvp(jax.grad(loss), (flat,), (v,))[1]
+    return jax.grad(lambda a: jnp.vdot(jax.grad(loss)(a), v))(flat)
 
   return flat, unravel, hvp
 
@@ -144,9 +148,9 @@ def curvature(variables, images, labels, key, *, model, mean, std, steps: int):
 
 
 def make_curvature_fn(model, mean, std, steps: int):
-  """`curvature` jitted for `model` (its kernel set must support forward-mode autodiff: the
-  XLA set; the data-parallel BN axis is dropped, the meter runs on one replica)."""
-  model = model.clone(kernels=kernels_lib.XLA, bn_axis_name=None)
+  """`curvature` jitted for `model` (the data-parallel BN axis dropped: the meter runs on one
+  replica)."""
+  model = model.clone(bn_axis_name=None)
   return jax.jit(functools.partial(curvature, model=model, mean=mean, std=std, steps=steps))
 
 

@@ -157,10 +157,12 @@ def run(config, workdir):
 
 
 class _QuietLibraries(stdlib_logging.Filter):
-  """Drops the INFO chatter of Orbax (hundreds of lines per run) unless -v is given."""
+  """Drops the INFO chatter of Orbax (hundreds of lines per run) and JAX's backend probing
+  (a missing TPU library, the first line a newcomer saw) unless -v is given."""
 
   def filter(self, record):
-    return record.levelno >= stdlib_logging.WARNING or '/orbax/' not in record.pathname
+    return record.levelno >= stdlib_logging.WARNING or not (
+        '/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
 
 
 # What a user can fix gets one line, not a traceback (-v 1 shows the traceback).
@@ -207,6 +209,11 @@ def parse_flags(argv):
   """absl's flag parsing; a config file or `--config.*` override that fails (a misspelt field,
   a bad config argument, an unparsable value) is answered in one line. `--config` also takes a
   config by name (`--config=ss_pcp:tiny`, `defaults.config_file`)."""
+  if any(a in ('-h', '-?', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
+    app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True)
+    print(f'\nConfigs by name or path: {", ".join(defaults.config_names())} '
+          f'(--config=ss_pcp, --config=configs/ss_pcp.py).\n\n{defaults.__doc__}')
+    sys.exit(0)
   try:
     argv = defaults.config_args(argv, ('config',))
   except ValueError as e:

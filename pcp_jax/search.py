@@ -191,8 +191,7 @@ def _prepare(config, workdir) -> Setup:
 
 @dataclasses.dataclass
 class Start:
-  """Where a session starts: a stage's epoch and step, its op switches and, when resuming,
-  the restored state and epoch sums."""
+  """Where a session starts: stage, epoch, step, switches; when resuming, the state and sums."""
   switches: dict  # {'normal', 'reduce'}: (14, NUM_OPS) booleans
   stage: int = 0
   epoch: int = 0
@@ -201,10 +200,11 @@ class Start:
   sums: Any = None
   elapsed: float = 0.0
   collapse: Any = dataclasses.field(default_factory=lambda: collapse.History())
+  finished: bool = False  # the checkpoint is the search's last (or a stopping rule's)
 
 
-def _switches_from(meta):
-  return {c: np.asarray(meta[f'switches_{c}'], bool) for c in ('normal', 'reduce')}
+def _switches_from(meta):  # (14, 8) ones of earlier runs gain the noise column
+  return {c: genotypes.check_switches(meta[f'switches_{c}']) for c in genotypes.CELLS}
 
 
 def _restore_or_start(setup: Setup, ckpt) -> Start:
@@ -218,11 +218,17 @@ def _restore_or_start(setup: Setup, ckpt) -> Start:
   if restored is None:
     return Start(spaces.initial_switches(setup.cfg.space, setup.cfg.initial_ops))
   ckpt_step, tree, meta = restored
-  logging.info('Resuming the search from checkpoint %d: stage %d, epoch %d, step %d.',
-               ckpt_step, meta['phase'] + 1, meta['epoch'] + 1, meta['step'])
+  history = collapse.History.from_meta(meta.get('collapse'))
+  stages = setup.cfg.stages
+  finished = history.stopped or (meta['phase'] == len(stages) - 1
+                                 and meta['epoch'] >= stages[-1].epochs)
+  logging.info(f'The search in {setup.workdir} is finished (checkpoint {ckpt_step}); its '
+               'results stand, nothing to run.' if finished else
+               f'Resuming the search from checkpoint {ckpt_step}: stage {meta["phase"] + 1}, '
+               f'epoch {meta["epoch"] + 1}, step {meta["step"]}.')
   return Start(_switches_from(meta), meta['phase'], meta['epoch'], meta['step'],
                tree['state'], tree['sums'] if meta['step'] else None, meta['elapsed_seconds'],
-               collapse.History.from_meta(meta.get('collapse')))
+               history, finished)
 
 
 def _epoch_inputs(setup: Setup, s: int, epoch: int) -> loop.EpochInputs:
@@ -330,6 +336,18 @@ def _result_genotype(setup: Setup, arch, switches):
   return _genotype_of(setup, arch, switches, max_skip_normal=max_skip)
 
 
+def _finished(setup: Setup, start: Start):
+  """The genotype of a finished search, rerun: nothing is written again (genotype.json only
+  if it went missing)."""
+  decision = start.collapse.decision
+  genotype = (genotypes.from_dict(decision['genotype']) if start.collapse.stopped else
+              _result_genotype(setup, _host(start.state.arch), start.switches))
+  if setup.main_process and not os.path.isfile(setup.path(runs.GENOTYPE)):
+    genotypes.save(genotype, setup.path(runs.GENOTYPE))
+  logging.info('genotype = %s', genotypes.to_string(genotype))
+  return genotype
+
+
 def _finish(setup: Setup, arch, switches, hours, decision=None):
   """Writes genotype.json, arch.npz, the cell diagrams and search_summary.json; a stopping
   rule's decision (action 'stop') gives the genotype."""
@@ -370,6 +388,9 @@ def search(config, workdir):
   ckpt = checkpoint.Checkpointer(setup.path(runs.SEARCH_CHECKPOINTS),
                                  config.checkpoint.max_to_keep)
   start = _restore_or_start(setup, ckpt)
+  if start.finished:
+    ckpt.close()
+    return _finished(setup, start)
   if start.state is None and setup.main_process:
     runs.set_aside(workdir, runs.SEARCH_OUTPUTS)
   resume_step = setup.offsets[start.stage] + start.epoch * setup.steps + start.step

@@ -17,6 +17,7 @@ from pcp_jax import defaults
 from pcp_jax import genotypes
 from pcp_jax import main
 from pcp_jax import runs
+from pcp_jax.cpu import kernels as cpu_kernels
 
 sys.path.insert(0, os.path.dirname(__file__))
 from search_step_test import IMAGES, LABELS, tiny_stage  # noqa: E402
@@ -76,6 +77,13 @@ def test_the_meter_equals_the_full_hessians_largest_eigenvalue_on_a_supernet():
   meter = collapse.make_curvature_fn(spec.model, spec.mean, spec.std, 20)
   largest, _ = meter(variables, IMAGES, LABELS, key)
   assert abs(float(largest) - exact[-1]) <= 1e-6 * abs(exact[-1])
+  # The CPU wing (custom gradients: reverse-over-reverse products) in float32, against the
+  # float64 answer: float32's rounding is orders of magnitude below the tolerance.
+  wing = collapse.make_curvature_fn(
+      spec.model.clone(kernels=cpu_kernels.KERNELS, dtype=jnp.float32), spec.mean, spec.std, 20)
+  as32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), variables)
+  largest32, _ = wing(as32, IMAGES, LABELS, key)
+  assert abs(float(largest32) - exact[-1]) <= 2e-3 * abs(exact[-1])
 
 
 def test_indicators_count_skips_and_measure_entropy():

@@ -76,6 +76,10 @@ def test_help_lists_the_distributed_flag():
   result = subprocess.run([sys.executable, '-m', 'pcp_jax.main', '--help'], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
   assert '--[no]distributed' in result.stdout and 'PCP_JAX_COORDINATOR' in result.stdout
+  # Help is no error, and it tells the config arguments and the configs by name.
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'ssf=<float>' in result.stdout and 'space=<name>' in result.stdout
+  assert 'Configs by name or path: p_darts, pc_darts, pcp, ' in result.stdout
 
 
 @pytest.mark.slow

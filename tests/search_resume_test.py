@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from pcp_jax import checkpoint
+from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import search
 
@@ -156,6 +157,13 @@ def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, 
     search.search(changed, str(tmp_path))
   search.search(tiny_config(1), str(tmp_path))
   assert_same(result(tmp_path), uninterrupted)
+  # A rerun of the finished search says so and changes nothing.
+  files = {name: os.stat(tmp_path / name).st_mtime_ns
+           for name in ('genotype.json', 'search_summary.json', 'search_metrics.jsonl',
+                        'arch.npz')}
+  again = search.search(tiny_config(1), str(tmp_path))
+  assert genotypes.to_dict(again) == uninterrupted[0]
+  assert files == {name: os.stat(tmp_path / name).st_mtime_ns for name in files}
 
 
 CLI_RUNNER = r'''
