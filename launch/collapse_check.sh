@@ -5,7 +5,7 @@
 #   launch/collapse_check.sh [OUT_DIR] [--tiny]     # OUT_DIR defaults to collapse_check
 #
 # 1. `pcp_jax.bench --what=search,curvature` on PC-DARTS in S3 at batch 64 (RobustDARTS's) and
-#    256 (the paper's): the search step, one meter estimate (20 products) and its share of the
+#    256 (the paper's), one meter estimate (20 products on 64 images) and its share of the
 #    search at RobustDARTS's cadence (every 2 epochs): OUT_DIR/bench.json, bench.log.
 # 2. A short S3 search (pcp_jax.main, configs/pc_darts.py:space=s3, 8 cells, batch 64, no
 #    warm-up, 20 epochs on the shipped CIFAR-10 subset, no download) with the meter every epoch

@@ -13,10 +13,12 @@ batch size) it times building the state (`init s`), compiling the step as the lo
 the search step (architecture + weight step) in one call of `search.build_stage`'s on-device
 loop, as the search runs an epoch; `train.make_train_step` as queued calls; `curvature`: one
 estimate of the collapse meter (`collapse`, `search.curvature_steps` Hessian-vector products on
-a batch of the case's size) per step, with its cost as a share of the search at the same stage
-and batch when the meter runs every `search.curvature_every` epochs (RobustDARTS's 2 when 0),
-and the estimate after each product. Inputs: random uint8 images on the device. Peak memory:
-the GPU's `peak_bytes_in_use` or the process's peak RSS, since the process started.
+`search.curvature_batch` images, whatever `--batch_size` says) per step, with its cost as a
+share of the search at each timed batch of the same stage when the meter runs every
+`search.curvature_every` epochs (RobustDARTS's 2 when 0), and the estimate after each product.
+A case that fails (out of memory) is a row saying so; the others still run. Inputs: random
+uint8 images on the device. Peak memory: the GPU's `peak_bytes_in_use` or the process's peak
+RSS, since the process started.
 `XLA buffers` (arguments, outputs, temporaries) needs no run.
 """
 
@@ -117,6 +119,8 @@ def plan(search_config, train_config, *, what='search,train', batch_size='', sta
     except ValueError as e:
       raise ValueError(f'--{flag}: {e}') from None
     sizes = _positive_ints(batch_size or config[kind].batch_size, 'batch_size')
+    if kind == 'curvature':  # the meter's own batch, whatever the search's
+      sizes = [config.search.curvature_batch]
     for b in sizes:  # search: batch norm needs two images
       _check(kind == 'train' or b >= 2, f'--batch_size must be >= 2 for {kind}, got {b}.')
       parallel.check_batch(b, devices, '--batch_size')
@@ -304,23 +308,26 @@ def project_search(search_config, results):
 
 
 def curvature_costs(search_config, results):
-  """Per timed curvature case with a timed search case of the same stage and batch: one
-  estimate in search steps and as a share of the search time between two estimates
-  (`search.curvature_every` epochs of the full split, RobustDARTS's 2 when 0)."""
+  """Per timed search case with a timed curvature case of the same stage (the meter on its
+  `search.curvature_batch` images): one estimate in search steps and as a share of the search
+  time between two estimates (`search.curvature_every` epochs of the full split at the search
+  case's batch, RobustDARTS's 2 when 0)."""
   every = search_config.search.curvature_every or 2
   costs = []
-  for r in results:
-    step = next((s for s in results if s['what'] == 'search' and 'seconds_per_step' in s
-                 and (s['stage'], s['batch_size']) == (r['stage'], r['batch_size'])), None)
-    if r['what'] != 'curvature' or 'seconds_per_step' not in r or step is None:
+  for step in results:
+    meter = next((r for r in results if r['what'] == 'curvature' and 'seconds_per_step' in r
+                  and r['stage'] == step['stage']), None)
+    if step['what'] != 'search' or 'seconds_per_step' not in step or meter is None:
       continue
-    steps = search_steps_per_epoch(search_config, r['batch_size'])
-    history = np.asarray(r['curvature_history'])
+    steps = search_steps_per_epoch(search_config, step['batch_size'])
+    history = np.asarray(meter['curvature_history'])
     close = np.abs(history - history[-1]) <= 1e-3 * np.abs(history[-1])
     costs.append(dict(
-        case=r['case'], batch_size=r['batch_size'], every_epochs=every, steps_per_epoch=steps,
-        products=len(history), estimate_in_steps=r['seconds_per_step'] / step['seconds_per_step'],
-        share=r['seconds_per_step'] / (every * steps * step['seconds_per_step']),
+        case=meter['case'], batch_size=step['batch_size'], meter_batch=meter['batch_size'],
+        every_epochs=every, steps_per_epoch=steps, products=len(history),
+        estimate_seconds=meter['seconds_per_step'],
+        estimate_in_steps=meter['seconds_per_step'] / step['seconds_per_step'],
+        share=meter['seconds_per_step'] / (every * steps * step['seconds_per_step']),
         products_to_1e3=int(np.argmax(close)) + 1))
   return costs
 
@@ -330,10 +337,13 @@ def _size(n):
 
 
 def markdown_table(results):
-  kind = results[0]['memory_kind'] if results else 'RSS'
+  kind = next((r['memory_kind'] for r in results if 'memory_kind' in r), 'RSS')
   rows = [('case', 'batch', 'img/s', 's/step', 'init s', 'compile s', f'peak {kind}',
            'XLA buffers'), ('---',) + ('---:',) * 7]
   for r in results:
+    if 'error' in r:
+      rows.append((r['case'], r['batch_size'], r['error'][:80]) + ('-',) * 5)
+      continue
     timed = 'seconds_per_step' in r
     rows.append((r['case'], r['batch_size'], f"{r['images_per_second']:.1f}" if timed else '-',
                  f"{r['seconds_per_step']:.4g}" if timed else '-', f"{r['init_seconds']:.1f}",
@@ -346,8 +356,13 @@ def benchmark(search_config, train_config, cases, *, out='', **timing):
   """Runs the planned `cases`, prints the table, writes the JSON report to `out`, returns it."""
   results = []
   for c in cases:
-    results.append(run_case(c, train_config if c['what'] == 'train' else search_config,
-                            **timing))
+    try:
+      results.append(run_case(c, train_config if c['what'] == 'train' else search_config,
+                              **timing))
+    except (jax.errors.JaxRuntimeError, MemoryError) as e:  # out of memory: the next case
+      message = ' '.join(str(e).split())[:300]
+      logging.error('%s case at batch %d failed: %s', c['what'], c['batch_size'], message)
+      results.append(dict(c, case=f"{c['what']} (failed)", error=message))
     # Each case's programs and buffers go before the next case builds its own: on a CPU the
     # stages of a progressive search do not fit in memory together.
     gc.collect()
@@ -358,10 +373,11 @@ def benchmark(search_config, train_config, cases, *, out='', **timing):
   device = jax.local_devices()[0]
   print(markdown_table(results))
   for c in costs:
-    print(f"{c['case']} at batch {c['batch_size']}: one estimate costs "
-          f"{c['estimate_in_steps']:.1f} search steps, {100 * c['share']:.2f} % of the search "
-          f"when run every {c['every_epochs']} epochs of {c['steps_per_epoch']} steps; within "
-          f"1e-3 of its final value after {c['products_to_1e3']} of {c['products']} products.")
+    print(f"{c['case']} on {c['meter_batch']} images: one estimate "
+          f"({c['estimate_seconds']:.1f} s) costs {c['estimate_in_steps']:.1f} search steps at "
+          f"batch {c['batch_size']}, {100 * c['share']:.2f} % of the search when run every "
+          f"{c['every_epochs']} epochs of {c['steps_per_epoch']} steps; within 1e-3 of its "
+          f"final value after {c['products_to_1e3']} of {c['products']} products.")
   for p in projections:
     print(f"Projected search at batch {p['batch_size']}: {p['hours']:.2f} h, {p['device_days']:.3f}"
           f" {device.device_kind}-days (steps and compiling; no evaluation, data loading).")

@@ -72,6 +72,7 @@ def test_the_command_fails_in_one_line_before_any_case_runs(args, message, tmp_p
 def test_a_tiny_search_train_and_curvature_case_run_and_report(tmp_path, capsys):
   search_config, train_config = tiny_configs()
   search_config.search.curvature_steps = 4
+  search_config.search.curvature_batch = 8  # the meter's batch, whatever --batch_size says
   cases = bench.plan(search_config, train_config, what='search,train,curvature',
                      batch_size='8', project=True, **TIMING)
   assert [(c['what'], c['stage'], c['batch_size']) for c in cases] == [
@@ -109,8 +110,29 @@ def test_a_tiny_search_train_and_curvature_case_run_and_report(tmp_path, capsys)
   assert cost['estimate_in_steps'] == pytest.approx(
       curvature_case['seconds_per_step'] / search_case['seconds_per_step'])
   assert cost['share'] == pytest.approx(cost['estimate_in_steps'] / (2 * steps))
-  assert 1 <= cost['products_to_1e3'] <= 4
-  assert f"{curvature_case['case']} at batch 8: one estimate costs" in printed
+  assert 1 <= cost['products_to_1e3'] <= 4 and cost['meter_batch'] == 8
+  assert f"{curvature_case['case']} on 8 images: one estimate (" in printed
+
+
+def test_a_case_that_fails_is_a_row_and_the_others_still_run(monkeypatch, capsys):
+  search_config, train_config = tiny_configs()
+  cases = [dict(what='search', stage=0, batch_size=8, devices=1)] * 2
+
+  def run_case(case, config, **timing):
+    if len(calls) == 0:
+      calls.append(case)
+      raise MemoryError('Out of memory allocating 33226921000 bytes.')
+    calls.append(case)
+    return dict(case, case='ok', seconds_per_step=1.0, images_per_second=8.0, init_seconds=1.0,
+                compile_seconds=1.0, peak_memory_bytes=1, xla_buffer_bytes=1, memory_kind='RSS')
+
+  calls = []
+  monkeypatch.setattr(bench, 'run_case', run_case)
+  report = bench.benchmark(search_config, train_config, cases, **TIMING)
+  failed, ran = report['cases']
+  assert 'Out of memory' in failed['error'] and ran['case'] == 'ok' and len(calls) == 2
+  assert '| search (failed) | 8 | Out of memory allocating 33226921000 bytes. |' in (
+      capsys.readouterr().out)
 
 
 @pytest.mark.slow  # compiles; the quick suite keeps the option checks
