@@ -17,9 +17,9 @@
 # script. Time budget: GPU_CHECK_BUDGET_S seconds in all (default 570); cases start only while
 # GPU_CHECK_RESERVE_S (default 180) are left for the determinism runs, later ones are recorded
 # as skipped. The exit status is 0 only if every case ran with finite losses and the two runs
-# agree. `--tiny` is the CPU form (CI): the search configs' `:tiny` forms at batch 8, float32
-# plus one bfloat16 case, stage 1 of SS PCP-DARTS, no time budget by default, the
-# determinism runs one after the other in the environment's compilation cache.
+# agree. `--tiny` is the CPU form (CI): PC-DARTS's `:tiny` form at batch 8, float32 and
+# bfloat16, no time budget by default, the determinism runs one after the other in the
+# environment's compilation cache.
 # PYTHON (default python) runs the Python steps.
 set -u -o pipefail
 

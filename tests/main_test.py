@@ -334,9 +334,12 @@ def test_an_installed_package_runs_its_configs_by_name_from_anywhere(tmp_path):
   # own; run from another folder, with the checkout off the path.
   target, elsewhere = tmp_path / 'site', tmp_path / 'elsewhere'
   elsewhere.mkdir()
-  isolation = [] if importlib.util.find_spec('setuptools') is None else ['--no-build-isolation']
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', *isolation,
-                  f'--target={target}', ROOT], check=True, capture_output=True, timeout=300)
+  # Without build isolation where setuptools can build a wheel here; else pip fetches them.
+  local = all(importlib.util.find_spec(m) for m in ('setuptools', 'wheel'))
+  built = subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
+                          *(['--no-build-isolation'] if local else []), f'--target={target}',
+                          ROOT], capture_output=True, text=True, timeout=300)
+  assert built.returncode == 0, built.stderr[-3000:]
   env = dict(os.environ, PYTHONPATH=str(target))
   code = ('from pcp_jax import defaults, monitor; import importlib.util as u; '
           'p = defaults.config_file("pc_darts:tiny").split(":")[0]; '

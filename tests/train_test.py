@@ -131,7 +131,7 @@ def test_pipeline_from_a_reference_name(reference_run):
 
   md_path, _ = reports.write_paper_table([workdir], os.path.join(workdir, 'table'))
   with open(md_path) as f:
-    assert f'| {GENOTYPE} |' in f.read()
+    assert f'| {method} |' in f.read()
 
 
 def test_pipeline_from_a_genotype_json(reference_run, tmp_path):
@@ -204,7 +204,7 @@ def test_best_checkpoint_holds_the_epoch_of_lowest_validation_loss(reference_run
   lowest = min(rows, key=lambda r: r['valid_loss'])
   best = checkpoint.Checkpointer(os.path.join(workdir, 'best'))
   assert best.all_steps() == [lowest['step']]
-  template = train._template(models.eval_network(  # pylint: disable=protected-access
+  template = train.checkpoint_template(models.eval_network(
       _tiny_config(), genotypes.get(GENOTYPE), data.DATASETS['cifar10'].num_classes),
       train.make_optimizer(_tiny_config())[0], (32, 32, 3))
   _, _, metadata = best.restore_latest(template)
