@@ -176,6 +176,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   if not verbose:
     stdlib_logging.getLogger('absl').addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(_QuietLibraries())  # JAX logs through its own logger
   initialize_distributed(FLAGS.distributed)
   use_compilation_cache()
   logging.info('JAX process %d of %d; local devices: %s; %d devices in all; compilation cache: %s',

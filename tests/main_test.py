@@ -228,6 +228,7 @@ def test_command_line_errors_are_one_line(tmp_path):
   assert 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].endswith(
       'checkpoint.max_to_keep must be a whole number >= 1, got 0.')
+  assert 'libtpu' not in result.stderr  # JAX's backend probing is hidden unless -v
 
 
 def _fake_python(tmp_path):
