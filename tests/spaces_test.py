@@ -77,6 +77,7 @@ def test_noise_ignores_its_input_and_draws_from_the_noise_stream():
   assert not np.allclose(np.asarray(e1)[..., 0], np.asarray(f1)[:, ::2, ::2, 0])
 
 
+@pytest.mark.slow  # builds and runs a network: the quick suite keeps the op's own test
 def test_a_genotype_with_noise_is_valid_and_builds_an_evaluation_network():
   normal = (('noise', 0), ('sep_conv_3x3', 1)) * 4
   genotype = genotypes.validate(genotypes.Genotype(normal, (2, 3, 4, 5), normal, (2, 3, 4, 5)))
