@@ -205,6 +205,12 @@ def indicators(weights: Mapping, genotype) -> dict:
 # stage), 'curvature' (None when not measured), 'skip_normal', 'genotype'}, oldest first.
 
 
+def record(row: Mapping, genotype: dict) -> dict:
+  """The stage history's record of epoch `row` (a search metrics row, 1-based epoch)."""
+  return {'epoch': row['epoch'] - 1, 'curvature': row.get('curvature'),
+          'skip_normal': row['skip_normal'], 'genotype': genotype}
+
+
 @dataclasses.dataclass
 class History:
   """A stage's epoch records and the first decision of its stopping rule; kept in the search
@@ -232,8 +238,7 @@ class History:
     """Records epoch `row` of stage `stage` (0-based; a search metrics row) with the genotype
     the search would return then, and applies the rule of `cfg` (`config.search`); its first
     decision is kept and logged (`stopped` says whether it stops the search)."""
-    self.records.append({'epoch': row['epoch'] - 1, 'curvature': row.get('curvature'),
-                         'skip_normal': row['skip_normal'], 'genotype': genotype})
+    self.records.append(record(row, genotype))
     decision = None if self.decision else decide(cfg, self.records,
                                                   cfg.stages[stage].warmup_epochs)
     if decision is None:
@@ -313,8 +318,7 @@ def trajectory(rows, every: int = 1) -> str:
     if r['stage'] != stage:
       history, stage, warmup, fired = [], r['stage'], None, set()
     warmup = r['epoch'] - 1 if warmup is None and not r.get('arch_frozen') else warmup
-    history.append({'epoch': r['epoch'] - 1, 'curvature': r.get('curvature'),
-                    'skip_normal': r['skip_normal'], 'genotype': r['genotype']})
+    history.append(record(r, r['genotype']))
     curvature = r.get('curvature')
     measured = ('-', '-') if curvature is None else (f'{curvature:.4g}',
                                                      f"{r['curvature_change']:.1e}")

@@ -413,14 +413,15 @@ def fgsm_examples_figure(results_by_name: dict, indices: list) -> Figure:
   point labelled with the predicted class where a single architecture is drawn."""
   fig = Figure(figsize=(7.5, 2.6 * len(indices)), layout='constrained')
   axes = fig.subplots(len(indices), 2, squeeze=False, width_ratios=(1, 2.6))
+  names = next((r.get('class_names') for r in results_by_name.values()
+                if r.get('class_names')), None)
+
+  def label(k):
+    return names[k] if names and 0 <= k < len(names) else f'class {k}'
+
   for (image_ax, ax), index in zip(axes, indices):
     details = next((r.get('example_details', {}).get(index) for r in results_by_name.values()
                     if index in r.get('example_details', {})), None)
-    names = next((r.get('class_names') for r in results_by_name.values()
-                  if r.get('class_names')), None)
-
-    def label(k):
-      return names[k] if names and 0 <= k < len(names) else f'class {k}'
 
     image_ax.axis('off')
     if details is not None:

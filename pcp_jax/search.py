@@ -330,8 +330,11 @@ def _end_stage(setup: Setup, s: int, arch, switches):
   return kept
 
 
-def _result_genotype(setup: Setup, arch, switches):
-  """The genotype the search returns from `arch`: the P-DARTS skip limit applied."""
+def _result_genotype(setup: Setup, arch, switches, decision=None):
+  """The genotype the search returns: a stopping rule's choice (action 'stop'), else `arch`'s
+  with the P-DARTS skip limit applied."""
+  if decision is not None and decision['action'] == 'stop':
+    return genotypes.from_dict(decision['genotype'])
   max_skip = setup.cfg.max_skip_normal if setup.cfg.max_skip_normal >= 0 else None
   return _genotype_of(setup, arch, switches, max_skip_normal=max_skip)
 
@@ -339,9 +342,8 @@ def _result_genotype(setup: Setup, arch, switches):
 def _finished(setup: Setup, start: Start):
   """The genotype of a finished search, rerun: nothing is written again (genotype.json only
   if it went missing)."""
-  decision = start.collapse.decision
-  genotype = (genotypes.from_dict(decision['genotype']) if start.collapse.stopped else
-              _result_genotype(setup, _host(start.state.arch), start.switches))
+  genotype = _result_genotype(setup, _host(start.state.arch), start.switches,
+                              start.collapse.decision)
   if setup.main_process and not os.path.isfile(setup.path(runs.GENOTYPE)):
     genotypes.save(genotype, setup.path(runs.GENOTYPE))
   logging.info('genotype = %s', genotypes.to_string(genotype))
@@ -349,12 +351,9 @@ def _finished(setup: Setup, start: Start):
 
 
 def _finish(setup: Setup, arch, switches, hours, decision=None):
-  """Writes genotype.json, arch.npz, the cell diagrams and search_summary.json; a stopping
-  rule's decision (action 'stop') gives the genotype."""
+  """Writes genotype.json, arch.npz, the cell diagrams and search_summary.json."""
   cfg = setup.cfg
-  genotype = _result_genotype(setup, arch, switches)
-  if decision is not None and decision['action'] == 'stop':
-    genotype = genotypes.from_dict(decision['genotype'])
+  genotype = _result_genotype(setup, arch, switches, decision)
   device = jax.devices()[0]
   if setup.main_process:
     genotypes.save(genotype, setup.path(runs.GENOTYPE))
