@@ -5,6 +5,7 @@
   python -m pcp_jax.bench --what=train --batch_size=96,192 --dtype=bfloat16
   python -m pcp_jax.bench --config=configs/ss_pcp.py --stages=all --compile_only
   python -m pcp_jax.bench --what=search,curvature --batch_size=64,256
+  python -m pcp_jax.bench --what=search --batch_size=64 --population=2,4
 
 A pre-flight check before a long run (on its GPU): does the batch fit, how long compiling takes,
 how many images per second does a step run. Per case (a search stage or the train step at a
@@ -16,6 +17,9 @@ estimate of the collapse meter (`collapse`, `search.curvature_steps` Hessian-vec
 `search.curvature_batch` images, whatever `--batch_size` says) per step, with its cost as a
 share of the search at each timed batch of the same stage when the meter runs every
 `search.curvature_every` epochs (RobustDARTS's 2 when 0), and the estimate after each product.
+`--population=N,...`: each search case also as a population of N members (`population`: one
+vmapped step), beside the solo case: img/s summed over the members, and the ratio to N solo
+runs one after another (which sum to the solo case's img/s).
 A case that fails (out of memory) is a row saying so; the others still run. Inputs: random
 uint8 images on the device. Peak memory: the GPU's `peak_bytes_in_use` or the process's peak
 RSS, since the process started.
@@ -47,6 +51,7 @@ from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import models
 from pcp_jax import parallel
+from pcp_jax import population
 from pcp_jax import search
 from pcp_jax import spaces
 from pcp_jax import search_step
@@ -72,6 +77,8 @@ def define_flags():
   flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype (weights stay float32).')
   flags.DEFINE_bool('compile_only', False, 'Only compile; report XLA buffer bytes.')
   flags.DEFINE_bool('project', False, 'Project the whole search: hours and device-days.')
+  flags.DEFINE_string('population', '', 'Comma list of population sizes N: each search case '
+                      'also as N members in one vmapped program.')
   flags.DEFINE_string('out', 'bench.json', "JSON results file; '' prints only.")
 
 
@@ -90,7 +97,8 @@ def _positive_ints(value, name):
 
 
 def plan(search_config, train_config, *, what='search,train', batch_size='', stages='1',
-         steps=5, warmup=2, dtype='float32', compile_only=False, project=False, out=''):
+         steps=5, warmup=2, dtype='float32', compile_only=False, project=False, out='',
+         population=''):
   """The cases the options ask for; a ValueError names a bad option before anything compiles."""
   kinds = [w.strip() for w in what.split(',') if w.strip()]
   _check(kinds and not set(kinds) - set(WHAT),
@@ -133,8 +141,12 @@ def plan(search_config, train_config, *, what='search,train', batch_size='', sta
              f'config ({n} stage(s)), got {stages!r}.')
       _check(not project or len(set(indices)) == n,
              f'--project needs every stage timed: add --stages=all ({n} stages).')
-    cases += [dict(what=kind, stage=s, batch_size=b, devices=devices)
-              for b in sizes for s in indices]
+    members = [0]
+    if kind == 'search' and population:
+      members += _positive_ints(population, 'population')
+      _check(devices == 1, f'--population runs on one device; set num_devices=1 (got {devices}).')
+    cases += [dict(what=kind, stage=s, batch_size=b, devices=devices, population=n)
+              for b in sizes for s in indices for n in members]
   return cases
 
 
@@ -184,20 +196,35 @@ class _Program:
       config.search.batch_size = b  # the on-device loop slices batches of this size
       stage = config.search.stages[case['stage']]
       switches = stage_switches(config, case['stage'])
-      built = search.build_stage(config, stage.layers, stage.epochs, switches, info,
-                                 train.image_shape(info), search_steps_per_epoch(config, b) or 1,
-                                 mesh, stage.skip_dropout > 0)
+      members = case.get('population', 0)
+      args = (config, stage.layers, stage.epochs, switches, info, train.image_shape(info),
+              search_steps_per_epoch(config, b) or 1, mesh, stage.skip_dropout > 0)
+      built = search.build_stage(*args)
       state = parallel.run_once(built.init, key_init)
-      self.carry = parallel.replicate((state, loop.zero_sums(search_step.METRICS)), mesh)
+      n = b * max_steps  # every step of a call gets its own rows
+      order = {s: np.arange(n, dtype=np.int32) for s in ('train', 'valid')}
+      self.members = None
+      if members:  # N copies of the solo state in the population's layout
+        built = search.build_stage(*args, members=True)
+        shapes = jax.eval_shape(built.init, key_init)
+        state = population.embed(state, switches, switches, shapes, built.spec, stage.layers)
+        state = jax.tree_util.tree_map(lambda a: np.stack([a] * members), state)
+        order = jax.tree_util.tree_map(lambda a: np.stack([a] * members), order)
+        self.key = jax.random.split(self.key, members)
+        self.members = (jnp.full((members,), config.search.ss_factor, jnp.float32),
+                        {c: jnp.asarray(np.stack([switches[c]] * members))
+                         for c in genotypes.CELLS})
+      self.carry = parallel.replicate(
+          (state, loop.zero_sums(search_step.METRICS, members=members)), mesh)
       spec = dataclasses.replace(built.spec, model=built.spec.model.clone(dtype=dtype))
       self.fn = loop.make_chunk_fn(functools.partial(search_step.search_step, spec=spec), b,
-                                   mesh)
-      n = b * max_steps  # every step of a call gets its own rows
-      self.data = (*_inputs(n, info, ('train', 'valid'), mesh), parallel.replicate(
-          {s: np.arange(n, dtype=np.int32) for s in ('train', 'valid')}, mesh), self.key)
+                                   mesh, bool(members))
+      self.data = (*_inputs(n, info, ('train', 'valid'), mesh),
+                   parallel.replicate(order, mesh), self.key)
       self.rate = jnp.float32(stage.skip_dropout)
       self.name = (f"search stage {case['stage'] + 1} ({stage.layers} cells, "
-                   f"{switches['normal'][0].sum()} ops)")
+                   f"{switches['normal'][0].sum()} ops)"
+                   + (f', population of {members}' if members else ''))
     else:
       model = models.eval_network(config, genotypes.get(config.genotype), info.num_classes,
                                   mesh.size)
@@ -232,8 +259,10 @@ class _Program:
     if self.kind == 'curvature':
       return self.data
     if self.search:
-      return (*self.data, search_step.HParams(self.rate, jnp.bool_(update_arch)), jnp.int32(0),
-              jnp.int32(steps))
+      hparams = search_step.HParams(self.rate, jnp.bool_(update_arch))
+      if self.members is not None:
+        hparams = hparams.replace(ss_factor=self.members[0], op_mask=self.members[1])
+      return (*self.data, hparams, jnp.int32(0), jnp.int32(steps))
     return (*self.data, train.HParams(self.rate))
 
   def run(self, compiled, steps, update_arch=True):
@@ -277,7 +306,8 @@ def run_case(case, config, *, steps=5, warmup=2, dtype='float32', compile_only=F
       finite = bool(jax.block_until_ready(program.run(compiled, steps, update_arch)))
       result['seconds_per_step' + suffix] = (time.perf_counter() - t0) / steps
       result.setdefault('finite_losses', finite)
-    result['images_per_second'] = case['batch_size'] / result['seconds_per_step']
+    result['images_per_second'] = (case['batch_size'] * max(case.get('population', 0), 1)
+                                   / result['seconds_per_step'])
     if program.kind == 'curvature':
       result['curvature_history'] = np.asarray(program.history, np.float64).tolist()
     if not result['finite_losses']:
@@ -295,7 +325,8 @@ def project_search(search_config, results):
   + other epochs x steps x step time: no evaluation, data loading or checkpoints."""
   projections, stages = [], search_config.search.stages
   for b in sorted({r['batch_size'] for r in results if r['what'] == 'search'}):
-    timed = {r['stage']: r for r in results if r['what'] == 'search' and r['batch_size'] == b}
+    timed = {r['stage']: r for r in results if r['what'] == 'search' and r['batch_size'] == b
+             and not r.get('population')}
     steps = search_steps_per_epoch(search_config, b)
     seconds = sum(timed[s]['compile_seconds'] + steps * (
         st.warmup_epochs * timed[s]['seconds_per_step_frozen_arch']
@@ -317,7 +348,8 @@ def curvature_costs(search_config, results):
   for step in results:
     meter = next((r for r in results if r['what'] == 'curvature' and 'seconds_per_step' in r
                   and r['stage'] == step['stage']), None)
-    if step['what'] != 'search' or 'seconds_per_step' not in step or meter is None:
+    if (step['what'] != 'search' or 'seconds_per_step' not in step or meter is None
+        or step.get('population')):
       continue
     steps = search_steps_per_epoch(search_config, step['batch_size'])
     history = np.asarray(meter['curvature_history'])
@@ -330,6 +362,24 @@ def curvature_costs(search_config, results):
         share=meter['seconds_per_step'] / (every * steps * step['seconds_per_step']),
         products_to_1e3=int(np.argmax(close)) + 1))
   return costs
+
+
+def population_gains(results):
+  """Per timed population case with its timed solo case (same stage and batch): the
+  members' summed img/s against N solo runs one after another (the solo case's img/s)."""
+  gains = []
+  for r in results:
+    solo = next((s for s in results if s['what'] == 'search' and not s.get('population')
+                 and 'seconds_per_step' in s and s['stage'] == r['stage']
+                 and s['batch_size'] == r['batch_size']), None)
+    if r.get('population') and 'seconds_per_step' in r and solo is not None:
+      gains.append(dict(case=r['case'], batch_size=r['batch_size'], members=r['population'],
+                        images_per_second=r['images_per_second'],
+                        solo_images_per_second=solo['images_per_second'],
+                        ratio=r['images_per_second'] / solo['images_per_second'],
+                        xla_buffer_bytes=r['xla_buffer_bytes'],
+                        solo_xla_buffer_bytes=solo['xla_buffer_bytes']))
+  return gains
 
 
 def _size(n):
@@ -370,8 +420,14 @@ def benchmark(search_config, train_config, cases, *, out='', **timing):
     host.trim_heap()
   projections = project_search(search_config, results) if timing.get('project') else []
   costs = curvature_costs(search_config, results)
+  gains = population_gains(results)
   device = jax.local_devices()[0]
   print(markdown_table(results))
+  for g in gains:
+    print(f"{g['case']} at batch {g['batch_size']}: {g['images_per_second']:.1f} img/s summed "
+          f"over {g['members']} members, {g['ratio']:.2f}x {g['members']} solo runs one after "
+          f"another ({g['solo_images_per_second']:.1f} img/s); XLA buffers "
+          f"{_size(g['xla_buffer_bytes'])} against {_size(g['solo_xla_buffer_bytes'])} solo.")
   for c in costs:
     print(f"{c['case']} on {c['meter_batch']} images: one estimate "
           f"({c['estimate_seconds']:.1f} s) costs {c['estimate_in_steps']:.1f} search steps at "
@@ -384,7 +440,7 @@ def benchmark(search_config, train_config, cases, *, out='', **timing):
   if device.platform == 'cpu':
     print(host.status())
   report = dict(argv=sys.argv[1:], cases=results, projections=projections,
-                curvature_costs=costs,
+                curvature_costs=costs, population_gains=gains,
                 platform=device.platform, device_kind=device.device_kind,
                 jax_version=jax.__version__, host_memory=host.status(),
                 compilation_cache_dir=jax.config.jax_compilation_cache_dir)
@@ -403,7 +459,8 @@ def main(argv):
                 compile_only=FLAGS.compile_only, project=FLAGS.project)
   try:
     cases = plan(FLAGS.config, FLAGS.train_config, what=FLAGS.what, out=FLAGS.out,
-                 batch_size=FLAGS.batch_size, stages=FLAGS.stages, **timing)
+                 batch_size=FLAGS.batch_size, stages=FLAGS.stages, population=FLAGS.population,
+                 **timing)
   except ValueError as e:  # one line naming the flag, not the usage text
     raise SystemExit(f'Error: {e}') from None
   benchmark(FLAGS.config, FLAGS.train_config, cases, out=FLAGS.out, **timing)

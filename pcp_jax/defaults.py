@@ -5,7 +5,10 @@ A config file builds on `search_config()` or `train_config()` and ends with
 `name` or `name=value` (`--config=configs/ss_pcp.py:ssf=0.5,tiny`):
 
 Search configs:
-  ssf=<float>    the self-supervised factor of the architecture loss, in [0, 1].
+  ssf=<float>    the self-supervised factor of the architecture loss, in [0, 1];
+                 `ssf=0.25:0.5:1.0` a sweep: one member of a population per value.
+  seeds=<int>    a population of searches with seeds seed, seed + 1, ... (pcp_jax/population.py),
+                 run as one program; with an ssf sweep, every ss_factor with every seed.
   dataset=<name> search on `cifar10` (default) or `cifar100` (the paper's Table III); the
                  classifier follows the dataset.
   warmup=<int>   frozen-architecture (warm-up) epochs of every stage. The paper's text gives 15
@@ -221,6 +224,10 @@ def search_config() -> ml_collections.ConfigDict:
   s.projector_sizes = (512, 512, 512)
   s.bt_lambda = 0.0051 * 8192 / 512
   s.update(_diagnostics())
+  # A population of searches in one program (pcp_jax/population.py): `seeds` seeds (seed,
+  # seed + 1, ...) times the ss_factors of the sweep (empty: ss_factor alone). Not in the
+  # paper, which reports single searches; 1 and () run one search.
+  s.population = ml_collections.ConfigDict(dict(seeds=1, ss_factors=()))
   return config
 
 
@@ -273,8 +280,17 @@ def _number(name, value, kind, allowed):
 
 
 def _ssf(config, value):
-  # Its range is search.ss_factor's, checked with the other fields (search.check_config).
-  config.search.ss_factor = _number('ssf', value, float, 'a number in [0, 1]')
+  # Ranges are checked with the other fields (search.check_config, population.check_config).
+  if ':' not in value:
+    config.search.ss_factor = _number('ssf', value, float, 'a number in [0, 1]')
+    return
+  config.search.population.ss_factors = tuple(
+      _number('ssf', v, float, 'numbers in [0, 1] separated by colons (a sweep)')
+      for v in value.split(':'))
+
+
+def _seeds(config, value):
+  config.search.population.seeds = _number('seeds', value, int, 'a whole number >= 1')
 
 
 def _dataset(config, value):
@@ -351,6 +367,7 @@ def _adam(config, _):
 # name -> (takes a value, what it applies to: 'search' or 'train', function)
 ARGS = {
     'ssf': (True, 'search', _ssf),
+    'seeds': (True, 'search', _seeds),
     'dataset': (True, 'search', _dataset),
     'warmup': (True, 'search', _warmup),
     'cells8': (False, 'search', _cells8),

@@ -249,14 +249,15 @@ def all_switches() -> np.ndarray:
   return switches
 
 
-def switches_to_tuple(switches) -> tuple:
+def switches_to_tuple(switches, uniform: bool = True) -> tuple:
   """A hashable form of a (14, NUM_OPS) boolean switch array (for module attributes)."""
-  return tuple(tuple(bool(s) for s in row) for row in check_switches(switches))
+  return tuple(tuple(bool(s) for s in row) for row in check_switches(switches, uniform=uniform))
 
 
-def check_switches(switches, name='switches') -> np.ndarray:
+def check_switches(switches, name='switches', uniform: bool = True) -> np.ndarray:
   """(14, NUM_OPS) booleans; (14, 8) ones (the DARTS ops only, as runs before `noise` wrote
-  them) gain an off `noise` column."""
+  them) gain an off `noise` column. `uniform`: the same number of ops on every edge (a
+  search's switches; a population's union may differ per edge)."""
   switches = np.asarray(switches, dtype=bool)
   if switches.shape == (NUM_EDGES, len(PRIMITIVES)):
     switches = np.concatenate(
@@ -264,7 +265,7 @@ def check_switches(switches, name='switches') -> np.ndarray:
   if switches.shape != (NUM_EDGES, NUM_OPS):
     raise ValueError(f'{name} must have shape ({NUM_EDGES}, {NUM_OPS}), got {switches.shape}.')
   counts = switches.sum(axis=1)
-  if counts.min() < 1 or counts.min() != counts.max():
+  if counts.min() < 1 or (uniform and counts.min() != counts.max()):
     raise ValueError(
         f'{name} must keep the same number (>= 1) of ops on every edge, got {counts.tolist()}.')
   return switches

@@ -109,7 +109,7 @@ class EpochInputs(NamedTuple):
 
 
 def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, step_fn,
-              batch_size):
+              batch_size, members=False):
   """Runs steps `start`..`stop - 1` of an epoch in one on-device loop.
 
   Step `i` gets `batch = {split: (images, labels)}` of rows `order[split][i * batch_size:
@@ -118,6 +118,10 @@ def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, 
   are traced: one compile serves all) gives the same result. `sums` accumulates the metrics.
   The loop stops after the first step whose metrics are not finite and returns its index
   as `bad_step` (else -1).
+
+  `members` (a population, `population`): `state`, `sums`, `order`, `key` and `hparams`
+  carry a leading member axis, `images` and `labels` are shared, and each step is
+  `step_fn` vmapped over the members, each with its own batch and key.
 
   Returns:
     (state, sums, bad_step).
@@ -129,11 +133,21 @@ def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, 
 
   def body(carry):
     i, state, sums, bad = carry
-    batch = {}
-    for split in order:
-      idx = jax.lax.dynamic_slice_in_dim(order[split], i * batch_size, batch_size)
-      batch[split] = (images[split][idx], labels[split][idx])
-    state, metrics = step_fn(state, batch, jax.random.fold_in(key, i), hparams)
+
+    def batch_of(order):
+      batch = {}
+      for split in order:
+        idx = jax.lax.dynamic_slice_in_dim(order[split], i * batch_size, batch_size)
+        batch[split] = (images[split][idx], labels[split][idx])
+      return batch
+
+    def step(state, order, key, hparams):
+      return step_fn(state, batch_of(order), jax.random.fold_in(key, i), hparams)
+
+    if members:  # scalar hyperparameters are shared, arrays have a value per member
+      axes = jax.tree_util.tree_map(lambda h: 0 if jnp.ndim(h) else None, hparams)
+      step = jax.vmap(step, in_axes=(0, 0, 0, axes))
+    state, metrics = step(state, order, key, hparams)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in metrics.values()]))
     sums = {name: sums[name] + metrics[name] for name in sums}
     return i + 1, state, sums, jnp.where(finite, bad, i)
@@ -143,34 +157,42 @@ def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, 
   return state, sums, bad
 
 
-def make_chunk_fn(step_fn: Callable, batch_size: int, mesh) -> parallel.CompiledOnFirstCall:
+def make_chunk_fn(step_fn: Callable, batch_size: int, mesh,
+                  members: bool = False) -> parallel.CompiledOnFirstCall:
   """`run_steps` of `step_fn`, data-parallel over `mesh`, jitted and compiled at its first
   call: chunk(state, sums, *EpochInputs, start, stop) -> (state, sums, bad_step), donating
   `state` and `sums`. Later calls must pass the same shapes, types and shardings."""
-  chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=batch_size)
+  chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=batch_size, members=members)
   return parallel.CompiledOnFirstCall(
       jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1)))
 
 
-def zero_sums(names) -> dict:
-  return {name: jnp.zeros((), jnp.float32) for name in names}
+def zero_sums(names, dtype=jnp.float32, members: int = 0) -> dict:
+  """Zero metric sums (per member of a population of `members`); `dtype` the metrics'
+  (float64 for a float64 search)."""
+  shape = (members,) if members else ()
+  return {name: jnp.zeros(shape, jnp.promote_types(dtype, jnp.float32)) for name in names}
 
 
 # ---------------------------------------------------------------------------
 # Padded evaluation.
 
 
-def eval_sums(variables, images, labels, mask, key, *, model, mean, std):
+def eval_sums(variables, images, labels, mask, key, op_mask=None, *, model, mean, std):
   """Summed CE, correct and top-5 correct counts of a (padded) uint8 batch where `mask` is
-  1, the network in eval mode (BN's running statistics; `key` draws a supernet's channels)."""
+  1, the network in eval mode (BN's running statistics; `key` draws a supernet's channels;
+  `op_mask`: a population member's ops, `supernet.SearchNetwork`)."""
   x = augment.normalize(augment.to_float(images), mean, std)
-  logits, _ = model.apply(variables, x, train=False, rngs={'channels': key})
+  extra = {} if op_mask is None else {'op_mask': op_mask}
+  logits, _ = model.apply(variables, x, train=False, rngs={'channels': key}, **extra)
   return losses.classification_sums(logits, labels, mask)
 
 
-def make_eval_fn(model, mean, std) -> Callable:
-  """`eval_sums` of `model` for `evaluate`, jitted."""
-  return jax.jit(functools.partial(eval_sums, model=model, mean=mean, std=std))
+def make_eval_fn(model, mean, std, members: bool = False) -> Callable:
+  """`eval_sums` of `model` for `evaluate`, jitted. `members`: vmapped over a population's
+  variables, keys and op masks (`eval_fn(variables, images, labels, mask, keys, op_mask)`)."""
+  fn = functools.partial(eval_sums, model=model, mean=mean, std=std)
+  return jax.jit(jax.vmap(fn, in_axes=(0, None, None, None, 0, 0)) if members else fn)
 
 
 def padded_batches(n: int, batch_size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -337,8 +359,9 @@ def next_stop(step: int, steps: int, *everies: int) -> int:
 
 
 def means(sums, count: int) -> dict:
-  """The sums fetched to the host, divided by `count` steps."""
-  return {k: float(v) / max(count, 1) for k, v in jax.device_get(sums).items()}
+  """The sums fetched to the host, divided by `count` steps (a population's: the members'
+  mean)."""
+  return {k: float(np.mean(v)) / max(count, 1) for k, v in jax.device_get(sums).items()}
 
 
 def run_epoch(sess: Session, chunk_fn, state, sums, inputs: EpochInputs, epoch: Epoch,

@@ -22,7 +22,7 @@ from pcp_jax import defaults
 from pcp_jax import loop
 from pcp_jax import parallel
 from pcp_jax import plots
-from pcp_jax import search
+from pcp_jax import population
 from pcp_jax import train
 from pcp_jax.cpu import host
 
@@ -36,7 +36,7 @@ flags.DEFINE_bool(
     'PCP_JAX_COORDINATOR (host:port of process 0), PCP_JAX_NUM_PROCESSES and PCP_JAX_PROCESS_ID.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = {'search': search.search, 'train': train.train_and_evaluate, 'test': analysis.test,
+MODES = {'search': population.run, 'train': train.train_and_evaluate, 'test': analysis.test,
          'fgsm': analysis.fgsm}
 DISTRIBUTED_VARS = ('PCP_JAX_COORDINATOR', 'PCP_JAX_NUM_PROCESSES', 'PCP_JAX_PROCESS_ID')
 
@@ -100,8 +100,9 @@ def use_compilation_cache():
 
 
 # The config section each mode needs, and its validation.
-_NEEDS = {'search': ('search', search.check_config), 'train': ('train', train.check_config),
-          'test': ('train', train.check_config), 'fgsm': ('train', analysis.check_config)}
+_NEEDS = {'search': ('search', population.check_search_config),
+          'train': ('train', train.check_config), 'test': ('train', train.check_config),
+          'fgsm': ('train', analysis.check_config)}
 
 
 def check(config) -> list:
@@ -148,12 +149,13 @@ def run(config, workdir):
       logging.info('Mode %s in %s', mode, workdir)
       MODES[mode](config, workdir)
     if parallel.is_main_process():
-      try:
-        paths = plots.plot_run(workdir)
-        logging.info('Plots: %d pictures in %s', len(paths), os.path.dirname(paths[0]))
-      except Exception as e:  # pylint: disable=broad-except
-        # The run's results are written; a picture that fails must not turn it into an error.
-        logging.warning('Could not draw the plots of %s: %s', workdir, e)
+      for folder in population.run_folders(config, workdir):
+        try:
+          paths = plots.plot_run(folder)
+          logging.info('Plots: %d pictures in %s', len(paths), os.path.dirname(paths[0]))
+        except Exception as e:  # pylint: disable=broad-except
+          # The run's results are written; a picture that fails must not turn it into an error.
+          logging.warning('Could not draw the plots of %s: %s', folder, e)
 
 
 class _QuietLibraries(stdlib_logging.Filter):

@@ -29,16 +29,18 @@ def _config_kernels(config) -> kernels_lib.Kernels:
 
 
 def search_network(config, layers: int, switches, num_classes: int, num_devices: int = 1,
-                   dtype=jnp.float32) -> supernet.SearchNetwork:
-  """A search stage's supernet over the ops `switches` ({'normal', 'reduce'}: (14, 8)
-  booleans) leaves on; with `num_devices` > 1 its BN averages over the device axis."""
+                   dtype=jnp.float32, members: bool = False) -> supernet.SearchNetwork:
+  """A search stage's supernet over the ops `switches` ({'normal', 'reduce'}: (14, NUM_OPS)
+  booleans) leaves on; with `num_devices` > 1 its BN averages over the device axis;
+  `members`: a population's (`SearchNetwork.wide_arch`, switches the members' union)."""
   cfg = config.search
   kernels = _config_kernels(config)
   return supernet.SearchNetwork(
       num_classes=num_classes, channels=cfg.channels, layers=layers,
       partial_k=cfg.partial_k, channel_mode=cfg.channel_mode, use_betas=cfg.use_betas,
-      switches_normal=genotypes.switches_to_tuple(switches['normal']),
-      switches_reduce=genotypes.switches_to_tuple(switches['reduce']),
+      switches_normal=genotypes.switches_to_tuple(switches['normal'], not members),
+      switches_reduce=genotypes.switches_to_tuple(switches['reduce'], not members),
+      wide_arch=members,
       bn_axis_name=parallel.axis_name(num_devices), kernels=kernels, dtype=dtype,
       scan_cells=kernels.loops)
 

@@ -88,10 +88,16 @@ _ONE_OFF_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
                              'xla_llvm_disable_expensive_passes': True}
 
 
+def compile_once(fn: Callable, *args):
+  """`fn` jit-compiled for `args` without optimisations, for programs run once or a few
+  times (initialisation): much faster than running a large network's init op by op, and
+  cached by the persistent compilation cache."""
+  return jax.jit(fn).lower(*args).compile(_ONE_OFF_COMPILER_OPTIONS)
+
+
 def run_once(fn: Callable, *args):
-  """`fn(*args)` jit-compiled without optimisations: much faster than running a large
-  network's init op by op, and cached by the persistent compilation cache."""
-  out = jax.jit(fn).lower(*args).compile(_ONE_OFF_COMPILER_OPTIONS)(*args)
+  """`fn(*args)` through `compile_once`."""
+  out = compile_once(fn, *args)(*args)
   host.trim_heap()
   return out
 

@@ -88,13 +88,17 @@ class Stage:
 
 
 def build_stage(config, layers: int, epochs: int, switches, info: data_lib.DatasetInfo,
-                image_shape, steps_per_epoch: int, mesh, skip_dropout: bool = True) -> Stage:
+                image_shape, steps_per_epoch: int, mesh, skip_dropout: bool = True,
+                members: bool = False) -> Stage:
   """A fresh supernet of `layers` cells over the ops `switches` leave on, its Barlow Twins
   projector and optimisers, and the jitted data-parallel chunk and evaluation functions.
-  `skip_dropout` False (a stage whose rate is 0) compiles the step without the masks."""
+  `skip_dropout` False (a stage whose rate is 0) compiles the step without the masks.
+  `members`: a population's stage (`population`): the supernet has a column per op
+  (`wide_arch`), the chunk and evaluation functions a leading member axis."""
   cfg = config.search
   dtype = jnp.dtype(cfg.dtype)
-  model = models.search_network(config, layers, switches, info.num_classes, mesh.size, dtype)
+  model = models.search_network(config, layers, switches, info.num_classes, mesh.size, dtype,
+                                members)
   projector = models.projector(config, mesh.size)
   tx_weights, lr_schedule = optim.make(cfg.optim.weights, epochs, steps_per_epoch)
   optimizers = (tx_weights, optim.make(cfg.optim.arch)[0], optim.make(cfg.optim.projector)[0])
@@ -108,12 +112,12 @@ def build_stage(config, layers: int, epochs: int, switches, info: data_lib.Datas
     init = _widen_floats(init, dtype)
   step_fn = functools.partial(search_step.search_step, spec=spec)
   return Stage(spec=spec, init=init, lr_schedule=lr_schedule,
-               chunk_fn=loop.make_chunk_fn(step_fn, cfg.batch_size, mesh),
+               chunk_fn=loop.make_chunk_fn(step_fn, cfg.batch_size, mesh, members),
                eval_fn=parallel.CompiledOnFirstCall(
-                   loop.make_eval_fn(model, info.mean, info.std)),
+                   loop.make_eval_fn(model, info.mean, info.std, members)),
                curvature_fn=collapse.make_curvature_fn(model, info.mean, info.std,
                                                        cfg.curvature_steps)
-               if cfg.curvature_every else None)
+               if cfg.curvature_every and not members else None)
 
 
 def _widen_floats(init, dtype):
@@ -212,7 +216,8 @@ def _restore_or_start(setup: Setup, ckpt) -> Start:
     init = setup.build(meta['phase'], _switches_from(meta)).init
     shapes = jax.eval_shape(init, setup.stage_keys(meta['phase'])[0])
     return {'state': loop.zeros_like_shapes(shapes),
-            'sums': loop.zeros_like_shapes(loop.zero_sums(search_step.METRICS))}
+            'sums': loop.zeros_like_shapes(loop.zero_sums(search_step.METRICS,
+                                                           setup.cfg.dtype))}
 
   restored = loop.restore(ckpt, template, setup.fingerprint, 'search')
   if restored is None:
@@ -238,11 +243,15 @@ def _epoch_inputs(setup: Setup, s: int, epoch: int) -> loop.EpochInputs:
   k_epoch = jax.random.fold_in(k_order, epoch)
   order = {split: jax.random.permutation(jax.random.fold_in(k_epoch, i), setup.sizes[split])
            for i, split in enumerate(('train', 'valid'))}
-  rate = search_step.skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs, stage.warmup_epochs)
-  hparams = search_step.HParams(skip_rate=jnp.float32(rate),
-                                update_arch=jnp.bool_(epoch >= stage.warmup_epochs))
   return loop.EpochInputs(setup.images, setup.labels, parallel.replicate(order, setup.mesh),
-                          jax.random.fold_in(k_steps, epoch), hparams)
+                          jax.random.fold_in(k_steps, epoch), epoch_hparams(stage, epoch))
+
+
+def epoch_hparams(stage, epoch: int) -> search_step.HParams:
+  """The step's hyperparameters in epoch `epoch` of `stage` (a `search.stages` entry)."""
+  rate = search_step.skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs, stage.warmup_epochs)
+  return search_step.HParams(skip_rate=jnp.float32(rate),
+                             update_arch=jnp.bool_(epoch >= stage.warmup_epochs))
 
 
 def _genotype_of(setup: Setup, arch, switches, **kwargs):
@@ -274,26 +283,34 @@ def _epoch_row(setup: Setup, sess: loop.Session, built: Stage, s: int, switches,
                                         'batch_stats': state.batch_stats},
                         setup.images['valid'], setup.labels['valid'], cfg.eval_batch_size,
                         setup.stage_keys(s)[3])
-  arch = _host(state.arch)
-  global_step = setup.offsets[s] + (epoch + 1) * setup.steps
-  weights = genotypes.arch_weights(arch, switches, cfg.use_betas)
-  runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process).append(
-      dict(stage=s + 1, epoch=epoch + 1, step=global_step, **weights))
-  sess.scalars.write_arch(global_step, weights)
-  genotype = genotypes.to_dict(_genotype_of(setup, arch, switches))
-  row = dict(stage=s + 1, epoch=epoch + 1, layers=stage.layers,
-             ops_per_edge=int(switches['normal'][0].sum()), **means,
-             valid_loss=valid['loss'], valid_acc=valid['accuracy'],
-             lr=float(built.lr_schedule(epoch * setup.steps)),
-             skip_dropout=search_step.skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs,
-                                            stage.warmup_epochs),
-             arch_frozen=epoch < stage.warmup_epochs, genotype=genotype,
-             **collapse.indicators(weights, genotype))
+  row = arch_row(setup, sess.scalars, s, switches, _host(state.arch), means, valid, epoch,
+                 float(built.lr_schedule(epoch * setup.steps)))
   if built.curvature_fn is not None and collapse.due(epoch, stage.epochs, cfg.curvature_every):
     row.update(collapse.measure(built.curvature_fn, state, setup.images['valid'],
                                 setup.labels['valid'], cfg.curvature_batch,
                                 jax.random.fold_in(setup.stage_keys(s)[3], 1_000_000 + epoch)))
   return row
+
+
+def arch_row(setup: Setup, scalars, s: int, switches, arch, means: dict, valid: dict,
+             epoch: int, lr: float) -> dict:
+  """Epoch `epoch`'s metric row of stage `s` from the step's means, the validation means and
+  the architecture weights `arch` (over the ops `switches` leave on); appends the weights to
+  arch_history.jsonl and TensorBoard (`scalars`)."""
+  stage = setup.cfg.stages[s]
+  global_step = setup.offsets[s] + (epoch + 1) * setup.steps
+  weights = genotypes.arch_weights(arch, switches, setup.cfg.use_betas)
+  runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process).append(
+      dict(stage=s + 1, epoch=epoch + 1, step=global_step, **weights))
+  scalars.write_arch(global_step, weights)
+  genotype = genotypes.to_dict(_genotype_of(setup, arch, switches))
+  return dict(stage=s + 1, epoch=epoch + 1, layers=stage.layers,
+              ops_per_edge=int(switches['normal'][0].sum()), **means,
+              valid_loss=valid['loss'], valid_acc=valid['accuracy'], lr=lr,
+              skip_dropout=search_step.skip_dropout_rate(stage.skip_dropout, epoch,
+                                                         stage.epochs, stage.warmup_epochs),
+              arch_frozen=epoch < stage.warmup_epochs, genotype=genotype,
+              **collapse.indicators(weights, genotype))
 
 
 def _log_row(row: dict, stages: int, epochs: int) -> None:
@@ -423,7 +440,7 @@ def search(config, workdir):
                            len(cfg.stages))
         state, sums = loop.run_epoch(
             sess, built.chunk_fn, state,
-            place(loop.zero_sums(search_step.METRICS)) if sums is None else sums,
+            place(loop.zero_sums(search_step.METRICS, cfg.dtype)) if sums is None else sums,
             _epoch_inputs(setup, s, epoch), where, step,
             save=functools.partial(_save, sess, setup, s, switches, history, epoch))
         row = _epoch_row(setup, sess, built, s, switches, state,

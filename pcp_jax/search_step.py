@@ -80,6 +80,10 @@ class HParams:
   """The step's hyperparameters that change between epochs, traced (no recompile)."""
   skip_rate: Any  # skip-connect dropout rate (a float32 scalar)
   update_arch: Any  # a bool scalar: False during the warm-up (architecture frozen)
+  # A population member's own (`population`; None: the spec's ss_factor, every op on):
+  ss_factor: Any = None  # its ss_factor (a scalar)
+  op_mask: Any = None  # {'normal', 'reduce'}: (14, NUM_OPS) booleans, its ops on
+
 
 def skip_dropout_rate(rate, epoch, epochs, warmup_epochs):
   """P-DARTS skip-connect dropout schedule for epoch `epoch` of a stage."""
@@ -152,11 +156,11 @@ def _augment(spec: StepSpec, key, images_uint8):
 
 
 def _forward(spec: StepSpec, params, arch, batch_stats, x, channel_key, dropout_key,
-             skip_rate):
+             skip_rate, op_mask=None):
   """Supernet forward in train mode; returns logits, pooled features, new batch stats."""
   (logits, features), new_vars = spec.model.apply(
       {'params': params, 'arch': arch, 'batch_stats': batch_stats}, x, train=True,
-      skip_drop_rate=skip_rate,
+      skip_drop_rate=skip_rate, op_mask=op_mask,
       rngs={'channels': channel_key,
             'dropout': parallel.device_key(dropout_key, spec.num_devices),
             'noise': parallel.device_key(jax.random.fold_in(dropout_key, 1), spec.num_devices)},
@@ -164,7 +168,8 @@ def _forward(spec: StepSpec, params, arch, batch_stats, x, channel_key, dropout_
   return logits, features, new_vars['batch_stats']
 
 
-def _view_forwards(spec: StepSpec, params, arch, batch_stats, xs, key, skip_rate):
+def _view_forwards(spec: StepSpec, params, arch, batch_stats, xs, key, skip_rate,
+                   op_mask=None):
   """The supernet on a stack of batches (the CE batch and the BT views) as one vmapped call:
   BN statistics per batch. One channel sample for all of them when `spec.shared_channels`
   (the paper's identical networks), else one each; skip-connect dropout masks always differ.
@@ -174,7 +179,7 @@ def _view_forwards(spec: StepSpec, params, arch, batch_stats, xs, key, skip_rate
   channel_keys = (jnp.stack([k_channels] * n) if spec.shared_channels
                   else jax.random.split(k_channels, n))
   return jax.vmap(lambda a, x, kc, kd: _forward(spec, params, a, batch_stats, x, kc, kd,
-                                                skip_rate))(
+                                                skip_rate, op_mask))(
       arch, xs, channel_keys, jax.random.split(k_dropout, n))
 
 
@@ -218,7 +223,8 @@ def mix_arch_gradients(g_ce, g_bt, ss_factor, bt_scale, bt_dim):
   return grads, scale
 
 
-def arch_gradients(state: SearchState, xs, labels, key, skip_rate, spec: StepSpec):
+def arch_gradients(state: SearchState, xs, labels, key, skip_rate, spec: StepSpec,
+                   op_mask=None):
   """The CE and BT parts of the architecture gradient, from one backward pass.
 
   `xs` stacks this device's CE batch and (with `ss_factor` > 0) the two BT views; `key`
@@ -231,7 +237,7 @@ def arch_gradients(state: SearchState, xs, labels, key, skip_rate, spec: StepSpe
 
   def loss_fn(arch_stack, proj_params):
     logits, features, stats = _view_forwards(spec, state.params, arch_stack,
-                                             state.batch_stats, xs, key, skip_rate)
+                                             state.batch_stats, xs, key, skip_rate, op_mask)
     batch_stats = jax.tree_util.tree_map(lambda t: t[0], stats)  # running stats: CE batch
     ce = losses.cross_entropy(logits[0], labels)
     if spec.ss_factor == 0:
@@ -248,31 +254,34 @@ def arch_gradients(state: SearchState, xs, labels, key, skip_rate, spec: StepSpe
   return parallel.mean((g_ce, g_bt, g_proj), spec.num_devices), aux
 
 
-def arch_step(state: SearchState, images, labels, key, skip_rate, spec: StepSpec):
+def arch_step(state: SearchState, images, labels, key, skip_rate, spec: StepSpec,
+              ss_factor=None, op_mask=None):
   """Architecture step on a validation batch: updates only 'arch' (and the projector).
 
   Loss: `ss_factor * BT + (1 - ss_factor) * CE` (BT scaled per `spec.bt_scale`); CE on the
   usual crop/flip view, Barlow Twins on two stronger views through the projector (which the
   BT loss also trains). The CE and BT parts of the architecture gradient
   (`arch_gradients`) are mixed as the loss says; their norms and cosine are logged.
-  `images`/`labels` are the global batch.
+  `images`/`labels` are the global batch. `ss_factor` (a population member's, traced)
+  replaces `spec.ss_factor` in the mix; `op_mask` as `SearchNetwork`'s.
   """
+  ss_factor = spec.ss_factor if ss_factor is None else ss_factor
   k_aug, k_fwd, k_views = jax.random.split(key, 3)
   x = spec.local(_augment(spec, k_aug, images))
   xs = jnp.stack([x, *_bt_views(spec, k_views, images)]) if spec.ss_factor > 0 else x[None]
   (g_ce, g_bt, g_proj), (ce, bt, batch_stats, proj_stats) = arch_gradients(
-      state, xs, spec.local(labels), k_fwd, skip_rate, spec)
+      state, xs, spec.local(labels), k_fwd, skip_rate, spec, op_mask)
   bt_dim = spec.projector.sizes[-1]
-  g_arch, bt_weight = mix_arch_gradients(g_ce, g_bt, spec.ss_factor, spec.bt_scale, bt_dim)
+  g_arch, bt_weight = mix_arch_gradients(g_ce, g_bt, ss_factor, spec.bt_scale, bt_dim)
   updates, arch_opt = spec.tx_arch.update(g_arch, state.arch_opt, state.arch)
   state = state.replace(arch=optax.apply_updates(state.arch, updates), arch_opt=arch_opt,
                         batch_stats=batch_stats)
   if spec.ss_factor > 0:
     state = _update_projector(state, jax.tree_util.tree_map(
-        lambda g: spec.ss_factor * bt_weight * g, g_proj), proj_stats, spec)
+        lambda g: ss_factor * bt_weight * g, g_proj), proj_stats, spec)
   loss_bt = bt / bt_dim if spec.bt_scale == 'dim' else bt
   metrics = parallel.mean({'arch_ce': ce, 'arch_bt': bt,
-                           'arch_loss': losses.mixed_arch_loss(ce, loss_bt, spec.ss_factor)},
+                           'arch_loss': losses.mixed_arch_loss(ce, loss_bt, ss_factor)},
                           spec.num_devices)
   ce_norm, bt_norm = optax.tree.norm(g_ce), optax.tree.norm(g_bt)
   cosine = _tree_dot(g_ce, g_bt) / jnp.maximum(ce_norm * bt_norm, 1e-30)
@@ -289,7 +298,8 @@ def _update_projector(state, grads, proj_stats, spec: StepSpec):
       projector_opt=projector_opt)
 
 
-def projector_warmup_step(state: SearchState, images, key, skip_rate, spec: StepSpec):
+def projector_warmup_step(state: SearchState, images, key, skip_rate, spec: StepSpec,
+                          op_mask=None):
   """During the warm-up (architecture frozen): BT trains the projector alone on the
   supernet's features of the two views; the supernet and its BN statistics are untouched.
   The views are those the architecture step would draw from the same key."""
@@ -297,7 +307,7 @@ def projector_warmup_step(state: SearchState, images, key, skip_rate, spec: Step
   xs = jnp.stack(_bt_views(spec, k_views, images))
   arch_stack = jax.tree_util.tree_map(lambda a: jnp.stack([a] * 2), state.arch)
   _, features, _ = _view_forwards(spec, state.params, arch_stack, state.batch_stats, xs, k_fwd,
-                                  skip_rate)
+                                  skip_rate, op_mask)
   features = jax.lax.stop_gradient(features)
   (bt, proj_stats), g_proj = jax.value_and_grad(
       lambda p: _bt_loss(spec, p, state.projector['batch_stats'], features), has_aux=True)(
@@ -306,7 +316,8 @@ def projector_warmup_step(state: SearchState, images, key, skip_rate, spec: Step
   return state, dict(_zero_arch_metrics(), arch_bt=parallel.mean(bt, spec.num_devices))
 
 
-def weight_step(state: SearchState, images, labels, key, skip_rate, spec: StepSpec):
+def weight_step(state: SearchState, images, labels, key, skip_rate, spec: StepSpec,
+                op_mask=None):
   """Weight step on a training batch: CE, updates only 'params' (and BN statistics)."""
   k_aug, k_fwd = jax.random.split(key)
   x = spec.local(_augment(spec, k_aug, images))
@@ -315,7 +326,7 @@ def weight_step(state: SearchState, images, labels, key, skip_rate, spec: StepSp
 
   def loss_fn(params):
     logits, _, batch_stats = _forward(spec, params, state.arch, state.batch_stats, x,
-                                      k_channels, k_dropout, skip_rate)
+                                      k_channels, k_dropout, skip_rate, op_mask)
     return losses.cross_entropy(logits, labels), (batch_stats, losses.accuracy(logits, labels))
 
   (ce, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -344,23 +355,25 @@ def search_step(state: SearchState, batch, key, hparams: HParams, spec: StepSpec
       (architecture step), uint8 images; the global batch.
     key: this step's key; every rng stream is derived from it.
     hparams: the skip-connect dropout rate and whether the architecture learns (False
-      during the warm-up; the projector then trains alone if `spec.projector_warmup`).
+      during the warm-up; the projector then trains alone if `spec.projector_warmup`); a
+      population member's ss_factor and op mask.
     spec: the stage's static pieces.
   """
   k_arch, k_weight = jax.random.split(key)
   skip_rate = hparams.skip_rate if spec.skip_dropout else None
-  update_arch = hparams.update_arch
+  update_arch, op_mask = hparams.update_arch, hparams.op_mask
   images, labels = batch['valid']
 
   def frozen(state):
     if spec.projector_warmup and spec.ss_factor > 0:
-      return projector_warmup_step(state, images, k_arch, skip_rate, spec)
+      return projector_warmup_step(state, images, k_arch, skip_rate, spec, op_mask)
     return state, _zero_arch_metrics()
 
   state, arch_metrics = jax.lax.cond(
-      update_arch, lambda st: arch_step(st, images, labels, k_arch, skip_rate, spec), frozen,
-      state)
-  state, weight_metrics = weight_step(state, *batch['train'], k_weight, skip_rate, spec)
+      update_arch, lambda st: arch_step(st, images, labels, k_arch, skip_rate, spec,
+                                        hparams.ss_factor, op_mask), frozen, state)
+  state, weight_metrics = weight_step(state, *batch['train'], k_weight, skip_rate, spec,
+                                      op_mask)
   return state, dict(arch_metrics, **weight_metrics)
 
 

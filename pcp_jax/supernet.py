@@ -30,7 +30,7 @@ CHANNEL_MODES = ('random', 'shuffle')
 
 def edge_ops(switches) -> Tuple[Tuple[str, ...], ...]:
   """The op names still on at each of the 14 edges, in `genotypes.OPS` order."""
-  switches = genotypes.check_switches(switches)
+  switches = genotypes.check_switches(switches, uniform=False)
   return tuple(tuple(p for p, on in zip(genotypes.OPS, row) if on) for row in switches)
 
 
@@ -61,13 +61,15 @@ class PartialChannelMixedOp(nn.Module):
   conv: ops.ModuleDef
   norm: ops.ModuleDef
   kernels: kernels_lib.Kernels  # the pools and the channel moves
+  wide: bool = False  # `weights` has a column per op of `genotypes.OPS` (`SearchNetwork`)
 
   @nn.compact
   def __call__(self, xs, weights, perms=None, skip_keep_masks=None, skip_keep_prob=None):
     """Each edge's output.
 
     xs: each edge's input (edges reading the same input come together and pass the same
-    array); weights: (edges, ops) op weights; perms: (edges, C) channel permutations
+    array); weights: (edges, ops) op weights (ops: each edge's, or all of `genotypes.OPS` when
+    `wide`); perms: (edges, C) channel permutations
     (`random` mode); skip_keep_masks: skip-connect dropout masks (B, H', W', C/K) of the
     edges that have skip_connect, in edge order (stride 1 only: on stride-2 edges
     skip_connect is a FactorizedReduce, which dropout leaves alone).
@@ -108,8 +110,9 @@ class PartialChannelMixedOp(nn.Module):
       if name == 'skip_connect' and self.stride == 1 and skip_keep_masks is not None:
         mask = jnp.moveaxis(skip_keep_masks, 0, -2).reshape(y.shape)
         y = jnp.where(mask, y / skip_keep_prob, 0).astype(y.dtype)
-      w = weights[np.asarray(members),
-                  np.asarray([self.op_names[e].index(name) for e in members])]
+      column = [genotypes.OPS.index(name) if self.wide else self.op_names[e].index(name)
+                for e in members]
+      w = weights[np.asarray(members), np.asarray(column)]
       y = y * jnp.repeat(w, c_part).astype(y.dtype)
       if len(members) < n:
         zeros = jnp.zeros(y.shape[:-1] + (c_part,), y.dtype)
@@ -152,6 +155,7 @@ class SearchCell(nn.Module):
   conv: ops.ModuleDef
   norm: ops.ModuleDef
   kernels: kernels_lib.Kernels  # the mixed ops' pools and channel moves
+  wide: bool = False  # `weights` has a column per op of `genotypes.OPS`
 
   @nn.compact
   def __call__(self, s0, s1, weights, edge_weights=None, skip_drop_rate=None,
@@ -171,14 +175,16 @@ class SearchCell(nn.Module):
       noise = jax.random.uniform(channel_key, (genotypes.NUM_EDGES, self.channels))
       perms = jnp.argsort(noise, axis=-1)
     # Skip-connect dropout acts on identities: the stride-1 edges that have skip_connect.
+    # Masks are drawn for every stride-1 edge, so that an edge's mask does not depend on which
+    # other edges still have skip_connect (a population member equals its solo run).
     def stride_of(e):
       return 2 if self.reduction and genotypes.EDGES[e][0] < 2 else 1
-    dropped = [e for e in range(genotypes.NUM_EDGES)
-               if 'skip_connect' in self.edge_op_names[e] and stride_of(e) == 1]
+    stride1 = [e for e in range(genotypes.NUM_EDGES) if stride_of(e) == 1]
+    dropped = [e for e in stride1 if 'skip_connect' in self.edge_op_names[e]]
     if skip_drop_rate is not None and dropped:
       b, h, w, _ = s1.shape
       stride = 2 if self.reduction else 1  # every identity's output has the cell's size
-      shape = (len(dropped), b, -(-h // stride), -(-w // stride),
+      shape = (len(stride1), b, -(-h // stride), -(-w // stride),
                self.channels // self.partial_k)
       keep = 1.0 - skip_drop_rate
       masks = jax.random.bernoulli(dropout_key, keep, shape)
@@ -187,10 +193,10 @@ class SearchCell(nn.Module):
     for group, name in zip(EDGE_GROUPS, GROUP_NAMES):
       index = np.asarray(group)
       stride = stride_of(group[0])
-      rows = [dropped.index(e) for e in group if e in dropped]
+      rows = [stride1.index(e) for e in group if e in dropped]
       outs = PartialChannelMixedOp(
           tuple(self.edge_op_names[e] for e in group), stride, self.partial_k,
-          self.channel_mode, self.conv, self.norm, self.kernels, name=name)(
+          self.channel_mode, self.conv, self.norm, self.kernels, self.wide, name=name)(
               [states[genotypes.EDGES[e][0]] for e in group], weights[index],
               None if perms is None else perms[index],
               None if masks is None or not rows else masks[np.asarray(rows)], keep)
@@ -289,6 +295,9 @@ class SearchNetwork(nn.Module):
   bn_axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   scan_cells: bool = True  # False: every cell its own module `cell{i}`, same function
+  # A population's supernet (`population`): alphas have a column per op of `genotypes.OPS`
+  # and `op_mask` says which a member has on; the switches are the members' union.
+  wide_arch: bool = False
   kernels: kernels_lib.Kernels = dataclasses.field(kw_only=True)  # models.select_kernels
 
   def _check(self):
@@ -303,7 +312,9 @@ class SearchNetwork(nn.Module):
       raise ValueError(f'search.layers must be >= 3 (two reduction cells), got {self.layers}.')
 
   @nn.compact
-  def __call__(self, x, train: bool = True, skip_drop_rate=None):
+  def __call__(self, x, train: bool = True, skip_drop_rate=None, op_mask=None):
+    """`op_mask` (with `wide_arch`): {'normal', 'reduce'} (14, NUM_OPS) booleans, the ops
+    on; the others get weight exactly 0, as if absent."""
     self._check()
     ops_normal = edge_ops(genotypes.all_switches() if self.switches_normal is None
                           else self.switches_normal)
@@ -314,10 +325,18 @@ class SearchNetwork(nn.Module):
       return lambda: 1e-3 * jax.random.normal(self.make_rng('params'), shape, jnp.float32)
 
     e = genotypes.NUM_EDGES
-    alphas_normal = self.variable('arch', 'alphas_normal', arch_init((e, len(ops_normal[0]))))
-    alphas_reduce = self.variable('arch', 'alphas_reduce', arch_init((e, len(ops_reduce[0]))))
-    w_normal = jax.nn.softmax(alphas_normal.value, axis=-1)
-    w_reduce = jax.nn.softmax(alphas_reduce.value, axis=-1)
+    width = {c: genotypes.NUM_OPS if self.wide_arch else len(o[0])
+             for c, o in (('normal', ops_normal), ('reduce', ops_reduce))}
+    alphas_normal = self.variable('arch', 'alphas_normal', arch_init((e, width['normal'])))
+    alphas_reduce = self.variable('arch', 'alphas_reduce', arch_init((e, width['reduce'])))
+
+    def op_weights(alphas, cell):
+      if not self.wide_arch:
+        return jax.nn.softmax(alphas, axis=-1)
+      return jax.nn.softmax(jnp.where(op_mask[cell], alphas, -jnp.inf), axis=-1)
+
+    w_normal = op_weights(alphas_normal.value, 'normal')
+    w_reduce = op_weights(alphas_reduce.value, 'reduce')
     ew_normal = ew_reduce = None
     if self.use_betas:
       betas_normal = self.variable('arch', 'betas_normal', arch_init((e,)))
@@ -349,7 +368,8 @@ class SearchNetwork(nn.Module):
         c *= 2
       cell = SearchCell(c, reduction, i - 1 in reductions,
                         ops_reduce if reduction else ops_normal, self.partial_k,
-                        self.channel_mode, conv, norm, self.kernels, name=module_name(cells))
+                        self.channel_mode, conv, norm, self.kernels, self.wide_arch,
+                        name=module_name(cells))
       args = (w_reduce if reduction else w_normal, ew_reduce if reduction else ew_normal,
               skip_drop_rate)
       index = i if len(cells) == 1 else jnp.arange(i, cells[-1] + 1)
@@ -364,8 +384,12 @@ def init_variables(model: SearchNetwork, key, image_shape: Sequence[int], batch:
   """Initial variables ({'params', 'arch', 'batch_stats'}) for images of `image_shape` (HWC)."""
   k_params, k_channels, k_dropout = jax.random.split(key, 3)
   x = jnp.zeros((batch,) + tuple(image_shape), jnp.float32)
+  op_mask = None
+  if model.wide_arch:  # every op of the network on
+    op_mask = {c: jnp.asarray(genotypes.check_switches(s, uniform=False)) for c, s in
+               (('normal', model.switches_normal), ('reduce', model.switches_reduce))}
   return model.init({'params': k_params, 'channels': k_channels, 'dropout': k_dropout},
-                    x, train=True)
+                    x, train=True, op_mask=op_mask)
 
 
 def count_params(channels: int = 16, layers: int = 8, num_classes: int = 10,

@@ -42,6 +42,7 @@ def tiny_configs():
     (dict(ss_factor=2.0), '--config: search.ss_factor must be in [0, 1], got 2.0'),
     (dict(genotype='NO_SUCH_GENOTYPE', what='train'), "--train_config: genotype 'NO_SUCH"),
     (dict(out='/no/such/folder/bench.json'), '--out must be a file in an existing writable'),
+    (dict(population='0'), '--population must be a comma list of positive integers'),
 ])
 def test_bad_options_fail_naming_the_flag(options, message, tmp_path):
   search_config, train_config = pcp.get_config(), train_cifar10.get_config()
@@ -74,14 +75,23 @@ def test_a_tiny_search_train_and_curvature_case_run_and_report(tmp_path, capsys)
   search_config.search.curvature_steps = 4
   search_config.search.curvature_batch = 8  # the meter's batch, whatever --batch_size says
   cases = bench.plan(search_config, train_config, what='search,train,curvature',
-                     batch_size='8', project=True, **TIMING)
-  assert [(c['what'], c['stage'], c['batch_size']) for c in cases] == [
-      ('search', 0, 8), ('curvature', 0, 8), ('train', None, 8)]
+                     batch_size='8', project=True, population='2', **TIMING)
+  assert [(c['what'], c['stage'], c['batch_size'], c['population']) for c in cases] == [
+      ('search', 0, 8, 0), ('search', 0, 8, 2), ('curvature', 0, 8, 0), ('train', None, 8, 0)]
   out = tmp_path / 'bench.json'
   bench.benchmark(search_config, train_config, cases, out=str(out), project=True, **TIMING)
   printed = capsys.readouterr().out
   report = json.loads(out.read_text())
-  search_case, curvature_case, train_case = report['cases']
+  search_case, population_case, curvature_case, train_case = report['cases']
+  # Two members in one program: img/s summed over them, against two solo runs in turn.
+  assert population_case['case'] == 'search stage 1 (3 cells, 4 ops), population of 2'
+  assert population_case['finite_losses']
+  assert population_case['images_per_second'] == pytest.approx(
+      2 * 8 / population_case['seconds_per_step'])
+  gain, = report['population_gains']
+  assert gain['ratio'] == pytest.approx(
+      population_case['images_per_second'] / search_case['images_per_second'])
+  assert f"x 2 solo runs one after another ({search_case['images_per_second']:.1f}" in printed
   assert search_case['case'] == 'search stage 1 (3 cells, 4 ops)'
   assert train_case['case'] == 'train (3 cells, PC_DARTS_cifar)'
   for case in (search_case, train_case):

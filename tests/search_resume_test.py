@@ -23,6 +23,7 @@ import pytest
 from pcp_jax import checkpoint
 from pcp_jax import genotypes
 from pcp_jax import loop
+from pcp_jax import population
 from pcp_jax import search
 
 RUNNER = r'''
@@ -87,6 +88,37 @@ def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('uninterrupted')
   search.search(tiny_config(0), str(workdir))
   return result(workdir)
+
+
+@pytest.mark.slow
+def test_population_members_get_their_solo_results_and_resume_bitwise(uninterrupted, tmp_path,
+                                                                      monkeypatch):
+  """Float32 (the CPU wing here): two seeds as one program. Each member's genotype is its
+  solo run's (member 0: `uninterrupted`); Ctrl-C mid-epoch and a rerun give the uninterrupted
+  population's results bit for bit."""
+  config = tiny_config(1)
+  config.search.population.seeds = 2
+  population.run(config, str(tmp_path / 'pop'))
+  members = [result(tmp_path / 'pop' / 'members' / str(k)) for k in range(2)]
+  search.search(population.member_config(config, population.members(config)[1]),
+                str(tmp_path / 'solo1'))
+  for member, solo in zip(members, (uninterrupted, result(tmp_path / 'solo1'))):
+    assert member[0] == solo[0]  # the genotype
+    for k in solo[1]:
+      np.testing.assert_allclose(member[1][k], solo[1][k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+  def interrupt(state):
+    os.kill(os.getpid(), signal.SIGINT)  # handled after this chunk of steps
+    return state
+  make = loop.make_chunk_fn
+  # Epoch 2, step 2 (chunks of one step).
+  monkeypatch.setattr(loop, 'make_chunk_fn', lambda *a: OnChunk(make(*a), 6, interrupt))
+  with pytest.raises(loop.Interrupted, match='SIGINT'):
+    population.run(config, str(tmp_path / 'stopped'))
+  monkeypatch.undo()
+  population.run(config, str(tmp_path / 'stopped'))
+  for k in range(2):
+    assert_same(result(tmp_path / 'stopped' / 'members' / str(k)), members[k])
 
 
 def damage_newest_checkpoint(ckpt_dir):

@@ -1,0 +1,501 @@
+"""A population of searches as one program: N seeds and/or ss_factors, one vmapped step.
+
+`search.population.seeds` = n and `search.population.ss_factors` = (f_1, ..., f_m) (config
+arguments `seeds=n`, `ssf=f_1:...:f_m`) make n x m members: member j * n + i is the solo
+search of seed `seed + i` and ss_factor `f_j` (the ss_factors share their seeds, so a sweep
+compares them on the same initialisations and data orders). Every piece of the search state
+carries a leading member axis (weights, architecture, projector, optimiser states, BN
+statistics, metric sums) and one jitted program steps all members (`loop.run_steps` with
+`members`: the search step vmapped, each member with its own batch order and keys).
+
+Progressive stages drop different ops in different members. A stage's supernet is built over
+the union of the members' ops on each edge, with a column per op in the alphas
+(`supernet.SearchNetwork.wide_arch`) and each member's ops given as data
+(`search_step.HParams.op_mask`): a member's other ops get weight exactly 0 and their weights
+stay exactly 0, so every member computes what its solo run computes, at the cost of the
+union's ops. Each member starts a stage as its solo run does: its own supernet initialised
+(one initialisation compile per distinct set of ops) and placed into the union's layout.
+
+Outputs: `RUN/members/<k>/` is an ordinary search folder (config.json, metrics, architecture
+history, genotype.json, diagrams, search_summary.json); `RUN/population.json` holds each
+member's seed, ss_factor and genotype and the members' agreement per edge;
+`RUN/search_checkpoints` the population's checkpoints (resume as for a solo search).
+"""
+
+import copy
+import dataclasses
+import functools
+import os
+import time
+from typing import List
+
+from absl import logging
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pcp_jax import checkpoint
+from pcp_jax import genotypes
+from pcp_jax import loop
+from pcp_jax import monitor
+from pcp_jax import parallel
+from pcp_jax import runs
+from pcp_jax import search
+from pcp_jax import search_step
+from pcp_jax import spaces
+from pcp_jax import supernet
+
+MEMBERS_DIR = 'members'
+POPULATION = 'population.json'
+METRICS = 'population_metrics.jsonl'  # per epoch: each metric's mean and std over members
+# What a fresh start in a population's folder sets aside (besides a solo search's outputs).
+OUTPUTS = runs.SEARCH_OUTPUTS + (MEMBERS_DIR, POPULATION, METRICS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  index: int
+  seed: int
+  ss_factor: float
+
+
+def members(config) -> List[Member]:
+  """The population of `config.search.population`: one member per (ss_factor, seed)."""
+  pop = config.search.population
+  factors = list(pop.ss_factors) or [config.search.ss_factor]
+  return [Member(j * pop.seeds + i, config.seed + i, float(f))
+          for j, f in enumerate(factors) for i in range(pop.seeds)]
+
+
+def size(config) -> int:
+  """The number of members (1: a solo search)."""
+  if 'search' not in config or 'population' not in config.search:
+    return 1
+  pop = config.search.population
+  return pop.seeds * max(len(pop.ss_factors), 1)
+
+
+def check_config(config) -> None:
+  """Validates `search.population` (a solo search passes), naming the option."""
+  pop = config.search.population
+  seeds = pop.seeds
+  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+    raise ValueError(f'search.population.seeds must be a whole number >= 1, got {seeds!r}.')
+  factors = pop.ss_factors
+  if not isinstance(factors, (tuple, list)) or any(
+      isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0
+      for f in factors):
+    raise ValueError('search.population.ss_factors must be numbers in [0, 1] (the sweep; '
+                     f'empty: search.ss_factor), got {factors!r}.')
+  if len(set(factors)) != len(factors):
+    raise ValueError(f'search.population.ss_factors lists a value twice: {list(factors)}.')
+  if size(config) == 1:
+    return
+  cfg = config.search
+  if config.num_devices != 1 and jax.device_count() > 1:
+    raise ValueError('A population search runs on one device for now: set num_devices=1 '
+                     f'(got {config.num_devices}, {jax.device_count()} devices seen).')
+  if cfg.curvature_every or cfg.early_stop != 'none':
+    raise ValueError('A population search does not measure curvature or stop early yet: set '
+                     'search.curvature_every=0 and search.early_stop=none.')
+  first = spaces.initial_switches(cfg.space, cfg.initial_ops)
+  if any(first[c][:, genotypes.OPS.index('noise')].any() for c in first) and len(cfg.stages) > 1:
+    raise ValueError("A population search's progressive stages cannot hold the 'noise' op "
+                     f'(search.space={cfg.space!r}): use one stage.')
+
+
+def check_search_config(config) -> None:
+  """Validates a search config, solo or population (`search.check_config` and the above)."""
+  search.check_config(config)
+  check_config(config)
+
+
+def run(config, workdir):
+  """The search mode: a solo search (`search.search`) or a population."""
+  if size(config) == 1:
+    return search.search(config, workdir)
+  return search_population(config, workdir)
+
+
+def run_folders(config, workdir) -> List[str]:
+  """The run folders a command on `workdir` wrote: the members' for a population."""
+  if size(config) == 1:
+    return [workdir]
+  return [os.path.join(workdir, MEMBERS_DIR, str(m.index)) for m in members(config)]
+
+
+def member_config(config, member: Member):
+  """The solo search config of `member`."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.seed = member.seed
+    c.search.ss_factor = member.ss_factor
+    c.search.population.seeds = 1
+    c.search.population.ss_factors = ()
+  return c
+
+
+# ---------------------------------------------------------------------------
+# A member's state in the union's layout, and back.
+
+
+def union(switch_sets) -> dict:
+  """The ops on in any member, per cell and edge."""
+  return {c: np.logical_or.reduce([s[c] for s in switch_sets]) for c in genotypes.CELLS}
+
+
+def narrow(arch: dict, switches: dict) -> dict:
+  """A member's architecture weights over its own ops (the solo layout) from the wide one."""
+  out = dict(arch)
+  for c in genotypes.CELLS:
+    on = np.asarray(switches[c])
+    out[f'alphas_{c}'] = np.asarray(arch[f'alphas_{c}'])[on].reshape(on.shape[0], -1)
+  return out
+
+
+def _op_blocks(key, switches, layers):
+  """(cell type, edges holding the op) of an op module's variable `key` (a path of the
+  supernet's variables), or None for a variable outside the mixed ops."""
+  if len(key) < 3 or key[1] not in supernet.GROUP_NAMES or key[2] not in genotypes.OPS:
+    return None
+  first = int(key[0][len('cells' if key[0].startswith('cells') else 'cell'):].split('-')[0])
+  cell = 'reduce' if first in genotypes.reduction_indices(layers) else 'normal'
+  group = supernet.EDGE_GROUPS[supernet.GROUP_NAMES.index(key[1])]
+  column = genotypes.OPS.index(key[2])
+  return [e for e in group if switches[cell][e, column]]
+
+
+def _embed_collection(solo: dict, shapes: dict, solo_switches, union_switches, layers):
+  """A solo supernet's variable collection in the union network's layout: each mixed op's
+  variables hold one block per edge along their last axis; the blocks of edges the member
+  does not have are zeros."""
+  solo_flat = traverse_util.flatten_dict(solo)
+  out = {}
+  for key, shape in traverse_util.flatten_dict(shapes).items():
+    target = _op_blocks(key, union_switches, layers)
+    if target is None:
+      out[key] = np.asarray(solo_flat[key])
+      continue
+    value = np.zeros(shape.shape, shape.dtype)
+    if key in solo_flat:
+      have = _op_blocks(key, solo_switches, layers)
+      src = np.asarray(solo_flat[key])
+      src = src.reshape(src.shape[:-1] + (len(have), -1))
+      dst = value.reshape(value.shape[:-1] + (len(target), -1))
+      for j, e in enumerate(have):
+        dst[..., target.index(e), :] = src[..., j, :]
+    out[key] = value
+  return traverse_util.unflatten_dict(out)
+
+
+def _embed_arch(arch: dict, switches: dict) -> dict:
+  out = dict(arch)
+  for c in genotypes.CELLS:
+    alphas = np.asarray(arch[f'alphas_{c}'])
+    wide = np.zeros((genotypes.NUM_EDGES, genotypes.NUM_OPS), alphas.dtype)
+    wide[np.asarray(switches[c])] = alphas.reshape(-1)
+    out[f'alphas_{c}'] = wide
+  return out
+
+
+def embed(solo: search_step.SearchState, solo_switches, union_switches, shapes, spec,
+          layers: int) -> search_step.SearchState:
+  """A member's initial state (its solo run's, `solo`) in the population supernet's layout
+  (`shapes`: its state's `jax.eval_shape`), optimiser states fresh as at any stage start."""
+  solo = jax.tree_util.tree_map(np.asarray, jax.device_get(solo))
+  params, batch_stats = (
+      _embed_collection(getattr(solo, name), getattr(shapes, name), solo_switches,
+                        union_switches, layers) for name in ('params', 'batch_stats'))
+  arch = _embed_arch(solo.arch, solo_switches)
+  return solo.replace(params=params, batch_stats=batch_stats, arch=arch,
+                      weight_opt=spec.tx_weights.init(params),
+                      arch_opt=spec.tx_arch.init(arch))
+
+
+def _stack(trees):
+  return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _member(tree, k):
+  return jax.tree_util.tree_map(lambda a: np.asarray(a[k]), tree)
+
+
+# ---------------------------------------------------------------------------
+# The driver.
+
+
+@dataclasses.dataclass
+class Population:
+  """The population's shared setup and its members' own (`search.Setup` each)."""
+  setup: search.Setup  # the population's: data, mesh, step counts, the run folder
+  members: List[Member]
+  solo: List[search.Setup]  # each member's, writing into RUN/members/<k>
+
+  @property
+  def size(self):
+    return len(self.members)
+
+  def hparams(self, s: int, epoch: int, switch_sets) -> search_step.HParams:
+    shared = search.epoch_hparams(self.setup.cfg.stages[s], epoch)
+    dtype = jnp.dtype(self.setup.cfg.dtype)
+    return shared.replace(
+        ss_factor=jnp.asarray([m.ss_factor for m in self.members], dtype),
+        op_mask={c: jnp.asarray(np.stack([sw[c] for sw in switch_sets]))
+                 for c in genotypes.CELLS})
+
+  def inputs(self, s: int, epoch: int, switch_sets) -> loop.EpochInputs:
+    """Epoch `epoch` of stage `s`: each member's own data order and key (its solo run's)."""
+    own = [search._epoch_inputs(m, s, epoch) for m in self.solo]  # pylint: disable=protected-access
+    return loop.EpochInputs(self.setup.images, self.setup.labels,
+                            _stack([o.order for o in own]),
+                            jnp.stack([o.key for o in own]),
+                            self.hparams(s, epoch, switch_sets))
+
+  def build(self, s: int, switch_sets) -> search.Stage:
+    stage = self.setup.cfg.stages[s]
+    return search.build_stage(self.setup.config, stage.layers, stage.epochs, union(switch_sets),
+                              self.setup.info, self.setup.image_shape, self.setup.steps,
+                              self.setup.mesh, stage.skip_dropout > 0, members=True)
+
+  def init(self, s: int, switch_sets, built: search.Stage):
+    """Every member's initial state of stage `s` (its solo run's), stacked."""
+    layers = self.setup.cfg.stages[s].layers
+    wide = union(switch_sets)
+    shapes = jax.eval_shape(built.init, self.setup.stage_keys(s)[0])
+    # The projector of a BT population exists in every member (weight 0 where ss_factor 0).
+    flag = self.setup.cfg.ss_factor
+    states, compiled = [], {}
+    for m, sw in zip(self.solo, switch_sets):
+      ops = tuple(np.concatenate([sw[c].ravel() for c in genotypes.CELLS]))
+      if ops not in compiled:  # one compile per distinct set of ops
+        with m.config.unlocked():
+          saved, m.config.search.ss_factor = m.config.search.ss_factor, flag
+          init = m.build(s, sw).init
+          m.config.search.ss_factor = saved
+        key = m.stage_keys(s)[0]
+        compiled[ops] = parallel.compile_once(init, key)
+      solo = compiled[ops](m.stage_keys(s)[0])
+      states.append(embed(solo, sw, wide, shapes, built.spec, layers))
+    return _stack(states)
+
+  def evaluate(self, built: search.Stage, state, s: int, switch_sets) -> List[dict]:
+    """Each member's validation means (its solo run's keys)."""
+    images, labels = self.setup.images['valid'], self.setup.labels['valid']
+    n = images.shape[0]
+    batch = min(self.setup.cfg.eval_batch_size, n)
+    keys = jnp.stack([m.stage_keys(s)[3] for m in self.solo])
+    mask = {c: jnp.asarray(np.stack([sw[c] for sw in switch_sets])) for c in genotypes.CELLS}
+    variables = {'params': state.params, 'arch': state.arch, 'batch_stats': state.batch_stats}
+    totals = [built.eval_fn(variables, images[idx], labels[idx], valid,
+                            jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys), mask)
+              for i, (idx, valid) in enumerate(loop.padded_batches(n, batch))]
+    totals = jax.device_get(totals)
+    return [{name: float(sum(np.float64(t[name][k]) for t in totals)) / n
+             for name in totals[0]} for k in range(self.size)]
+
+
+def _prepare(config, workdir) -> Population:
+  setup = search._prepare(config, workdir)  # pylint: disable=protected-access
+  pop = members(config)
+  solo = []
+  for m in pop:
+    c = member_config(config, m)
+    solo.append(dataclasses.replace(
+        setup, config=c, workdir=os.path.join(workdir, MEMBERS_DIR, str(m.index)),
+        root=jax.random.PRNGKey(c.seed), fingerprint=loop.fingerprint(c, search.FREE_ON_RESUME)))
+  with config.unlocked():  # the step's structure: BT in the program if any member uses it
+    config.search.ss_factor = max(m.ss_factor for m in pop)
+  return Population(setup, pop, solo)
+
+
+def agreement(genotype_list) -> dict:
+  """Per cell and edge of the members' genotypes: how many members chose each (op, input),
+  and the share of members that agree with the most common choice."""
+  out = {}
+  for cell in genotypes.CELLS:
+    rows = []
+    for node in range(genotypes.STEPS):
+      for slot in range(2):
+        counts = {}
+        for g in genotype_list:
+          op, inp = getattr(g, cell)[2 * node + slot]
+          counts[f'{op} <- {genotypes.state_name(inp)}'] = counts.get(
+              f'{op} <- {genotypes.state_name(inp)}', 0) + 1
+        rows.append({'node': node + 2, 'slot': slot, 'choices': counts,
+                     'agreement': max(counts.values()) / len(genotype_list)})
+    out[cell] = rows
+  return out
+
+
+def _restore_or_start(pop: Population, ckpt):
+  setup = pop.setup
+
+  def template(meta):
+    switch_sets = [search._switches_from(m) for m in meta['members']]  # pylint: disable=protected-access
+    built = pop.build(meta['phase'], switch_sets)
+    shapes = jax.eval_shape(built.init, setup.stage_keys(meta['phase'])[0])
+    stacked = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct((pop.size,) + a.shape, a.dtype), shapes)
+    sums = loop.zero_sums(search_step.METRICS, setup.cfg.dtype, pop.size)
+    return {'state': loop.zeros_like_shapes(stacked), 'sums': loop.zeros_like_shapes(sums)}
+
+  restored = loop.restore(ckpt, template, setup.fingerprint, 'population search')
+  if restored is None:
+    first = spaces.initial_switches(setup.cfg.space, setup.cfg.initial_ops)
+    return search.Start(first), [first] * pop.size
+  ckpt_step, tree, meta = restored
+  stages = setup.cfg.stages
+  finished = meta['phase'] == len(stages) - 1 and meta['epoch'] >= stages[-1].epochs
+  logging.info(f'The population search in {setup.workdir} is finished (checkpoint '
+               f'{ckpt_step}); its results stand, nothing to run.' if finished else
+               f'Resuming the population search from checkpoint {ckpt_step}: stage '
+               f'{meta["phase"] + 1}, epoch {meta["epoch"] + 1}, step {meta["step"]}.')
+  switch_sets = [search._switches_from(m) for m in meta['members']]  # pylint: disable=protected-access
+  return search.Start(switch_sets[0], meta['phase'], meta['epoch'], meta['step'], tree['state'],
+                      tree['sums'] if meta['step'] else None, meta['elapsed_seconds'],
+                      finished=finished), switch_sets
+
+
+def _save(sess, pop: Population, s: int, switch_sets, epoch: int, state, sums, step: int):
+  setup = pop.setup
+  arch = search._host(state.arch)  # pylint: disable=protected-access
+  records = []
+  for k, (m, sw) in enumerate(zip(pop.solo, switch_sets)):
+    genotype = genotypes.to_dict(search._genotype_of(m, narrow(_member(arch, k), sw), sw))  # pylint: disable=protected-access
+    if setup.main_process:
+      runs.write_json(m.path(runs.GENOTYPE_LATEST), dict(genotype, stage=s + 1, epoch=epoch,
+                                                         step=step))
+    records.append({'seed': pop.members[k].seed, 'ss_factor': pop.members[k].ss_factor,
+                    'genotype': genotype, 'switches_normal': sw['normal'].tolist(),
+                    'switches_reduce': sw['reduce'].tolist()})
+  sess.save(setup.offsets[s] + epoch * setup.steps + step, state, sums, {
+      'config': setup.fingerprint, 'phase': s, 'epoch': epoch, 'step': step,
+      'steps_per_epoch': setup.steps, 'members': records})
+
+
+def _member_sums(sums, k, steps):
+  return {name: float(np.asarray(v)[k]) / steps for name, v in jax.device_get(sums).items()}
+
+
+def _summary_row(rows: List[dict]) -> dict:
+  """The population's row of an epoch: each numeric metric's mean and std over members."""
+  out = {'stage': rows[0]['stage'], 'epoch': rows[0]['epoch'], 'step': rows[0]['step']}
+  for name, value in rows[0].items():
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in out:
+      values = np.asarray([r[name] for r in rows], np.float64)
+      out[f'{name}_mean'], out[f'{name}_std'] = float(values.mean()), float(values.std())
+  return out
+
+
+def _finish(pop: Population, archs, switch_sets, hours: float):
+  genotype_list = []
+  for k, (m, arch, sw) in enumerate(zip(pop.solo, archs, switch_sets)):
+    logging.info('member %d (seed %d, ss_factor %g):', k, pop.members[k].seed,
+                 pop.members[k].ss_factor)
+    genotype_list.append(search._finish(m, arch, sw, hours / pop.size))  # pylint: disable=protected-access
+  if pop.setup.main_process:
+    runs.write_json(pop.setup.path(POPULATION), {
+        'size': pop.size, 'search_cost_hours': hours,
+        'members': [{'member': m.index, 'seed': m.seed, 'ss_factor': m.ss_factor,
+                     'folder': os.path.join(MEMBERS_DIR, str(m.index)),
+                     'genotype': genotypes.to_dict(g)}
+                    for m, g in zip(pop.members, genotype_list)],
+        'agreement': agreement(genotype_list)})
+  return genotype_list
+
+
+def search_population(config, workdir):
+  """Runs the configured population of searches (module docstring); returns the members'
+  genotypes. Checkpoints, signals and resume as `search.search`."""
+  check_search_config(config)
+  config = copy.deepcopy(config)
+  pop = _prepare(config, workdir)
+  setup, cfg = pop.setup, pop.setup.cfg
+  ckpt = checkpoint.Checkpointer(setup.path(runs.SEARCH_CHECKPOINTS),
+                                 config.checkpoint.max_to_keep)
+  start, switch_sets = _restore_or_start(pop, ckpt)
+  if start.finished:
+    ckpt.close()
+    archs = [narrow(_member(search._host(start.state.arch), k), sw)  # pylint: disable=protected-access
+             for k, sw in enumerate(switch_sets)]
+    return [search._result_genotype(m, a, sw) for m, a, sw in zip(pop.solo, archs, switch_sets)]  # pylint: disable=protected-access
+  if start.state is None and setup.main_process:
+    runs.set_aside(workdir, OUTPUTS)
+  resume_step = setup.offsets[start.stage] + start.epoch * setup.steps + start.step
+  rows = runs.Rows(setup.path(METRICS), setup.main_process)
+  member_rows = [runs.Rows(m.path(runs.SEARCH_METRICS), setup.main_process) for m in pop.solo]
+  for f in [rows] + member_rows + [runs.Rows(m.path(runs.ARCH_HISTORY), setup.main_process)
+                                   for m in pop.solo]:
+    f.keep_until(resume_step)
+  for m in pop.solo:
+    monitor.write_config(m.workdir, m.config)
+  place = functools.partial(parallel.replicate, mesh=setup.mesh)
+  archs = None
+  with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows,
+                    what='the population search',
+                    hint='Lower search.optim.weights.lr or search.optim.arch.lr (in a new '
+                         'workdir).', every_steps=config.checkpoint.every_steps,
+                    log_every_steps=cfg.log_every_steps, total_steps=setup.offsets[-1],
+                    resume_step=resume_step, resumed=start.state is not None,
+                    elapsed=start.elapsed) as sess:
+    scalars = [monitor.Scalars(m.workdir, 'search',
+                               purge_step=resume_step + 1 if start.state is not None else 0)
+               for m in pop.solo]
+    try:
+      for s in range(start.stage, len(cfg.stages)):
+        stage, t_stage = cfg.stages[s], time.time()
+        built = pop.build(s, switch_sets)
+        resuming = s == start.stage and start.state is not None
+        state = place(start.state if resuming else pop.init(s, switch_sets, built))
+        sums = place(start.sums) if resuming and start.sums is not None else None
+        logging.info('Stage %d/%d: %d members, %d cells, ops per edge %s (the union: %d), '
+                     '%d epochs (%d warm-up).', s + 1, len(cfg.stages), pop.size, stage.layers,
+                     sorted({int(sw['normal'][0].sum()) for sw in switch_sets}),
+                     int(union(switch_sets)['normal'].sum(axis=1).max()), stage.epochs,
+                     stage.warmup_epochs)
+        for epoch in range(start.epoch if s == start.stage else 0, stage.epochs):
+          t_epoch = time.time()
+          step = start.step if (s, epoch) == (start.stage, start.epoch) else 0
+          where = loop.Epoch(f'stage {s + 1}/{len(cfg.stages)}', epoch, stage.epochs,
+                             setup.steps, setup.offsets[s] + epoch * setup.steps, s,
+                             len(cfg.stages))
+          if sums is None:
+            sums = place(loop.zero_sums(search_step.METRICS, cfg.dtype, pop.size))
+          state, sums = loop.run_epoch(
+              sess, built.chunk_fn, state, sums,
+              pop.inputs(s, epoch, switch_sets), where, step,
+              save=functools.partial(_save, sess, pop, s, switch_sets, epoch))
+          valid = pop.evaluate(built, state, s, switch_sets)
+          arch = search._host(state.arch)  # pylint: disable=protected-access
+          lr = float(built.lr_schedule(epoch * setup.steps))
+          member_rows_now = []
+          for k, (m, sw) in enumerate(zip(pop.solo, switch_sets)):
+            row = search.arch_row(m, scalars[k], s, sw, narrow(_member(arch, k), sw),
+                                  _member_sums(sums, k, setup.steps), valid[k], epoch, lr)
+            if epoch == 0:
+              row['compile_and_first_epoch_seconds'] = time.time() - t_stage
+            row.update(step=where.global_step(setup.steps),
+                       epoch_seconds=time.time() - t_epoch,
+                       elapsed_seconds=sess.elapsed_seconds(), member=k)
+            logging.info('member %d (seed %d, ss_factor %g):', k, pop.members[k].seed,
+                         pop.members[k].ss_factor)
+            search._log_row(row, len(cfg.stages), stage.epochs)  # pylint: disable=protected-access
+            member_rows[k].append(row)
+            scalars[k].write(row['step'], row)
+            scalars[k].flush()
+            member_rows_now.append(row)
+          sess.write_row(_summary_row(member_rows_now))
+          _save(sess, pop, s, switch_sets, epoch + 1, state, sums, 0)
+          sess.stop_if_requested()
+          sums = None
+        arch = search._host(state.arch)  # pylint: disable=protected-access
+        archs = [narrow(_member(arch, k), sw) for k, sw in enumerate(switch_sets)]
+        switch_sets = [search._end_stage(m, s, a, sw)  # pylint: disable=protected-access
+                       for m, a, sw in zip(pop.solo, archs, switch_sets)]
+    finally:
+      for sc in scalars:
+        sc.close()
+  genotype_list = _finish(pop, archs, switch_sets, sess.work_seconds() / 3600)
+  ckpt.close()
+  return genotype_list
