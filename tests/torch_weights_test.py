@@ -36,10 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import train_cifar10
+from pcp_jax import augment
+from pcp_jax import data
 from pcp_jax import genotypes
 from pcp_jax import kernels
+from pcp_jax import losses
+from pcp_jax import main
 from pcp_jax import models
 from pcp_jax import networks
+from pcp_jax import runs
 from pcp_jax import torch_file
 from pcp_jax import torch_weights
 
@@ -203,3 +209,41 @@ def test_a_file_that_is_not_a_state_dict_is_refused_in_one_line(tmp_path, make, 
   with pytest.raises(ValueError, match=message) as error:
     torch_file.state_dict(torch_file.load(path), path)
   assert '\n' not in str(error.value) and path in str(error.value)
+
+
+def _test_config(weights, **overrides):
+  config = train_cifar10.get_config('tiny')
+  config.modes, config.weights = 'test', weights
+  config.genotype, config.train.channels, config.train.layers = 'PC_DARTS_cifar', 4, 5
+  config.data.max_test = 32
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.mark.parametrize('weights, overrides, message', [
+    ('missing.pt', {}, 'weights: missing.pt: no such file'),
+    (__file__, {}, 'weights: .*torch_weights_test.py: not a PyTorch checkpoint'),
+    (PC_DARTS, {'modes': 'train,test'}, "the train mode trains from scratch: use "
+                                        "--config.modes=test"),
+])
+def test_a_bad_weights_option_is_refused_before_anything_runs(tmp_path, weights, overrides,
+                                                              message):
+  with pytest.raises(ValueError, match=message):
+    main.run(_test_config(weights, **overrides), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_the_test_mode_evaluates_imported_weights(tmp_path):
+  workdir = str(tmp_path / 'run')
+  main.run(_test_config(PC_DARTS), workdir)
+  results = runs.load_json(os.path.join(workdir, runs.RESULTS))
+  assert results['checkpoint'] == PC_DARTS and results['num_test_examples'] == 32
+  assert results['epochs'] is None and results['last_test_accuracy'] is None
+  # The same loss computed here from the imported weights: the test mode used them.
+  splits = data.train_splits(_test_config(PC_DARTS))
+  model = _pc_darts()
+  variables = torch_weights.load_variables(PC_DARTS, model, SHAPE)
+  x = augment.normalize(augment.to_float(splits.test_images), splits.info.mean, splits.info.std)
+  logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  loss = float(losses.cross_entropy(logits, splits.test_labels))
+  np.testing.assert_allclose(results['test_loss'], loss, rtol=1e-4)
