@@ -9,7 +9,8 @@ lr 6e-4 for 600 epochs, keeping the checkpoint of lowest validation loss. Publis
 2.57 % test error with 3.6 M parameters (3,634,678 here). The full recipe needs a GPU
 (`python -m pcp_jax.bench --what=train` measures a step). Append `:sgd` for the DARTS SGD
 recipe and `:tiny` for a CPU smoke run on the shipped subset (a few minutes, mostly
-compilation).
+compilation). `--config.modes=test --config.weights=model.pt` tests published PyTorch weights
+of the genotype instead (README, "Published PyTorch weights").
 """
 
 from pcp_jax import defaults

@@ -25,6 +25,7 @@ from pcp_jax import networks
 from pcp_jax import parallel
 from pcp_jax import plots
 from pcp_jax import runs
+from pcp_jax import torch_weights
 from pcp_jax import train
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -179,7 +180,15 @@ def fgsm(config, workdir: str) -> dict:
 
 
 def restore_for_eval(config, workdir: str, model, info):
-  """(state, checkpoint name, metadata) of the best checkpoint, else the latest with a warning."""
+  """(state, checkpoint name, metadata): the PyTorch weights of `config.weights` when given,
+  else the best checkpoint, else the latest with a warning."""
+  weights = config.get('weights', '')
+  if weights:
+    variables = torch_weights.load_variables(weights, model, train.image_shape(info))
+    logging.info('Evaluating the PyTorch weights of %s.', weights)
+    state = train.TrainState(step=np.int32(0), params=variables['params'],
+                             batch_stats=variables['batch_stats'], opt_state=None)
+    return jax.device_put(state), weights, {}
   for name in (runs.BEST, runs.CHECKPOINTS):
     try:
       restored = _restore_newest(config, os.path.join(workdir, name), model, info)
@@ -210,13 +219,15 @@ def _restore_newest(config, folder: str, model, info):
 
 
 def test(config, workdir: str) -> dict:
-  """Evaluates the best checkpoint on the test split; writes and returns results.json."""
+  """Evaluates the best checkpoint (or the PyTorch weights of `config.weights`) on the test
+  split; writes and returns results.json."""
   train.check_config(config)
   genotype = train.load_genotype(config, workdir)
   splits = data.train_splits(config)
   info = splits.info
   model = models.eval_network(config, genotype, info.num_classes)
   state, checkpoint_name, meta = restore_for_eval(config, workdir, model, info)
+  weights = config.get('weights', '')
   eval_fn = loop.make_eval_fn(model, info.mean, info.std)
 
   def evaluate(state):
@@ -227,19 +238,21 @@ def test(config, workdir: str) -> dict:
   # The best checkpoint is chosen on the validation split, which is the test set under
   # val_split='test' (as the paper and DARTS do): the last epoch's accuracy is reported beside
   # it, a number no selection has seen.
-  last = _restore_newest(config, os.path.join(workdir, runs.CHECKPOINTS), model, info)
+  # Imported weights have no training run here: no last epoch, no training rows.
+  last = None if weights else _restore_newest(
+      config, os.path.join(workdir, runs.CHECKPOINTS), model, info)
   last_metrics = last and evaluate(last[0])
   count = functools.partial(networks.count_params, genotype, config.train.channels,
                             config.train.layers, info.num_classes,
                             image_shape=train.image_shape(info))
-  rows = runs.Rows(os.path.join(workdir, runs.TRAIN_METRICS)).read()
+  rows = [] if weights else runs.Rows(os.path.join(workdir, runs.TRAIN_METRICS)).read()
   results = {
       'test_accuracy': metrics['accuracy'],
       'test_top5_accuracy': metrics['top5_accuracy'],
       'test_loss': metrics['loss'],
       'num_test_examples': len(splits.test_images),
       # The training images a run learnt from (its own validation part left out).
-      'num_train_examples': len(splits.train_images),
+      'num_train_examples': None if weights else len(splits.train_images),
       'data_source': config.data.source,
       'params': count(auxiliary=False),
       'params_with_aux': count(auxiliary=config.train.auxiliary),
@@ -248,7 +261,7 @@ def test(config, workdir: str) -> dict:
       'dataset': info.name,
       'method': runs.method_name(config.genotype, config.train.method),
       'search_cost_days': runs.search_summary(config.genotype).get('search_cost_days'),
-      'epochs': rows[-1]['epoch'] if rows else config.train.epochs,
+      'epochs': rows[-1]['epoch'] if rows else (None if weights else config.train.epochs),
       'checkpoint': checkpoint_name,
       'checkpoint_epoch': meta.get('epoch'),
       'val_split': str(config.train.val_split),
@@ -259,10 +272,11 @@ def test(config, workdir: str) -> dict:
   }
   if parallel.is_main_process():
     runs.write_json(os.path.join(workdir, runs.RESULTS), results)
-  logging.info('Test (%s checkpoint, epoch %s): accuracy %.4f (top-5 %.4f), loss %.4f on %d '
-               'images; %d params.', checkpoint_name, meta.get('epoch'), metrics['accuracy'],
-               metrics['top5_accuracy'], metrics['loss'], len(splits.test_images),
-               results['params'])
+  tested = (f'the PyTorch weights of {weights}' if weights
+            else f'{checkpoint_name} checkpoint, epoch {meta.get("epoch")}')
+  logging.info('Test (%s): accuracy %.4f (top-5 %.4f), loss %.4f on %d images; %d params.',
+               tested, metrics['accuracy'], metrics['top5_accuracy'], metrics['loss'],
+               len(splits.test_images), results['params'])
   if last_metrics:
     logging.info('Test (last checkpoint, epoch %s): accuracy %.4f, loss %.4f.',
                  results['last_checkpoint_epoch'], last_metrics['accuracy'],

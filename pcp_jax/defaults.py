@@ -239,6 +239,9 @@ def train_config() -> ml_collections.ConfigDict:
   config.checkpoint.max_to_keep = 2
   # A reference name (genotypes.REFERENCE_GENOTYPES), a genotype.json or a search workdir.
   config.genotype = 'PC_DARTS_cifar'
+  # A PyTorch NetworkCIFAR checkpoint (.pt: DARTS, PC-DARTS, P-DARTS) of that genotype, which
+  # the test and fgsm modes evaluate instead of the workdir's best checkpoint; '' for none.
+  config.weights = ''
 
   t = config.train = ml_collections.ConfigDict()
   t.method = ''  # name in the results table; '' derives it from config.genotype

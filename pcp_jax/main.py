@@ -101,7 +101,7 @@ def use_compilation_cache():
 
 # The config section each mode needs, and its validation.
 _NEEDS = {'search': ('search', population.check_search_config),
-          'train': ('train', train.check_config), 'test': ('train', train.check_config),
+          'train': ('train', train.check_train_mode), 'test': ('train', train.check_config),
           'fgsm': ('train', analysis.check_config)}
 
 

@@ -35,6 +35,7 @@ from pcp_jax import networks
 from pcp_jax import optim
 from pcp_jax import parallel
 from pcp_jax import runs
+from pcp_jax import torch_file
 
 METRICS = ('train_loss', 'train_acc', 'grad_norm')
 # The fields that shape a checkpoint's state: test and fgsm name those that changed.
@@ -44,7 +45,7 @@ STATE_FIELDS = ('genotype', 'train.channels', 'train.layers', 'train.auxiliary',
 # `train.epochs` extends a finished run.
 FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
                   'data.download', 'data.max_test', 'fgsm.', 'train.epochs',
-                  'train.eval_batch_size', 'train.log_every_steps', 'train.method')
+                  'train.eval_batch_size', 'train.log_every_steps', 'train.method', 'weights')
 
 
 def free_on_resume(config) -> tuple:
@@ -194,6 +195,23 @@ def check_config(config) -> None:
       booleans=('train.auxiliary', 'train.cutout'), at_least_zero=('train.auxiliary_weight',))
   if not 0 <= t.drop_path_prob < 1:
     raise ValueError(f'train.drop_path_prob must be in [0, 1), got {t.drop_path_prob}.')
+  weights = config.get('weights', '')
+  if not isinstance(weights, str):
+    raise ValueError(f'weights must be the path of a PyTorch checkpoint or empty, got {weights!r}.')
+  if weights:
+    try:
+      torch_file.check(weights)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'weights: {e}') from None
+
+
+def check_train_mode(config) -> None:
+  """`check_config`, and no imported weights: the train mode trains from scratch."""
+  check_config(config)
+  if config.get('weights'):
+    raise ValueError(f'weights={config.weights!r} is evaluated by the test and fgsm modes; the '
+                     'train mode trains from scratch: use --config.modes=test (or test,fgsm), '
+                     'or leave weights empty.')
 
 
 @dataclasses.dataclass
@@ -297,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Writes genotype.json, train_config.json, train_metrics.jsonl (one row per epoch), the latest
   checkpoints in `workdir/checkpoints` and the one of lowest validation loss in `workdir/best`.
   """
-  check_config(config)
+  check_train_mode(config)
   os.makedirs(workdir, exist_ok=True)
   setup, t = _prepare(config, workdir), config.train
   init_key, train_key, order_key = jax.random.split(jax.random.key(config.seed), 3)
