@@ -10,7 +10,7 @@ validation batch (network weights always train on CE). `ssf` defaults to 0.75, t
 The paper's mix is unscaled (`search.bt_scale='none'`): at D = 512 the BT term's gradient is
 orders of magnitude larger than the CE term's, so the architecture update is nearly pure BT at
 any ssf in (0, 1); `bt_scale`
-'balance' or 'dim' make ssf a dial (README, "Self-supervision"). The views share the step's
+'balance' or 'dim' make ssf a dial (docs/self_supervision.md). The views share the step's
 channel sample (`search.shared_channels`) and are asymmetric (`search.bt_views`).
 """
 

@@ -63,23 +63,32 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """Defined only when run as a program: pcp_jax.main has its own --config."""
+def define_flags(fv=FLAGS):
+  """Defined only when run as a program: pcp_jax.main has its own --config. `fv`: the
+  FlagValues to define them in (the README test parses the bench commands into its own)."""
   config_flags.DEFINE_config_file('config', defaults.config_file('pc_darts'),
-                                  'Search config of the search cases.', lock_config=True)
+                                  'Search config of the search cases.', flag_values=fv,
+                                  lock_config=True)
   config_flags.DEFINE_config_file('train_config', defaults.config_file('train_cifar10'),
-                                  'Train config of the train case.', lock_config=True)
-  flags.DEFINE_string('what', 'search,train', 'Comma list of: search, train, curvature.')
-  flags.DEFINE_string('batch_size', '', "Comma list of batch sizes; '' = each config's.")
-  flags.DEFINE_string('stages', '1', "Search stages to time: 1-based comma list or 'all'.")
-  flags.DEFINE_integer('steps', 5, 'Timed steps per case.')
-  flags.DEFINE_integer('warmup', 2, 'Untimed steps per case after compiling.')
-  flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype (weights stay float32).')
-  flags.DEFINE_bool('compile_only', False, 'Only compile; report XLA buffer bytes.')
-  flags.DEFINE_bool('project', False, 'Project the whole search: hours and device-days.')
+                                  'Train config of the train case.', flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_string('what', 'search,train', 'Comma list of: search, train, curvature.',
+                      flag_values=fv)
+  flags.DEFINE_string('batch_size', '', "Comma list of batch sizes; '' = each config's.",
+                      flag_values=fv)
+  flags.DEFINE_string('stages', '1', "Search stages to time: 1-based comma list or 'all'.",
+                      flag_values=fv)
+  flags.DEFINE_integer('steps', 5, 'Timed steps per case.', flag_values=fv)
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps per case after compiling.', flag_values=fv)
+  flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype (weights stay float32).',
+                    flag_values=fv)
+  flags.DEFINE_bool('compile_only', False, 'Only compile; report XLA buffer bytes.',
+                    flag_values=fv)
+  flags.DEFINE_bool('project', False, 'Project the whole search: hours and device-days.',
+                    flag_values=fv)
   flags.DEFINE_string('population', '', 'Comma list of population sizes N: each search case '
-                      'also as N members in one vmapped program.')
-  flags.DEFINE_string('out', 'bench.json', "JSON results file; '' prints only.")
+                      'also as N members in one vmapped program.', flag_values=fv)
+  flags.DEFINE_string('out', 'bench.json', "JSON results file; '' prints only.", flag_values=fv)
 
 
 def _check(ok, message):

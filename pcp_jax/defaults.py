@@ -72,9 +72,9 @@ def _base() -> ml_collections.ConfigDict:
   config.seed = 0  # drives everything: initialisation, data order, channel samples, augmentation
   config.modes = ''  # comma list run in order by pcp_jax.main
   config.num_devices = 0  # data-parallel over this many devices; 0 = all (of all processes)
-  # The models' kernel set (README, "Op implementations"): 'auto' (= 'cpu' on a CPU backend,
-  # 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (the CPU wing, pcp_jax/cpu: shifted
-  # slices and matrix products, faster under XLA:CPU). Same variables, same function.
+  # The models' kernel set (docs/internals.md, "Op implementations"): 'auto' (= 'cpu' on a CPU
+  # backend, 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (the CPU wing, pcp_jax/cpu:
+  # shifted slices and matrix products, faster under XLA:CPU). Same variables, same function.
   config.op_impl = 'auto'
 
   config.checkpoint = ml_collections.ConfigDict()
@@ -210,7 +210,7 @@ def search_config() -> ml_collections.ConfigDict:
   # BT's scale in the mix: 'none' (the paper: ssf * BT + (1 - ssf) * CE); 'dim' (BT / D);
   # 'balance' (the BT gradient rescaled to the CE gradient's norm every step). At D = 512
   # BT's gradient is orders of magnitude larger than CE's, so under 'none' any ssf in (0, 1)
-  # updates the architecture almost purely by BT (README, "Self-supervision").
+  # updates the architecture almost purely by BT (docs/self_supervision.md).
   s.bt_scale = 'none'
   # The two BT views: 'asymmetric' (the Barlow Twins recipe: blur and solarisation differ per
   # view, plus a perspective distortion and erasing) or 'symmetric' (identically

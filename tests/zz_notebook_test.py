@@ -7,6 +7,7 @@ kernel reuses the programs those tests compiled.
 
 import json
 import os
+import shutil
 
 import nbclient
 import nbformat
@@ -62,19 +63,64 @@ def test_notebook_runs_the_tiny_pipeline(tmp_path, monkeypatch):
   assert f"test accuracy {results['test_accuracy']:.3f}" in text
 
 
-@pytest.mark.slow
-def test_notebook_clones_the_repository_when_it_sees_no_checkout(tmp_path, monkeypatch):
-  """The Colab path of the first cell: no checkout in sight, so it clones REPO_URL and installs."""
-  monkeypatch.setenv('PCP_JAX_REPO_URL', ROOT)  # git clones a local repository like a remote one
+def _run_first_cell(tmp_path, monkeypatch, source):
+  """Runs the notebook's first cell (finding or fetching pcp_jax) in a kernel that sees no
+  checkout, with SOURCE set to `source`; returns what it printed."""
+  monkeypatch.setenv('PCP_JAX_SOURCE', source)
   monkeypatch.delenv('PYTHONPATH', raising=False)
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nb.cells = [c for c in nb.cells if c.cell_type == 'code'][:1]
+  work = tmp_path / 'work'
+  work.mkdir()
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
-                                   resources={'metadata': {'path': str(tmp_path)}})
+                                   resources={'metadata': {'path': str(work)}})
   client.execute()
-  clone = tmp_path / 'pcp_jax_repo'
-  text = ''.join(o.get('text', '') for o in nb.cells[0].outputs if o.output_type == 'stream')
+  return work, ''.join(o.get('text', '') for o in nb.cells[0].outputs
+                       if o.output_type == 'stream')
+
+
+def _checkout_copy(folder):
+  """What a checkout holds that the notebook needs, copied to `folder`."""
+  for name in ('pcp_jax', 'configs'):
+    shutil.copytree(os.path.join(ROOT, name), folder / name,
+                    ignore=shutil.ignore_patterns('__pycache__'))
+  shutil.copy(os.path.join(ROOT, 'requirements.txt'), folder)
+  return folder
+
+
+def _git_url(tmp_path):
+  return 'file://' + ROOT  # git clones a local repository as it clones a remote one
+
+
+def _folder(tmp_path):  # e.g. a checkout on Google Drive
+  return str(_checkout_copy(tmp_path / 'drive' / 'pcp_jax'))
+
+
+def _archive(tmp_path):  # as GitHub's "Download ZIP" makes it: one top folder
+  _checkout_copy(tmp_path / 'zip' / 'pcp_jax-main')
+  return shutil.make_archive(str(tmp_path / 'pcp_jax'), 'zip', tmp_path / 'zip', 'pcp_jax-main')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source', [_git_url, _folder, _archive])
+def test_notebook_fetches_pcp_jax_from_its_source(source, tmp_path, monkeypatch):
+  """The Colab path of the first cell: no checkout in sight, so it puts SOURCE (a git URL, a
+  folder, an uploaded archive) in pcp_jax_repo/ and installs what is missing."""
+  work, text = _run_first_cell(tmp_path, monkeypatch, source(tmp_path))
+  clone = work / 'pcp_jax_repo'
   assert f'pcp_jax from {clone}' in text, text
   # Only what is missing is installed (here: nothing), so Colab's own packages stay.
   assert 'requirements: all installed already' in text, text
-  assert (clone / 'pcp_jax' / 'main.py').is_file() and (clone / 'configs').is_dir()
+  assert (clone / 'pcp_jax' / 'main.py').is_file() and (clone / 'configs' / 'pcp.py').is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source, message', [
+    ('', 'No pcp_jax checkout here: set SOURCE in this cell to the git URL'),
+    ('pcp_jax.zp', "SOURCE 'pcp_jax.zp' is neither a folder, an archive"),
+])
+def test_notebook_says_what_to_set_without_a_usable_source(source, message, tmp_path,
+                                                            monkeypatch):
+  with pytest.raises(nbclient.exceptions.CellExecutionError) as error:
+    _run_first_cell(tmp_path, monkeypatch, source)
+  assert message in str(error.value), str(error.value)
