@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from pcp_jax import bench_report
 from pcp_jax import collapse
 from pcp_jax import data
 from pcp_jax import defaults
@@ -51,10 +52,10 @@ from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import models
 from pcp_jax import parallel
-from pcp_jax import population
 from pcp_jax import search
-from pcp_jax import spaces
 from pcp_jax import search_step
+from pcp_jax import spaces
+from pcp_jax import union
 from pcp_jax import train
 from pcp_jax.cpu import host
 
@@ -174,13 +175,6 @@ def stage_switches(search_config, stage_index):
   return switches
 
 
-def search_steps_per_epoch(config, batch_size):
-  """Steps per search epoch on the configured split of the dataset's full training set."""
-  n = config.data.max_train or data.DATASETS[config.data.dataset].train_size
-  n_weights = int(config.data.train_portion * n)
-  return min(n_weights, n - n_weights) // batch_size
-
-
 def _inputs(n, info, splits, mesh):
   rng = np.random.default_rng(0)
   images = {s: rng.integers(0, 256, (n, *train.image_shape(info)), np.uint8) for s in splits}
@@ -207,7 +201,7 @@ class _Program:
       switches = stage_switches(config, case['stage'])
       members = case.get('population', 0)
       args = (config, stage.layers, stage.epochs, switches, info, train.image_shape(info),
-              search_steps_per_epoch(config, b) or 1, mesh, stage.skip_dropout > 0)
+              bench_report.search_steps_per_epoch(config, b) or 1, mesh, stage.skip_dropout > 0)
       built = search.build_stage(*args)
       state = parallel.run_once(built.init, key_init)
       n = b * max_steps  # every step of a call gets its own rows
@@ -216,7 +210,7 @@ class _Program:
       if members:  # N copies of the solo state in the population's layout
         built = search.build_stage(*args, members=True)
         shapes = jax.eval_shape(built.init, key_init)
-        state = population.embed(state, switches, switches, shapes, built.spec, stage.layers)
+        state = union.embed(state, switches, switches, shapes, built.spec, stage.layers)
         state = jax.tree_util.tree_map(lambda a: np.stack([a] * members), state)
         order = jax.tree_util.tree_map(lambda a: np.stack([a] * members), order)
         self.key = jax.random.split(self.key, members)
@@ -329,88 +323,6 @@ def run_case(case, config, *, steps=5, warmup=2, dtype='float32', compile_only=F
   return result
 
 
-def project_search(search_config, results):
-  """Per batch size, the sum over stages of compile + warm-up epochs x steps x frozen step time
-  + other epochs x steps x step time: no evaluation, data loading or checkpoints."""
-  projections, stages = [], search_config.search.stages
-  for b in sorted({r['batch_size'] for r in results if r['what'] == 'search'}):
-    timed = {r['stage']: r for r in results if r['what'] == 'search' and r['batch_size'] == b
-             and not r.get('population')}
-    steps = search_steps_per_epoch(search_config, b)
-    seconds = sum(timed[s]['compile_seconds'] + steps * (
-        st.warmup_epochs * timed[s]['seconds_per_step_frozen_arch']
-        + (st.epochs - st.warmup_epochs) * timed[s]['seconds_per_step'])
-                  for s, st in enumerate(stages))
-    n = timed[0]['devices']
-    projections.append(dict(batch_size=b, steps_per_epoch=steps, devices=n,
-                            hours=seconds / 3600, device_days=seconds * n / 86400))
-  return projections
-
-
-def curvature_costs(search_config, results):
-  """Per timed search case with a timed curvature case of the same stage (the meter on its
-  `search.curvature_batch` images): one estimate in search steps and as a share of the search
-  time between two estimates (`search.curvature_every` epochs of the full split at the search
-  case's batch, RobustDARTS's 2 when 0)."""
-  every = search_config.search.curvature_every or 2
-  costs = []
-  for step in results:
-    meter = next((r for r in results if r['what'] == 'curvature' and 'seconds_per_step' in r
-                  and r['stage'] == step['stage']), None)
-    if (step['what'] != 'search' or 'seconds_per_step' not in step or meter is None
-        or step.get('population')):
-      continue
-    steps = search_steps_per_epoch(search_config, step['batch_size'])
-    history = np.asarray(meter['curvature_history'])
-    close = np.abs(history - history[-1]) <= 1e-3 * np.abs(history[-1])
-    costs.append(dict(
-        case=meter['case'], batch_size=step['batch_size'], meter_batch=meter['batch_size'],
-        every_epochs=every, steps_per_epoch=steps, products=len(history),
-        estimate_seconds=meter['seconds_per_step'],
-        estimate_in_steps=meter['seconds_per_step'] / step['seconds_per_step'],
-        share=meter['seconds_per_step'] / (every * steps * step['seconds_per_step']),
-        products_to_1e3=int(np.argmax(close)) + 1))
-  return costs
-
-
-def population_gains(results):
-  """Per timed population case with its timed solo case (same stage and batch): the
-  members' summed img/s against N solo runs one after another (the solo case's img/s)."""
-  gains = []
-  for r in results:
-    solo = next((s for s in results if s['what'] == 'search' and not s.get('population')
-                 and 'seconds_per_step' in s and s['stage'] == r['stage']
-                 and s['batch_size'] == r['batch_size']), None)
-    if r.get('population') and 'seconds_per_step' in r and solo is not None:
-      gains.append(dict(case=r['case'], batch_size=r['batch_size'], members=r['population'],
-                        images_per_second=r['images_per_second'],
-                        solo_images_per_second=solo['images_per_second'],
-                        ratio=r['images_per_second'] / solo['images_per_second'],
-                        xla_buffer_bytes=r['xla_buffer_bytes'],
-                        solo_xla_buffer_bytes=solo['xla_buffer_bytes']))
-  return gains
-
-
-def _size(n):
-  return '-' if n is None else (f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB')
-
-
-def markdown_table(results):
-  kind = next((r['memory_kind'] for r in results if 'memory_kind' in r), 'RSS')
-  rows = [('case', 'batch', 'img/s', 's/step', 'init s', 'compile s', f'peak {kind}',
-           'XLA buffers'), ('---',) + ('---:',) * 7]
-  for r in results:
-    if 'error' in r:
-      rows.append((r['case'], r['batch_size'], r['error'][:80]) + ('-',) * 5)
-      continue
-    timed = 'seconds_per_step' in r
-    rows.append((r['case'], r['batch_size'], f"{r['images_per_second']:.1f}" if timed else '-',
-                 f"{r['seconds_per_step']:.4g}" if timed else '-', f"{r['init_seconds']:.1f}",
-                 f"{r['compile_seconds']:.1f}", _size(r['peak_memory_bytes']),
-                 _size(r['xla_buffer_bytes'])))
-  return '\n'.join('| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows)
-
-
 def benchmark(search_config, train_config, cases, *, out='', **timing):
   """Runs the planned `cases`, prints the table, writes the JSON report to `out`, returns it."""
   results = []
@@ -427,16 +339,18 @@ def benchmark(search_config, train_config, cases, *, out='', **timing):
     gc.collect()
     jax.clear_caches()
     host.trim_heap()
-  projections = project_search(search_config, results) if timing.get('project') else []
-  costs = curvature_costs(search_config, results)
-  gains = population_gains(results)
+  projections = (bench_report.project_search(search_config, results)
+                 if timing.get('project') else [])
+  costs = bench_report.curvature_costs(search_config, results)
+  gains = bench_report.population_gains(results)
   device = jax.local_devices()[0]
-  print(markdown_table(results))
+  print(bench_report.markdown_table(results))
   for g in gains:
     print(f"{g['case']} at batch {g['batch_size']}: {g['images_per_second']:.1f} img/s summed "
           f"over {g['members']} members, {g['ratio']:.2f}x {g['members']} solo runs one after "
           f"another ({g['solo_images_per_second']:.1f} img/s); XLA buffers "
-          f"{_size(g['xla_buffer_bytes'])} against {_size(g['solo_xla_buffer_bytes'])} solo.")
+          f"{bench_report.size(g['xla_buffer_bytes'])} against "
+          f"{bench_report.size(g['solo_xla_buffer_bytes'])} solo.")
   for c in costs:
     print(f"{c['case']} on {c['meter_batch']} images: one estimate "
           f"({c['estimate_seconds']:.1f} s) costs {c['estimate_in_steps']:.1f} search steps at "

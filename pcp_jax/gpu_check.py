@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from pcp_jax import bench
+from pcp_jax import bench_report
 from pcp_jax.cpu import host
 
 # The published search costs set beside the projections: (GPU-days, source).
@@ -131,10 +132,10 @@ def run_case(argv):
     record.update(result)
     if search:
       # bench's projection formula on this stage alone: the stages' shares add up to
-      # bench.project_search over all of them.
+      # bench_report.project_search over all of them.
       one = copy.deepcopy(config)
       one.search.stages = [config.search.stages[case['stage']]]
-      projection, = bench.project_search(one, [dict(result, stage=0)])
+      projection, = bench_report.project_search(one, [dict(result, stage=0)])
       record.update(stages_in_search=len(config.search.stages),
                     steps_per_epoch=projection['steps_per_epoch'],
                     projected_stage_seconds=projection['hours'] * 3600)

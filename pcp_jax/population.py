@@ -30,7 +30,6 @@ import time
 from typing import List
 
 from absl import logging
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,11 +43,12 @@ from pcp_jax import runs
 from pcp_jax import search
 from pcp_jax import search_step
 from pcp_jax import spaces
-from pcp_jax import supernet
+from pcp_jax import union
 
 MEMBERS_DIR = 'members'
 POPULATION = 'population.json'
 METRICS = 'population_metrics.jsonl'  # per epoch: each metric's mean and std over members
+HINT = 'Lower search.optim.weights.lr or search.optim.arch.lr (in a new workdir).'
 # What a fresh start in a population's folder sets aside (besides a solo search's outputs).
 OUTPUTS = runs.SEARCH_OUTPUTS + (MEMBERS_DIR, POPULATION, METRICS)
 
@@ -136,83 +136,6 @@ def member_config(config, member: Member):
   return c
 
 
-# ---------------------------------------------------------------------------
-# A member's state in the union's layout, and back.
-
-
-def union(switch_sets) -> dict:
-  """The ops on in any member, per cell and edge."""
-  return {c: np.logical_or.reduce([s[c] for s in switch_sets]) for c in genotypes.CELLS}
-
-
-def narrow(arch: dict, switches: dict) -> dict:
-  """A member's architecture weights over its own ops (the solo layout) from the wide one."""
-  out = dict(arch)
-  for c in genotypes.CELLS:
-    on = np.asarray(switches[c])
-    out[f'alphas_{c}'] = np.asarray(arch[f'alphas_{c}'])[on].reshape(on.shape[0], -1)
-  return out
-
-
-def _op_blocks(key, switches, layers):
-  """(cell type, edges holding the op) of an op module's variable `key` (a path of the
-  supernet's variables), or None for a variable outside the mixed ops."""
-  if len(key) < 3 or key[1] not in supernet.GROUP_NAMES or key[2] not in genotypes.OPS:
-    return None
-  first = int(key[0][len('cells' if key[0].startswith('cells') else 'cell'):].split('-')[0])
-  cell = 'reduce' if first in genotypes.reduction_indices(layers) else 'normal'
-  group = supernet.EDGE_GROUPS[supernet.GROUP_NAMES.index(key[1])]
-  column = genotypes.OPS.index(key[2])
-  return [e for e in group if switches[cell][e, column]]
-
-
-def _embed_collection(solo: dict, shapes: dict, solo_switches, union_switches, layers):
-  """A solo supernet's variable collection in the union network's layout: each mixed op's
-  variables hold one block per edge along their last axis; the blocks of edges the member
-  does not have are zeros."""
-  solo_flat = traverse_util.flatten_dict(solo)
-  out = {}
-  for key, shape in traverse_util.flatten_dict(shapes).items():
-    target = _op_blocks(key, union_switches, layers)
-    if target is None:
-      out[key] = np.asarray(solo_flat[key])
-      continue
-    value = np.zeros(shape.shape, shape.dtype)
-    if key in solo_flat:
-      have = _op_blocks(key, solo_switches, layers)
-      src = np.asarray(solo_flat[key])
-      src = src.reshape(src.shape[:-1] + (len(have), -1))
-      dst = value.reshape(value.shape[:-1] + (len(target), -1))
-      for j, e in enumerate(have):
-        dst[..., target.index(e), :] = src[..., j, :]
-    out[key] = value
-  return traverse_util.unflatten_dict(out)
-
-
-def _embed_arch(arch: dict, switches: dict) -> dict:
-  out = dict(arch)
-  for c in genotypes.CELLS:
-    alphas = np.asarray(arch[f'alphas_{c}'])
-    wide = np.zeros((genotypes.NUM_EDGES, genotypes.NUM_OPS), alphas.dtype)
-    wide[np.asarray(switches[c])] = alphas.reshape(-1)
-    out[f'alphas_{c}'] = wide
-  return out
-
-
-def embed(solo: search_step.SearchState, solo_switches, union_switches, shapes, spec,
-          layers: int) -> search_step.SearchState:
-  """A member's initial state (its solo run's, `solo`) in the population supernet's layout
-  (`shapes`: its state's `jax.eval_shape`), optimiser states fresh as at any stage start."""
-  solo = jax.tree_util.tree_map(np.asarray, jax.device_get(solo))
-  params, batch_stats = (
-      _embed_collection(getattr(solo, name), getattr(shapes, name), solo_switches,
-                        union_switches, layers) for name in ('params', 'batch_stats'))
-  arch = _embed_arch(solo.arch, solo_switches)
-  return solo.replace(params=params, batch_stats=batch_stats, arch=arch,
-                      weight_opt=spec.tx_weights.init(params),
-                      arch_opt=spec.tx_arch.init(arch))
-
-
 def _stack(trees):
   return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
@@ -237,7 +160,7 @@ class Population:
     return len(self.members)
 
   def hparams(self, s: int, epoch: int, switch_sets) -> search_step.HParams:
-    shared = search.epoch_hparams(self.setup.cfg.stages[s], epoch)
+    shared = search_step.epoch_hparams(self.setup.cfg.stages[s], epoch)
     dtype = jnp.dtype(self.setup.cfg.dtype)
     return shared.replace(
         ss_factor=jnp.asarray([m.ss_factor for m in self.members], dtype),
@@ -254,14 +177,15 @@ class Population:
 
   def build(self, s: int, switch_sets) -> search.Stage:
     stage = self.setup.cfg.stages[s]
-    return search.build_stage(self.setup.config, stage.layers, stage.epochs, union(switch_sets),
-                              self.setup.info, self.setup.image_shape, self.setup.steps,
-                              self.setup.mesh, stage.skip_dropout > 0, members=True)
+    return search.build_stage(self.setup.config, stage.layers, stage.epochs,
+                              union.switches(switch_sets), self.setup.info,
+                              self.setup.image_shape, self.setup.steps, self.setup.mesh,
+                              stage.skip_dropout > 0, members=True)
 
   def init(self, s: int, switch_sets, built: search.Stage):
     """Every member's initial state of stage `s` (its solo run's), stacked."""
     layers = self.setup.cfg.stages[s].layers
-    wide = union(switch_sets)
+    wide = union.switches(switch_sets)
     shapes = jax.eval_shape(built.init, self.setup.stage_keys(s)[0])
     # The projector of a BT population exists in every member (weight 0 where ss_factor 0).
     flag = self.setup.cfg.ss_factor
@@ -276,7 +200,7 @@ class Population:
         key = m.stage_keys(s)[0]
         compiled[ops] = parallel.compile_once(init, key)
       solo = compiled[ops](m.stage_keys(s)[0])
-      states.append(embed(solo, sw, wide, shapes, built.spec, layers))
+      states.append(union.embed(solo, sw, wide, shapes, built.spec, layers))
     return _stack(states)
 
   def evaluate(self, built: search.Stage, state, s: int, switch_sets) -> List[dict]:
@@ -307,25 +231,6 @@ def _prepare(config, workdir) -> Population:
   with config.unlocked():  # the step's structure: BT in the program if any member uses it
     config.search.ss_factor = max(m.ss_factor for m in pop)
   return Population(setup, pop, solo)
-
-
-def agreement(genotype_list) -> dict:
-  """Per cell and edge of the members' genotypes: how many members chose each (op, input),
-  and the share of members that agree with the most common choice."""
-  out = {}
-  for cell in genotypes.CELLS:
-    rows = []
-    for node in range(genotypes.STEPS):
-      for slot in range(2):
-        counts = {}
-        for g in genotype_list:
-          op, inp = getattr(g, cell)[2 * node + slot]
-          counts[f'{op} <- {genotypes.state_name(inp)}'] = counts.get(
-              f'{op} <- {genotypes.state_name(inp)}', 0) + 1
-        rows.append({'node': node + 2, 'slot': slot, 'choices': counts,
-                     'agreement': max(counts.values()) / len(genotype_list)})
-    out[cell] = rows
-  return out
 
 
 def _restore_or_start(pop: Population, ckpt):
@@ -362,7 +267,8 @@ def _save(sess, pop: Population, s: int, switch_sets, epoch: int, state, sums, s
   arch = search._host(state.arch)  # pylint: disable=protected-access
   records = []
   for k, (m, sw) in enumerate(zip(pop.solo, switch_sets)):
-    genotype = genotypes.to_dict(search._genotype_of(m, narrow(_member(arch, k), sw), sw))  # pylint: disable=protected-access
+    own = union.narrow(_member(arch, k), sw)
+    genotype = genotypes.to_dict(search._genotype_of(m, own, sw))  # pylint: disable=protected-access
     if setup.main_process:
       runs.write_json(m.path(runs.GENOTYPE_LATEST), dict(genotype, stage=s + 1, epoch=epoch,
                                                          step=step))
@@ -388,6 +294,36 @@ def _summary_row(rows: List[dict]) -> dict:
   return out
 
 
+def _epoch_rows(pop: Population, sess, built, state, sums, switch_sets, where: loop.Epoch,
+                scalars) -> List[dict]:
+  """Each member's row of the epoch `where` (validated; its architecture weights appended
+  to its arch_history.jsonl and TensorBoard)."""
+  s, epoch, steps = where.stage, where.index, pop.setup.steps
+  valid = pop.evaluate(built, state, s, switch_sets)
+  arch = search._host(state.arch)  # pylint: disable=protected-access
+  lr = float(built.lr_schedule(epoch * steps))
+  rows = []
+  for k, (m, sw) in enumerate(zip(pop.solo, switch_sets)):
+    row = search.arch_row(m, scalars[k], s, sw, union.narrow(_member(arch, k), sw),
+                          _member_sums(sums, k, steps), valid[k], epoch, lr)
+    row.update(step=where.global_step(steps), elapsed_seconds=sess.elapsed_seconds(), member=k)
+    rows.append(row)
+  return rows
+
+
+def _rows_from(pop: Population, resume_step: int):
+  """The population's and the members' metric rows files, cut to `resume_step`; each
+  member's config.json."""
+  main = pop.setup.main_process
+  rows = runs.Rows(pop.setup.path(METRICS), main)
+  member_rows = [runs.Rows(m.path(runs.SEARCH_METRICS), main) for m in pop.solo]
+  for f in [rows] + member_rows + [runs.Rows(m.path(runs.ARCH_HISTORY), main) for m in pop.solo]:
+    f.keep_until(resume_step)
+  for m in pop.solo:
+    monitor.write_config(m.workdir, m.config)
+  return rows, member_rows
+
+
 def _finish(pop: Population, archs, switch_sets, hours: float):
   genotype_list = []
   for k, (m, arch, sw) in enumerate(zip(pop.solo, archs, switch_sets)):
@@ -401,7 +337,7 @@ def _finish(pop: Population, archs, switch_sets, hours: float):
                      'folder': os.path.join(MEMBERS_DIR, str(m.index)),
                      'genotype': genotypes.to_dict(g)}
                     for m, g in zip(pop.members, genotype_list)],
-        'agreement': agreement(genotype_list)})
+        'agreement': union.agreement(genotype_list)})
   return genotype_list
 
 
@@ -415,27 +351,20 @@ def search_population(config, workdir):
   ckpt = checkpoint.Checkpointer(setup.path(runs.SEARCH_CHECKPOINTS),
                                  config.checkpoint.max_to_keep)
   start, switch_sets = _restore_or_start(pop, ckpt)
-  if start.finished:
+  if start.finished:  # a rerun writes nothing
     ckpt.close()
-    archs = [narrow(_member(search._host(start.state.arch), k), sw)  # pylint: disable=protected-access
-             for k, sw in enumerate(switch_sets)]
-    return [search._result_genotype(m, a, sw) for m, a, sw in zip(pop.solo, archs, switch_sets)]  # pylint: disable=protected-access
+    arch = search._host(start.state.arch)  # pylint: disable=protected-access
+    return [search._result_genotype(m, union.narrow(_member(arch, k), sw), sw)  # pylint: disable=protected-access
+            for k, (m, sw) in enumerate(zip(pop.solo, switch_sets))]
   if start.state is None and setup.main_process:
     runs.set_aside(workdir, OUTPUTS)
   resume_step = setup.offsets[start.stage] + start.epoch * setup.steps + start.step
-  rows = runs.Rows(setup.path(METRICS), setup.main_process)
-  member_rows = [runs.Rows(m.path(runs.SEARCH_METRICS), setup.main_process) for m in pop.solo]
-  for f in [rows] + member_rows + [runs.Rows(m.path(runs.ARCH_HISTORY), setup.main_process)
-                                   for m in pop.solo]:
-    f.keep_until(resume_step)
-  for m in pop.solo:
-    monitor.write_config(m.workdir, m.config)
+  rows, member_rows = _rows_from(pop, resume_step)
   place = functools.partial(parallel.replicate, mesh=setup.mesh)
   archs = None
   with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows,
-                    what='the population search',
-                    hint='Lower search.optim.weights.lr or search.optim.arch.lr (in a new '
-                         'workdir).', every_steps=config.checkpoint.every_steps,
+                    what='the population search', hint=HINT,
+                    every_steps=config.checkpoint.every_steps,
                     log_every_steps=cfg.log_every_steps, total_steps=setup.offsets[-1],
                     resume_step=resume_step, resumed=start.state is not None,
                     elapsed=start.elapsed) as sess:
@@ -452,7 +381,7 @@ def search_population(config, workdir):
         logging.info('Stage %d/%d: %d members, %d cells, ops per edge %s (the union: %d), '
                      '%d epochs (%d warm-up).', s + 1, len(cfg.stages), pop.size, stage.layers,
                      sorted({int(sw['normal'][0].sum()) for sw in switch_sets}),
-                     int(union(switch_sets)['normal'].sum(axis=1).max()), stage.epochs,
+                     int(union.switches(switch_sets)['normal'].sum(axis=1).max()), stage.epochs,
                      stage.warmup_epochs)
         for epoch in range(start.epoch if s == start.stage else 0, stage.epochs):
           t_epoch = time.time()
@@ -466,31 +395,24 @@ def search_population(config, workdir):
               sess, built.chunk_fn, state, sums,
               pop.inputs(s, epoch, switch_sets), where, step,
               save=functools.partial(_save, sess, pop, s, switch_sets, epoch))
-          valid = pop.evaluate(built, state, s, switch_sets)
-          arch = search._host(state.arch)  # pylint: disable=protected-access
-          lr = float(built.lr_schedule(epoch * setup.steps))
-          member_rows_now = []
-          for k, (m, sw) in enumerate(zip(pop.solo, switch_sets)):
-            row = search.arch_row(m, scalars[k], s, sw, narrow(_member(arch, k), sw),
-                                  _member_sums(sums, k, setup.steps), valid[k], epoch, lr)
-            if epoch == 0:
+          rows_now = _epoch_rows(pop, sess, built, state, sums, switch_sets, where, scalars)
+          if epoch == 0:
+            for row in rows_now:
               row['compile_and_first_epoch_seconds'] = time.time() - t_stage
-            row.update(step=where.global_step(setup.steps),
-                       epoch_seconds=time.time() - t_epoch,
-                       elapsed_seconds=sess.elapsed_seconds(), member=k)
+          for k, row in enumerate(rows_now):
+            row.update(epoch_seconds=time.time() - t_epoch)
             logging.info('member %d (seed %d, ss_factor %g):', k, pop.members[k].seed,
                          pop.members[k].ss_factor)
-            search._log_row(row, len(cfg.stages), stage.epochs)  # pylint: disable=protected-access
+            search_step.log_row(row, len(cfg.stages), stage.epochs)
             member_rows[k].append(row)
             scalars[k].write(row['step'], row)
             scalars[k].flush()
-            member_rows_now.append(row)
-          sess.write_row(_summary_row(member_rows_now))
+          sess.write_row(_summary_row(rows_now))
           _save(sess, pop, s, switch_sets, epoch + 1, state, sums, 0)
           sess.stop_if_requested()
           sums = None
         arch = search._host(state.arch)  # pylint: disable=protected-access
-        archs = [narrow(_member(arch, k), sw) for k, sw in enumerate(switch_sets)]
+        archs = [union.narrow(_member(arch, k), sw) for k, sw in enumerate(switch_sets)]
         switch_sets = [search._end_stage(m, s, a, sw)  # pylint: disable=protected-access
                        for m, a, sw in zip(pop.solo, archs, switch_sets)]
     finally:

@@ -244,14 +244,8 @@ def _epoch_inputs(setup: Setup, s: int, epoch: int) -> loop.EpochInputs:
   order = {split: jax.random.permutation(jax.random.fold_in(k_epoch, i), setup.sizes[split])
            for i, split in enumerate(('train', 'valid'))}
   return loop.EpochInputs(setup.images, setup.labels, parallel.replicate(order, setup.mesh),
-                          jax.random.fold_in(k_steps, epoch), epoch_hparams(stage, epoch))
-
-
-def epoch_hparams(stage, epoch: int) -> search_step.HParams:
-  """The step's hyperparameters in epoch `epoch` of `stage` (a `search.stages` entry)."""
-  rate = search_step.skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs, stage.warmup_epochs)
-  return search_step.HParams(skip_rate=jnp.float32(rate),
-                             update_arch=jnp.bool_(epoch >= stage.warmup_epochs))
+                          jax.random.fold_in(k_steps, epoch),
+                          search_step.epoch_hparams(stage, epoch))
 
 
 def _genotype_of(setup: Setup, arch, switches, **kwargs):
@@ -311,23 +305,6 @@ def arch_row(setup: Setup, scalars, s: int, switches, arch, means: dict, valid: 
                                                          stage.epochs, stage.warmup_epochs),
               arch_frozen=epoch < stage.warmup_epochs, genotype=genotype,
               **collapse.indicators(weights, genotype))
-
-
-def _log_row(row: dict, stages: int, epochs: int) -> None:
-  logging.info(
-      'stage %d/%d epoch %d/%d: train CE %.4f acc %.4f | valid CE %.4f acc %.4f | '
-      'arch loss %.4f (CE %.4f, BT %.4f; |grad| CE %.2e BT %.2e cos %.3f)%s | '
-      'lr %.5f skip-drop %.3f | %.1fs', row['stage'], stages, row['epoch'], epochs,
-      row['train_loss'], row['train_acc'], row['valid_loss'], row['valid_acc'],
-      row['arch_loss'], row['arch_ce'], row['arch_bt'], row['arch_ce_grad_norm'],
-      row['arch_bt_grad_norm'], row['arch_grad_cosine'],
-      ' [arch frozen]' if row['arch_frozen'] else '', row['lr'], row['skip_dropout'],
-      row['epoch_seconds'])
-  logging.info('collapse: %s%d skip connection(s) in the normal cell, alpha entropy %.3f '
-               '(normal) %.3f (reduce)',
-               f"curvature {row['curvature']:.4g} | " if 'curvature' in row else '',
-               row['skip_normal'], row['entropy_normal'], row['entropy_reduce'])
-  logging.info('genotype = %s', genotypes.to_string(genotypes.from_dict(row['genotype'])))
 
 
 def _end_stage(setup: Setup, s: int, arch, switches):
@@ -449,7 +426,7 @@ def search(config, workdir):
           row['compile_and_first_epoch_seconds'] = time.time() - t_stage
         row.update(step=where.global_step(setup.steps), epoch_seconds=time.time() - t_epoch,
                    elapsed_seconds=sess.elapsed_seconds())
-        _log_row(row, len(cfg.stages), stage.epochs)
+        search_step.log_row(row, len(cfg.stages), stage.epochs)
         sess.write_row(row)
         history.update(cfg, row, genotypes.to_dict(
             _result_genotype(setup, _host(state.arch), switches)), s)

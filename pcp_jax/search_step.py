@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import optax
 
 from pcp_jax import augment
 from pcp_jax import defaults
+from pcp_jax import genotypes
 from pcp_jax import heads
 from pcp_jax import kernels
 from pcp_jax import losses
@@ -90,6 +92,31 @@ def skip_dropout_rate(rate, epoch, epochs, warmup_epochs):
   if epoch < warmup_epochs:
     return rate * (epochs - epoch - 1) / epochs
   return rate * math.exp(-(epoch - warmup_epochs) * 0.2)
+
+
+def epoch_hparams(stage, epoch: int) -> HParams:
+  """The step's hyperparameters in epoch `epoch` of `stage` (a `search.stages` entry)."""
+  rate = skip_dropout_rate(stage.skip_dropout, epoch, stage.epochs, stage.warmup_epochs)
+  return HParams(skip_rate=jnp.float32(rate),
+                update_arch=jnp.bool_(epoch >= stage.warmup_epochs))
+
+
+def log_row(row: dict, stages: int, epochs: int) -> None:
+  """A search epoch's lines in the log: the metrics, the collapse indicators, the genotype."""
+  logging.info(
+      'stage %d/%d epoch %d/%d: train CE %.4f acc %.4f | valid CE %.4f acc %.4f | '
+      'arch loss %.4f (CE %.4f, BT %.4f; |grad| CE %.2e BT %.2e cos %.3f)%s | '
+      'lr %.5f skip-drop %.3f | %.1fs', row['stage'], stages, row['epoch'], epochs,
+      row['train_loss'], row['train_acc'], row['valid_loss'], row['valid_acc'],
+      row['arch_loss'], row['arch_ce'], row['arch_bt'], row['arch_ce_grad_norm'],
+      row['arch_bt_grad_norm'], row['arch_grad_cosine'],
+      ' [arch frozen]' if row['arch_frozen'] else '', row['lr'], row['skip_dropout'],
+      row['epoch_seconds'])
+  logging.info('collapse: %s%d skip connection(s) in the normal cell, alpha entropy %.3f '
+               '(normal) %.3f (reduce)',
+               f"curvature {row['curvature']:.4g} | " if 'curvature' in row else '',
+               row['skip_normal'], row['entropy_normal'], row['entropy_reduce'])
+  logging.info('genotype = %s', genotypes.to_string(genotypes.from_dict(row['genotype'])))
 
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from configs import pc_darts
 from configs import pcp
 from configs import train_cifar10
 from pcp_jax import bench
+from pcp_jax import bench_report
 from pcp_jax import genotypes
 from conftest import ROOT
 from conftest import subprocess_env
@@ -166,5 +167,5 @@ def test_later_stages_keep_the_costliest_ops_the_stage_before_keeps():
 
 
 def test_steps_per_epoch_is_the_paper_split_of_cifar10():
-  assert bench.search_steps_per_epoch(pc_darts.get_config(), 64) == 25_000 // 64
-  assert bench.search_steps_per_epoch(pc_darts.get_config(), 256) == 25_000 // 256
+  assert bench_report.search_steps_per_epoch(pc_darts.get_config(), 64) == 25_000 // 64
+  assert bench_report.search_steps_per_epoch(pc_darts.get_config(), 256) == 25_000 // 256

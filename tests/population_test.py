@@ -16,6 +16,7 @@ from pcp_jax import kernels
 from pcp_jax import population
 from pcp_jax import runs
 from pcp_jax import supernet
+from pcp_jax import union
 
 
 def search_config(arg='tiny', dtype='float32', every=0):
@@ -87,7 +88,7 @@ def test_a_member_in_the_union_supernet_computes_its_own_supernet():
 
   member = {c: switches(2) for c in genotypes.CELLS}
   other = {c: switches(2) for c in genotypes.CELLS}
-  wide_switches = population.union([member, other])
+  wide_switches = union.switches([member, other])
   assert (wide_switches['normal'].sum(axis=1) > 2).any()  # the union is wider somewhere
 
   def network(sw, wide):
@@ -104,9 +105,9 @@ def test_a_member_in_the_union_supernet_computes_its_own_supernet():
   shapes = jax.eval_shape(
       lambda k: supernet.init_variables(wide_net, k, (8, 8, 3)), jax.random.PRNGKey(1))
   placed = {
-      name: population._embed_collection(solo[name], shapes[name], member, wide_switches, 3)  # pylint: disable=protected-access
+      name: union._embed_collection(solo[name], shapes[name], member, wide_switches, 3)  # pylint: disable=protected-access
       for name in ('params', 'batch_stats')}
-  placed['arch'] = population._embed_arch(solo['arch'], member)  # pylint: disable=protected-access
+  placed['arch'] = union._embed_arch(solo['arch'], member)  # pylint: disable=protected-access
   x = jnp.asarray(rng.normal(size=(4, 8, 8, 3)))
   mask = {c: jnp.asarray(member[c]) for c in genotypes.CELLS}
   keys = {'channels': jax.random.PRNGKey(2), 'dropout': jax.random.PRNGKey(3)}
@@ -123,24 +124,24 @@ def test_a_member_in_the_union_supernet_computes_its_own_supernet():
   (_, want), g_want = grad(narrow_net)(solo['arch'], solo)
   (_, got), g_got = grad(wide_net, op_mask=mask)(placed['arch'], placed)
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
-  g_got = population.narrow(jax.device_get(g_got), member)
+  g_got = union.narrow(jax.device_get(g_got), member)
   for name in g_want:
     np.testing.assert_allclose(g_got[name], g_want[name], rtol=1e-10, atol=1e-14)
   # Back to the member's layout.
-  for name, value in population.narrow(placed['arch'], member).items():
+  for name, value in union.narrow(placed['arch'], member).items():
     np.testing.assert_array_equal(value, solo['arch'][name])
 
 
 def test_agreement_counts_the_members_choices():
   a = genotypes.REFERENCE_GENOTYPES['PC_DARTS_cifar']
   b = genotypes.REFERENCE_GENOTYPES['PDARTS']
-  out = population.agreement([a, a, b])
+  out = union.agreement([a, a, b])
   first = out['normal'][0]
   op, inp = a.normal[0]
   assert first['choices'][f'{op} <- {genotypes.state_name(inp)}'] >= 2
   assert sum(first['choices'].values()) == 3
   assert all(1 / 3 <= row['agreement'] <= 1 for c in out for row in out[c])
-  assert all(row['agreement'] == 1 for row in population.agreement([a, a])['reduce'])
+  assert all(row['agreement'] == 1 for row in union.agreement([a, a])['reduce'])
 
 
 def arch_of(folder):
