@@ -215,8 +215,7 @@ class _Program:
         order = jax.tree_util.tree_map(lambda a: np.stack([a] * members), order)
         self.key = jax.random.split(self.key, members)
         self.members = (jnp.full((members,), config.search.ss_factor, jnp.float32),
-                        {c: jnp.asarray(np.stack([switches[c]] * members))
-                         for c in genotypes.CELLS})
+                        union.masks([switches] * members))
       self.carry = parallel.replicate(
           (state, loop.zero_sums(search_step.METRICS, members=members)), mesh)
       spec = dataclasses.replace(built.spec, model=built.spec.model.clone(dtype=dtype))

@@ -358,6 +358,11 @@ def next_stop(step: int, steps: int, *everies: int) -> int:
   return min([steps] + [(step // e + 1) * e for e in everies if e > 0])
 
 
+def host(tree):
+  """`tree` as numpy arrays on the host."""
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
 def means(sums, count: int) -> dict:
   """The sums fetched to the host, divided by `count` steps (a population's: the members'
   mean)."""

@@ -164,16 +164,15 @@ class Population:
     dtype = jnp.dtype(self.setup.cfg.dtype)
     return shared.replace(
         ss_factor=jnp.asarray([m.ss_factor for m in self.members], dtype),
-        op_mask={c: jnp.asarray(np.stack([sw[c] for sw in switch_sets]))
-                 for c in genotypes.CELLS})
+        op_mask=union.masks(switch_sets))
 
   def inputs(self, s: int, epoch: int, switch_sets) -> loop.EpochInputs:
     """Epoch `epoch` of stage `s`: each member's own data order and key (its solo run's)."""
-    own = [search._epoch_inputs(m, s, epoch) for m in self.solo]  # pylint: disable=protected-access
+    orders, keys = zip(*[search.epoch_order(m, s, epoch) for m in self.solo])
     return loop.EpochInputs(self.setup.images, self.setup.labels,
-                            _stack([o.order for o in own]),
-                            jnp.stack([o.key for o in own]),
-                            self.hparams(s, epoch, switch_sets))
+                            parallel.replicate(jax.tree_util.tree_map(
+                                lambda *o: jnp.stack(o), *orders), self.setup.mesh),
+                            jnp.stack(keys), self.hparams(s, epoch, switch_sets))
 
   def build(self, s: int, switch_sets) -> search.Stage:
     stage = self.setup.cfg.stages[s]
@@ -193,10 +192,9 @@ class Population:
     for m, sw in zip(self.solo, switch_sets):
       ops = tuple(np.concatenate([sw[c].ravel() for c in genotypes.CELLS]))
       if ops not in compiled:  # one compile per distinct set of ops
-        with m.config.unlocked():
-          saved, m.config.search.ss_factor = m.config.search.ss_factor, flag
-          init = m.build(s, sw).init
-          m.config.search.ss_factor = saved
+        flagged = copy.deepcopy(m.config)
+        flagged.search.ss_factor = flag
+        init = dataclasses.replace(m, config=flagged).build(s, sw).init
         key = m.stage_keys(s)[0]
         compiled[ops] = parallel.compile_once(init, key)
       solo = compiled[ops](m.stage_keys(s)[0])
@@ -209,7 +207,7 @@ class Population:
     n = images.shape[0]
     batch = min(self.setup.cfg.eval_batch_size, n)
     keys = jnp.stack([m.stage_keys(s)[3] for m in self.solo])
-    mask = {c: jnp.asarray(np.stack([sw[c] for sw in switch_sets])) for c in genotypes.CELLS}
+    mask = union.masks(switch_sets)
     variables = {'params': state.params, 'arch': state.arch, 'batch_stats': state.batch_stats}
     totals = [built.eval_fn(variables, images[idx], labels[idx], valid,
                             jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys), mask)
@@ -264,7 +262,7 @@ def _restore_or_start(pop: Population, ckpt):
 
 def _save(sess, pop: Population, s: int, switch_sets, epoch: int, state, sums, step: int):
   setup = pop.setup
-  arch = search._host(state.arch)  # pylint: disable=protected-access
+  arch = loop.host(state.arch)
   records = []
   for k, (m, sw) in enumerate(zip(pop.solo, switch_sets)):
     own = union.narrow(_member(arch, k), sw)
@@ -300,7 +298,7 @@ def _epoch_rows(pop: Population, sess, built, state, sums, switch_sets, where: l
   to its arch_history.jsonl and TensorBoard)."""
   s, epoch, steps = where.stage, where.index, pop.setup.steps
   valid = pop.evaluate(built, state, s, switch_sets)
-  arch = search._host(state.arch)  # pylint: disable=protected-access
+  arch = loop.host(state.arch)
   lr = float(built.lr_schedule(epoch * steps))
   rows = []
   for k, (m, sw) in enumerate(zip(pop.solo, switch_sets)):
@@ -353,7 +351,7 @@ def search_population(config, workdir):
   start, switch_sets = _restore_or_start(pop, ckpt)
   if start.finished:  # a rerun writes nothing
     ckpt.close()
-    arch = search._host(start.state.arch)  # pylint: disable=protected-access
+    arch = loop.host(start.state.arch)
     return [search._result_genotype(m, union.narrow(_member(arch, k), sw), sw)  # pylint: disable=protected-access
             for k, (m, sw) in enumerate(zip(pop.solo, switch_sets))]
   if start.state is None and setup.main_process:
@@ -384,16 +382,12 @@ def search_population(config, workdir):
                      int(union.switches(switch_sets)['normal'].sum(axis=1).max()), stage.epochs,
                      stage.warmup_epochs)
         for epoch in range(start.epoch if s == start.stage else 0, stage.epochs):
-          t_epoch = time.time()
-          step = start.step if (s, epoch) == (start.stage, start.epoch) else 0
-          where = loop.Epoch(f'stage {s + 1}/{len(cfg.stages)}', epoch, stage.epochs,
-                             setup.steps, setup.offsets[s] + epoch * setup.steps, s,
-                             len(cfg.stages))
+          t_epoch, where = time.time(), setup.epoch(s, epoch)
           if sums is None:
             sums = place(loop.zero_sums(search_step.METRICS, cfg.dtype, pop.size))
           state, sums = loop.run_epoch(
               sess, built.chunk_fn, state, sums,
-              pop.inputs(s, epoch, switch_sets), where, step,
+              pop.inputs(s, epoch, switch_sets), where, start.step_at(s, epoch),
               save=functools.partial(_save, sess, pop, s, switch_sets, epoch))
           rows_now = _epoch_rows(pop, sess, built, state, sums, switch_sets, where, scalars)
           if epoch == 0:
@@ -411,7 +405,7 @@ def search_population(config, workdir):
           _save(sess, pop, s, switch_sets, epoch + 1, state, sums, 0)
           sess.stop_if_requested()
           sums = None
-        arch = search._host(state.arch)  # pylint: disable=protected-access
+        arch = loop.host(state.arch)
         archs = [union.narrow(_member(arch, k), sw) for k, sw in enumerate(switch_sets)]
         switch_sets = [search._end_stage(m, s, a, sw)  # pylint: disable=protected-access
                        for m, a, sw in zip(pop.solo, archs, switch_sets)]

@@ -131,10 +131,6 @@ def _widen_floats(init, dtype):
 # The search driver.
 
 
-def _host(tree):
-  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
 @dataclasses.dataclass
 class Setup:
   """What every stage of one search shares: the data on the devices, the step counts, keys."""
@@ -167,6 +163,12 @@ class Setup:
 
   def path(self, name):
     return os.path.join(self.workdir, name)
+
+  def epoch(self, s: int, epoch: int) -> loop.Epoch:
+    """Epoch `epoch` of stage `s`, for the loop's messages and global steps."""
+    n = len(self.cfg.stages)
+    return loop.Epoch(f'stage {s + 1}/{n}', epoch, self.cfg.stages[s].epochs, self.steps,
+                      self.offsets[s] + epoch * self.steps, s, n)
 
 
 def _prepare(config, workdir) -> Setup:
@@ -206,6 +208,10 @@ class Start:
   collapse: Any = dataclasses.field(default_factory=lambda: collapse.History())
   finished: bool = False  # the checkpoint is the search's last (or a stopping rule's)
 
+  def step_at(self, s: int, epoch: int) -> int:
+    """The step epoch `epoch` of stage `s` starts at in this session."""
+    return self.step if (s, epoch) == (self.stage, self.epoch) else 0
+
 
 def _switches_from(meta):  # (14, 8) ones of earlier runs gain the noise column
   return {c: genotypes.check_switches(meta[f'switches_{c}']) for c in genotypes.CELLS}
@@ -236,16 +242,20 @@ def _restore_or_start(setup: Setup, ckpt) -> Start:
                history, finished)
 
 
-def _epoch_inputs(setup: Setup, s: int, epoch: int) -> loop.EpochInputs:
-  """Epoch `epoch` of stage `s`: a permutation of each split, its key, its hyperparameters."""
-  stage = setup.cfg.stages[s]
+def epoch_order(setup: Setup, s: int, epoch: int):
+  """Epoch `epoch` of stage `s`: a permutation of each split and the epoch's step key."""
   _, k_steps, k_order, _ = setup.stage_keys(s)
   k_epoch = jax.random.fold_in(k_order, epoch)
   order = {split: jax.random.permutation(jax.random.fold_in(k_epoch, i), setup.sizes[split])
            for i, split in enumerate(('train', 'valid'))}
+  return order, jax.random.fold_in(k_steps, epoch)
+
+
+def _epoch_inputs(setup: Setup, s: int, epoch: int) -> loop.EpochInputs:
+  """Epoch `epoch` of stage `s`: its order and key (`epoch_order`), its hyperparameters."""
+  order, key = epoch_order(setup, s, epoch)
   return loop.EpochInputs(setup.images, setup.labels, parallel.replicate(order, setup.mesh),
-                          jax.random.fold_in(k_steps, epoch),
-                          search_step.epoch_hparams(stage, epoch))
+                          key, search_step.epoch_hparams(setup.cfg.stages[s], epoch))
 
 
 def _genotype_of(setup: Setup, arch, switches, **kwargs):
@@ -257,7 +267,7 @@ def _save(sess: loop.Session, setup: Setup, s: int, switches, history, epoch: in
           sums, step: int) -> None:
   """The search's checkpoint at step `step` of stage `s`'s epoch `epoch` (step 0 of epoch
   e + 1 after epoch e's end), and genotype_latest.json."""
-  genotype = genotypes.to_dict(_genotype_of(setup, _host(state.arch), switches))
+  genotype = genotypes.to_dict(_genotype_of(setup, loop.host(state.arch), switches))
   if setup.main_process:
     runs.write_json(setup.path(runs.GENOTYPE_LATEST), dict(genotype, stage=s + 1, epoch=epoch,
                                                            step=step))
@@ -277,7 +287,7 @@ def _epoch_row(setup: Setup, sess: loop.Session, built: Stage, s: int, switches,
                                         'batch_stats': state.batch_stats},
                         setup.images['valid'], setup.labels['valid'], cfg.eval_batch_size,
                         setup.stage_keys(s)[3])
-  row = arch_row(setup, sess.scalars, s, switches, _host(state.arch), means, valid, epoch,
+  row = arch_row(setup, sess.scalars, s, switches, loop.host(state.arch), means, valid, epoch,
                  float(built.lr_schedule(epoch * setup.steps)))
   if built.curvature_fn is not None and collapse.due(epoch, stage.epochs, cfg.curvature_every):
     row.update(collapse.measure(built.curvature_fn, state, setup.images['valid'],
@@ -336,7 +346,7 @@ def _result_genotype(setup: Setup, arch, switches, decision=None):
 def _finished(setup: Setup, start: Start):
   """The genotype of a finished search, rerun: nothing is written again (genotype.json only
   if it went missing)."""
-  genotype = _result_genotype(setup, _host(start.state.arch), start.switches,
+  genotype = _result_genotype(setup, loop.host(start.state.arch), start.switches,
                               start.collapse.decision)
   if setup.main_process and not os.path.isfile(setup.path(runs.GENOTYPE)):
     genotypes.save(genotype, setup.path(runs.GENOTYPE))
@@ -391,7 +401,7 @@ def search(config, workdir):
   for f in (rows, runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process)):
     f.keep_until(resume_step)
   switches, place = start.switches, functools.partial(parallel.replicate, mesh=setup.mesh)
-  history, arch = start.collapse, None if start.state is None else _host(start.state.arch)
+  history, arch = start.collapse, None if start.state is None else loop.host(start.state.arch)
   with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows, what='the search',
                     hint='Lower search.optim.weights.lr or search.optim.arch.lr (in a new '
                          'workdir).', every_steps=config.checkpoint.every_steps,
@@ -410,15 +420,11 @@ def search(config, workdir):
                    len(cfg.stages), stage.layers, int(switches['normal'][0].sum()),
                    stage.epochs, stage.warmup_epochs)
       for epoch in range(start.epoch if s == start.stage else 0, stage.epochs):
-        t_epoch = time.time()
-        step = start.step if (s, epoch) == (start.stage, start.epoch) else 0
-        where = loop.Epoch(f'stage {s + 1}/{len(cfg.stages)}', epoch, stage.epochs,
-                           setup.steps, setup.offsets[s] + epoch * setup.steps, s,
-                           len(cfg.stages))
+        t_epoch, where = time.time(), setup.epoch(s, epoch)
         state, sums = loop.run_epoch(
             sess, built.chunk_fn, state,
             place(loop.zero_sums(search_step.METRICS, cfg.dtype)) if sums is None else sums,
-            _epoch_inputs(setup, s, epoch), where, step,
+            _epoch_inputs(setup, s, epoch), where, start.step_at(s, epoch),
             save=functools.partial(_save, sess, setup, s, switches, history, epoch))
         row = _epoch_row(setup, sess, built, s, switches, state,
                          loop.means(sums, setup.steps), epoch)
@@ -429,13 +435,13 @@ def search(config, workdir):
         search_step.log_row(row, len(cfg.stages), stage.epochs)
         sess.write_row(row)
         history.update(cfg, row, genotypes.to_dict(
-            _result_genotype(setup, _host(state.arch), switches)), s)
+            _result_genotype(setup, loop.host(state.arch), switches)), s)
         _save(sess, setup, s, switches, history, epoch + 1, state, sums, 0)
         sess.stop_if_requested()
         sums = None
         if history.stopped:
           break
-      arch = _host(state.arch)
+      arch = loop.host(state.arch)
       if not history.stopped:
         switches = _end_stage(setup, s, arch, switches)
   genotype = _finish(setup, arch, switches, sess.work_seconds() / 3600, history.decision)

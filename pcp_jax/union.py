@@ -11,6 +11,7 @@ column per op of `genotypes.OPS`. `narrow` takes a member's alphas back to its o
 
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pcp_jax import genotypes
@@ -21,6 +22,11 @@ from pcp_jax import supernet
 def switches(switch_sets) -> dict:
   """The ops on in any member, per cell and edge."""
   return {c: np.logical_or.reduce([s[c] for s in switch_sets]) for c in genotypes.CELLS}
+
+
+def masks(switch_sets) -> dict:
+  """The members' op masks, stacked: {'normal', 'reduce'} (members, 14, NUM_OPS)."""
+  return {c: jnp.asarray(np.stack([s[c] for s in switch_sets])) for c in genotypes.CELLS}
 
 
 def narrow(arch: dict, switches: dict) -> dict:
