@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import signal
 import threading
 import time
@@ -32,6 +33,8 @@ import numpy as np
 
 from pcp_jax import augment
 from pcp_jax import checkpoint
+from pcp_jax import events
+from pcp_jax import genotypes
 from pcp_jax import losses
 from pcp_jax import monitor
 from pcp_jax import parallel
@@ -268,10 +271,13 @@ class Session:
   log_every_steps: int  # progress lines; 0: none
   signals: Signals
   progress: monitor.Progress
-  scalars: monitor.Scalars
+  tensorboard: events.Writer
   elapsed: float = 0.0  # seconds of earlier sessions
   started: float = dataclasses.field(default_factory=time.time)
   saved_elapsed: Optional[float] = None  # elapsed seconds at this session's latest save
+  # The latest row of each rows file (by file name), saved with every checkpoint: a row lost
+  # after its checkpoint comes back on resume (`resume_rows`).
+  last_rows: dict = dataclasses.field(default_factory=dict)
 
   def elapsed_seconds(self) -> float:
     return self.elapsed + time.time() - self.started
@@ -285,7 +291,7 @@ class Session:
     """A checkpoint of `{'state', 'sums'}` with the mode's metadata and the elapsed time."""
     self.saved_elapsed = self.elapsed_seconds()
     self.ckpt.save(global_step, {'state': state, 'sums': sums},
-                   dict(meta, elapsed_seconds=self.saved_elapsed))
+                   dict(meta, elapsed_seconds=self.saved_elapsed, rows=self.last_rows))
 
   def stop_if_requested(self) -> None:
     """Raises `Interrupted` if a signal reached any process (call after a save)."""
@@ -295,11 +301,36 @@ class Session:
                         f'saved in {self.ckpt.directory}. Rerun the same command to resume.',
                         signum)
 
+  def append(self, rows: runs.Rows, row: Mapping) -> None:
+    """A row to `rows`, remembered for the next checkpoint."""
+    rows.append(row)
+    self.last_rows[os.path.basename(rows.path)] = dict(row)
+
   def write_row(self, row: Mapping) -> None:
-    """An epoch's metric row to the rows file and TensorBoard."""
-    self.rows.append(row)
-    self.scalars.write(row['step'], row)
-    self.scalars.flush()
+    """An epoch's metric row to the rows file and TensorBoard (its genotype, if any, as
+    text)."""
+    self.append(self.rows, row)
+    self.tensorboard.write(row['step'], row)
+    if 'genotype' in row:
+      self.tensorboard.write_text(row['step'], 'genotype',
+                                  genotypes.to_string(genotypes.from_dict(row['genotype'])))
+    self.tensorboard.flush()
+
+
+def resume_rows(files, step: int, meta: Mapping) -> None:
+  """Keeps the rows of each of `files` (`runs.Rows`) up to the checkpoint's global `step`
+  (the resumed run redoes those after it), and appends the row the checkpoint saved (its
+  `meta`) where a file lacks it: a row cut short or lost after its checkpoint was written,
+  which the resumed run would not write again."""
+  saved = meta.get('rows') or {}
+  for rows in files:
+    rows.keep_until(step)
+    row = saved.get(os.path.basename(rows.path))
+    if row is None or not rows.write or any(r['step'] == row['step'] for r in rows.read()):
+      continue
+    rows.append(row)
+    logging.warning('%s lacked the row of step %d (lost after its checkpoint was written); '
+                    'restored it from the checkpoint.', rows.path, row['step'])
 
 
 @contextlib.contextmanager
@@ -307,12 +338,13 @@ def session(workdir: str, config, mode: str, *, total_steps: int, resume_step: i
             resumed: bool, **fields):
   """The `Session` of `mode` (search, train), once the workdir is found compatible: writes
   log.txt, config.json and environment.json (`monitor.start_run`), opens the TensorBoard
-  writer (dropping the events a resumed session redoes), the progress lines and the signal
-  handlers. `fields`: the rest of `Session`'s fields."""
+  writer (dropping the events a resumed session redoes; the config as text), the progress
+  lines and the signal handlers. `fields`: the rest of `Session`'s fields."""
   monitor.start_run(workdir, config, mode)
-  with Signals(fields['what']) as signals, monitor.Scalars(
-      workdir, mode, purge_step=resume_step + 1 if resumed else 0) as scalars:
-    yield Session(signals=signals, scalars=scalars,
+  with Signals(fields['what']) as signals, events.Writer(
+      workdir, mode, purge_step=resume_step + 1 if resumed else 0) as tensorboard:
+    tensorboard.write_text(resume_step, 'config', str(config))
+    yield Session(signals=signals, tensorboard=tensorboard,
                   progress=monitor.Progress(total_steps, resume_step, mode), **fields)
 
 

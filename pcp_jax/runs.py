@@ -124,12 +124,16 @@ class Rows:
     return rows
 
   def keep_until(self, step: int) -> None:
-    """Keeps only the rows up to global step `step` (those after it are redone on resume)."""
+    """Keeps only the rows up to global step `step` (those after it are redone on resume)
+    and drops a line cut short; a file with nothing to drop is left as it is."""
     if self.write and os.path.exists(self.path):
-      rows = [r for r in self.read() if r['step'] <= step]
+      text = ''.join(json.dumps(r) + '\n' for r in self.read() if r['step'] <= step)
+      with open(self.path) as f:
+        if f.read() == text:
+          return
       tmp = self.path + '.tmp'
       with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in rows)
+        f.write(text)
       os.replace(tmp, self.path)
 
   def append(self, row: Mapping) -> None:

@@ -201,6 +201,7 @@ class Start:
   elapsed: float = 0.0
   collapse: Any = dataclasses.field(default_factory=lambda: collapse.History())
   finished: bool = False  # the checkpoint is the search's last (or a stopping rule's)
+  saved: dict = dataclasses.field(default_factory=dict)  # the checkpoint's metadata
 
 
 def _switches_from(meta):  # (14, 8) ones of earlier runs gain the noise column
@@ -228,7 +229,7 @@ def _restore_or_start(setup: Setup, ckpt) -> Start:
                f'epoch {meta["epoch"] + 1}, step {meta["step"]}.')
   return Start(_switches_from(meta), meta['phase'], meta['epoch'], meta['step'],
                tree['state'], tree['sums'] if meta['step'] else None, meta['elapsed_seconds'],
-               history, finished)
+               history, finished, meta)
 
 
 def _epoch_inputs(setup: Setup, s: int, epoch: int) -> loop.EpochInputs:
@@ -277,9 +278,9 @@ def _epoch_row(setup: Setup, sess: loop.Session, built: Stage, s: int, switches,
   arch = _host(state.arch)
   global_step = setup.offsets[s] + (epoch + 1) * setup.steps
   weights = genotypes.arch_weights(arch, switches, cfg.use_betas)
-  runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process).append(
-      dict(stage=s + 1, epoch=epoch + 1, step=global_step, **weights))
-  sess.scalars.write_arch(global_step, weights)
+  sess.append(runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process),
+              dict(stage=s + 1, epoch=epoch + 1, step=global_step, **weights))
+  sess.tensorboard.write_arch(global_step, weights)
   genotype = genotypes.to_dict(_genotype_of(setup, arch, switches))
   row = dict(stage=s + 1, epoch=epoch + 1, layers=stage.layers,
              ops_per_edge=int(switches['normal'][0].sum()), **means,
@@ -387,21 +388,21 @@ def search(config, workdir):
   ckpt = checkpoint.Checkpointer(setup.path(runs.SEARCH_CHECKPOINTS),
                                  config.checkpoint.max_to_keep)
   start = _restore_or_start(setup, ckpt)
-  if start.finished:
-    ckpt.close()
-    return _finished(setup, start)
   if start.state is None and setup.main_process:
     runs.set_aside(workdir, runs.SEARCH_OUTPUTS)
   resume_step = setup.offsets[start.stage] + start.epoch * setup.steps + start.step
-  rows = runs.Rows(setup.path(runs.SEARCH_METRICS), setup.main_process)
-  for f in (rows, runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process)):
-    f.keep_until(resume_step)
+  rows, _ = files = [runs.Rows(setup.path(name), setup.main_process)
+                     for name in (runs.SEARCH_METRICS, runs.ARCH_HISTORY)]
+  loop.resume_rows(files, resume_step, start.saved)
+  if start.finished:
+    ckpt.close()
+    return _finished(setup, start)
   switches, place = start.switches, functools.partial(parallel.replicate, mesh=setup.mesh)
   history, arch = start.collapse, None if start.state is None else _host(start.state.arch)
   with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows, what='the search',
                     hint='Lower search.optim.weights.lr or search.optim.arch.lr (in a new '
                          'workdir).', every_steps=config.checkpoint.every_steps,
-                    log_every_steps=cfg.log_every_steps,
+                    log_every_steps=cfg.log_every_steps, last_rows=start.saved.get('rows', {}),
                     total_steps=setup.offsets[-1], resume_step=resume_step,
                     resumed=start.state is not None, elapsed=start.elapsed) as sess:
     for s in range(start.stage, len(cfg.stages) * (not history.stopped)):

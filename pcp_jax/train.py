@@ -248,6 +248,7 @@ class Start:
   best_val_loss: Optional[float] = None
   elapsed: float = 0.0
   resumed: bool = False
+  saved: dict = dataclasses.field(default_factory=dict)  # the checkpoint's metadata
 
 
 def _restore_or_start(setup: Setup, ckpt, init_key) -> Start:
@@ -269,7 +270,8 @@ def _restore_or_start(setup: Setup, ckpt, init_key) -> Start:
   logging.info('Resumed from step %d (epoch %d, %d steps into it).', int(tree['state'].step),
                meta['epoch'] + 1, meta['step'])
   return Start(tree['state'], tree['sums'] if meta['step'] else None, meta['epoch'],
-               meta['step'], meta.get('best_val_loss'), meta.get('elapsed_seconds', 0.0), True)
+               meta['step'], meta.get('best_val_loss'), meta.get('elapsed_seconds', 0.0), True,
+               meta)
 
 
 def _meta(setup: Setup, epoch: int, step: int, best_val_loss) -> dict:
@@ -306,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best = checkpoint.Checkpointer(setup.path(runs.BEST), max_to_keep=1)
   resume_step = start.epoch * setup.steps + start.step
   rows = runs.Rows(setup.path(runs.TRAIN_METRICS), parallel.is_main_process())
-  rows.keep_until(resume_step)
+  loop.resume_rows([rows], resume_step, start.saved)
   splits, info = setup.splits, setup.splits.info
   logging.info('Training %s (%d params without the auxiliary head) on %s: %d images, %d steps '
                'per epoch, epochs %d..%d.', config.genotype,
@@ -322,9 +324,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with loop.session(workdir, config, 'train', ckpt=ckpt, rows=rows, what='training',
                     hint='Lower train.optim.lr (or set train.optim.grad_clip) and rerun in a '
                          'new workdir.', every_steps=config.checkpoint.every_steps,
-                    log_every_steps=t.log_every_steps,
+                    log_every_steps=t.log_every_steps, last_rows=start.saved.get('rows', {}),
                     total_steps=t.epochs * setup.steps, resume_step=resume_step,
                     resumed=start.resumed, elapsed=start.elapsed) as sess:
+    sess.tensorboard.write_text(resume_step, 'genotype', genotypes.to_string(setup.genotype))
     for epoch in range(start.epoch, t.epochs):
       t_epoch, rate = time.time(), setup.drop_path_rate(epoch)
       order = jax.random.permutation(jax.random.fold_in(order_key, epoch),

@@ -135,7 +135,7 @@ def tiny_config(every):
 
 
 def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, caplog):
   def interrupt(state):
     os.kill(os.getpid(), signal.SIGINT)  # handled after this chunk of steps
     return state
@@ -149,6 +149,11 @@ def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, 
   meta = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints')).restore_metadata(6)
   assert (meta['epoch'], meta['step']) == (1, 2)
   monkeypatch.undo()
+  # Epoch 1's rows, written before its checkpoint, cut short afterwards (a copy, a full disk):
+  # the resumed search writes them again from the checkpoint that holds them.
+  for name in ('search_metrics.jsonl', 'arch_history.jsonl'):
+    text = (tmp_path / name).read_text()
+    (tmp_path / name).write_text(text[:len(text) // 2])
 
   changed = tiny_config(1)
   changed.search.optim.weights.lr = 0.5
@@ -156,6 +161,7 @@ def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, 
                      match=r'search\.optim\.weights\.lr: 0\.1 -> 0\.5'):
     search.search(changed, str(tmp_path))
   search.search(tiny_config(1), str(tmp_path))
+  assert 'search_metrics.jsonl lacked the row of step 4' in caplog.text
   assert_same(result(tmp_path), uninterrupted)
   # A rerun of the finished search says so and changes nothing.
   files = {name: os.stat(tmp_path / name).st_mtime_ns
