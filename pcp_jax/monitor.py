@@ -48,7 +48,25 @@ _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint')
 
 
 class _RunLogHandler(py_logging.FileHandler):
-  """The log.txt handler; its own class so `attach_log` finds it among the root's handlers."""
+  """The log.txt handler; its own class so `attach_log` finds it among the root's handlers.
+
+  When log.txt cannot be written (a full disk) it says so once on stderr and stops writing,
+  instead of printing a traceback for every line; the console keeps every line."""
+
+  failed = None  # the OSError that stopped it
+
+  def emit(self, record):
+    if self.failed is None:
+      super().emit(record)
+
+  def handleError(self, record):
+    error = sys.exc_info()[1]
+    if not isinstance(error, OSError):
+      super().handleError(record)
+      return
+    self.failed = error
+    sys.stderr.write(f'{self.baseFilename}: {error.strerror or error}; the log continues on the '
+                     'console only.\n')
 
 
 def _run_log_handlers(root: py_logging.Logger) -> List[py_logging.Handler]:
@@ -200,6 +218,13 @@ def format_duration(seconds: float) -> str:
   return f'{hours}:{minutes:02d}:{secs:02d}' if hours else f'{minutes}:{secs:02d}'
 
 
+# XLA's C++ side prints a block ending in "Very slow compile? If you want to file a bug, run
+# with envvar XLA_FLAGS=--xla_dump_to=/tmp/foo ..." (with "The operation took ...") whenever one
+# compilation passes two minutes, as a supernet's does on a CPU; no flag turns it off.
+SLOW_COMPILE_NOTE = (' (minutes on a CPU; past two minutes XLA prints a "Very slow compile? '
+                     '... file a bug" block: its timer, not an error)')
+
+
 class Progress:
   """Progress lines for an epoch loop that runs steps in chunks, e.g.
 
@@ -223,6 +248,7 @@ class Progress:
     self._smoothing = smoothing
     self._steps = self._seconds = 0.0  # decayed step and second counts behind the rate
     self._epoch = None
+    self._compiled_before = False
     self._last_step = 0
     self._last_time = clock()
 
@@ -278,8 +304,10 @@ class Progress:
     return line
 
   def compiling(self, what: str) -> None:
-    """Logs that compiling `what` (e.g. 'stage 1') starts: the long silence that follows."""
-    logging.info('compiling %s ...', what)
+    """Logs that compiling `what` (e.g. 'stage 1') starts: the long silence that follows.
+    The first time, it says what XLA prints when a compilation passes two minutes."""
+    logging.info('compiling %s ...%s', what, '' if self._compiled_before else SLOW_COMPILE_NOTE)
+    self._compiled_before = True
 
   def compiled(self, what: str, seconds: float, step: Optional[int] = None) -> None:
     """Logs the compile time and restarts the rate's clock (compiling is no step time).

@@ -147,3 +147,32 @@ def test_steps_run_by_the_compiling_call_count_as_done_but_not_in_the_rate():
   line = progress.update(20)
   assert '| 2 steps/s |' in line and 'epoch ETA 0:15' in line and 'run ETA 0:40' in line
   assert progress.run_step == 20
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once_and_stops(tmp_path, capfd):
+  path = monitor.attach_log(str(tmp_path))
+  handler = next(h for h in py_logging.getLogger().handlers
+                 if isinstance(h, monitor._RunLogHandler))
+
+  tries = []
+
+  def full(_):
+    tries.append(1)
+    raise OSError(28, 'No space left on device')
+  handler.stream.write = full
+  for i in range(3):
+    logging.warning('line %d', i)
+  err = capfd.readouterr().err
+  assert err.count(f'{path}: No space left on device; the log continues on the console') == 1
+  assert 'Traceback' not in err and 'Logging error' not in err
+  assert len(tries) == 1  # the lines after it are not tried again
+
+
+def test_the_first_compile_line_explains_xlas_slow_compile_block(tmp_path):
+  monitor.attach_log(str(tmp_path))
+  progress = monitor.Progress(total_steps=10, label='search')
+  progress.compiling('stage 1/2')
+  progress.compiling('stage 2/2')
+  lines = [line for line in _lines(tmp_path / 'log.txt') if 'compiling' in line]
+  assert 'Very slow compile?' in lines[0] and 'not an error' in lines[0]
+  assert lines[1].endswith('compiling stage 2/2 ...')
