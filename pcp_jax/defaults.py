@@ -73,6 +73,9 @@ def _base() -> ml_collections.ConfigDict:
   # 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (the CPU wing, pcp_jax/cpu: shifted
   # slices and matrix products, faster under XLA:CPU). Same variables, same function.
   config.op_impl = 'auto'
+  # Refuse a step estimated to need clearly more memory than is available (pcp_jax/memory.py);
+  # False runs it anyway.
+  config.memory_check = True
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 50  # also at every epoch's end; 0 = only there
@@ -425,4 +428,5 @@ def check_base(config) -> None:
     raise ValueError(f'data.source must be one of {list(data.SOURCES)}, got {d.source!r}.')
   if not 0 < d.train_portion < 1:
     raise ValueError(f'data.train_portion must be in (0, 1), got {d.train_portion!r}.')
-  check_fields(config, booleans=('data.download', 'data.pad_to_32'))
+  check_fields(config, booleans=('data.download', 'data.pad_to_32')
+               + (('memory_check',) if 'memory_check' in config else ()))

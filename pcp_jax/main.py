@@ -20,8 +20,10 @@ from pcp_jax import analysis
 from pcp_jax import checkpoint
 from pcp_jax import defaults
 from pcp_jax import loop
+from pcp_jax import memory
 from pcp_jax import parallel
 from pcp_jax import plots
+from pcp_jax import runs
 from pcp_jax import search
 from pcp_jax import train
 from pcp_jax.cpu import host
@@ -124,23 +126,16 @@ def check(config) -> list:
 
 def check_workdir(workdir) -> None:
   """A workdir that can be a folder this run writes, or a ValueError naming --workdir."""
-  if not isinstance(workdir, str) or not workdir.strip():
-    raise ValueError(f'--workdir must name a folder, got {workdir!r}.')
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ValueError(f'--workdir {workdir}: {existing} is a file, not a folder.')
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise ValueError(f'--workdir {workdir}: {existing} is not writable.')
+  runs.check_folder(workdir, '--workdir')
 
 
 def run(config, workdir):
   """Runs every mode of `config.modes` on `workdir` (also callable from a notebook): the
-  config is checked for every mode before the first one starts, and the workdir is locked
-  against a second run."""
+  config is checked for every mode (and what its steps will need in memory, `memory.check`)
+  before the first one starts, and the workdir is locked against a second run."""
   modes = check(config)
   check_workdir(workdir)
+  memory.check(config, modes)
   lock = (checkpoint.WorkdirLock(workdir) if parallel.is_main_process()
           else contextlib.nullcontext())
   with lock:

@@ -24,7 +24,7 @@ from pcp_jax import runs
 # names, paths and bookkeeping.
 _NOT_SETTINGS = ('seed', 'method', 'genotype', 'modes', 'workdir', 'data_dir', 'download',
                  'log_every_steps', 'checkpoint', 'fgsm', 'eval_batch_size', 'max_test',
-                 'compilation_cache')
+                 'compilation_cache', 'memory_check')
 
 
 def _read_results(run_dir: str) -> dict:

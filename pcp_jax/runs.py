@@ -43,6 +43,20 @@ SEARCH_OUTPUTS = (GENOTYPE, SEARCH_SUMMARY, SEARCH_METRICS, ARCH_HISTORY, GENOTY
 TRAIN_OUTPUTS = (TRAIN_METRICS, RESULTS, FGSM, 'fgsm_*.png', BEST, PLOTS_DIR)
 
 
+def check_folder(path, option: str) -> None:
+  """A folder a command can make or write into, or a ValueError naming the `option` that
+  gave it (before anything runs)."""
+  if not isinstance(path, str) or not path.strip():
+    raise ValueError(f'{option} must name a folder, got {path!r}.')
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'{option} {path}: {existing} is a file, not a folder.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f'{option} {path}: {existing} is not writable.')
+
+
 def set_aside(workdir: str, outputs) -> Optional[str]:
   """Moves the files and folders of `outputs` (globs) an earlier run left in `workdir` into
   `workdir/earlier_runs/<n>/`, so a fresh start's results never sit beside, or get reported

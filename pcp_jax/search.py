@@ -35,7 +35,7 @@ from pcp_jax import supernet
 
 # Config fields that may differ between a run and its resumption (everything else must match).
 FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
-                  'data.download', 'search.log_every_steps', 'method')
+                  'data.download', 'search.log_every_steps', 'method', 'memory_check')
 
 
 def check_config(config):

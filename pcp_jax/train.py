@@ -44,7 +44,8 @@ STATE_FIELDS = ('genotype', 'train.channels', 'train.layers', 'train.auxiliary',
 # `train.epochs` extends a finished run.
 FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
                   'data.download', 'data.max_test', 'fgsm.', 'train.epochs',
-                  'train.eval_batch_size', 'train.log_every_steps', 'train.method')
+                  'train.eval_batch_size', 'train.log_every_steps', 'train.method',
+                  'memory_check')
 
 
 def free_on_resume(config) -> tuple:
