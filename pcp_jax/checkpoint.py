@@ -6,10 +6,13 @@ checkpoint half-written. A step that still fails to restore (a file deleted or
 truncated later) is skipped with a warning in favour of the one before it.
 """
 
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
@@ -76,15 +79,33 @@ class Checkpointer:
     if step in self._manager.all_steps():
       # A resumed run redoes the steps after the checkpoint it resumed from.
       self._manager.delete(step)
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            metadata=ocp.args.JsonSave(dict(
-                metadata or {}, **{CHECKSUM_KEY: tree_checksum(state),
-                                   METADATA_CHECKSUM_KEY: metadata_checksum(metadata or {})}))),
-        force=True)
-    self._manager.wait_until_finished()
+    self._check_space(step, state)
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              metadata=ocp.args.JsonSave(dict(
+                  metadata or {}, **{CHECKSUM_KEY: tree_checksum(state),
+                                     METADATA_CHECKSUM_KEY: metadata_checksum(metadata or {})}))),
+          force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      code = runs.disk_full(e)  # Orbax raises it as an OSError or a TensorStore ValueError
+      if code is None:
+        raise
+      # The half-written step goes (the space it holds is the user's); the older ones stay.
+      for partial in glob.glob(os.path.join(glob.escape(self.directory), f'{step}.*tmp*')):
+        shutil.rmtree(partial, ignore_errors=True)
+      raise runs.DiskFull(code, os.strerror(code), os.path.join(self.directory, str(step))) from e
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Raises `runs.DiskFull` before a save that the disk has no room for: Orbax's writes
+    failing half-way leave their threads' errors and tracebacks behind, a check does not."""
+    size = sum(getattr(leaf, 'nbytes', 0) for leaf in jax.tree_util.tree_leaves(state))
+    if shutil.disk_usage(self.directory).free < size + size // 4 + 2**18:  # and metadata
+      raise runs.DiskFull(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                          os.path.join(self.directory, str(step)))
 
   def restore(self, step: int, template: Any) -> Tuple[Any, dict]:
     """The (state, metadata) saved as `step`, with the tree structure and types of `template`.

@@ -75,7 +75,8 @@ class Writer:
           status=event_pb2.SessionLog.START))
 
   def _add(self, step: int, **fields) -> None:
-    self._file.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), **fields))
+    with runs.writing(self.logdir):
+      self._file.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), **fields))
 
   def write(self, step: int, scalars: Mapping[str, Any], prefix: str = '') -> None:
     """Writes each numeric value of `scalars` as `prefix + key` at `step`; booleans as 0/1;
@@ -129,12 +130,14 @@ class Writer:
 
   def flush(self) -> None:
     if self._file is not None:
-      self._file.flush()
+      with runs.writing(self.logdir):
+        self._file.flush()
 
   def close(self) -> None:
     if self._file is not None:
       events, self._file = self._file, None
-      events.close()
+      with runs.writing(self.logdir):
+        events.close()
 
   def __enter__(self):
     return self

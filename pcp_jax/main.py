@@ -153,15 +153,30 @@ def run(config, workdir):
 
 class _QuietLibraries(stdlib_logging.Filter):
   """Drops the INFO chatter of Orbax (hundreds of lines per run) and JAX's backend probing
-  (a missing TPU library, the first line a newcomer saw) unless -v is given."""
+  (a missing TPU library, the first line a newcomer saw) unless -v is given, and the
+  tracebacks Orbax's threads and asyncio log for a full disk (`main` says it in one line)."""
 
   def filter(self, record):
+    if ('/orbax/' in record.pathname or record.name == 'asyncio') and runs.disk_full(
+        record.exc_info[1] if record.exc_info else Exception(record.getMessage())):
+      return False
     return record.levelno >= stdlib_logging.WARNING or not (
         '/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
 
 
 # What a user can fix gets one line, not a traceback (-v 1 shows the traceback).
 USER_ERRORS = (ValueError, OSError, FloatingPointError, checkpoint.WorkdirBusy)
+
+
+def user_message(error: BaseException, workdir: str) -> str:
+  """The one line for an error a user can fix (`USER_ERRORS`, or a full disk anywhere, which
+  names what was being written, else the workdir)."""
+  code = runs.disk_full(error)
+  if code is None:
+    return ' '.join(line.strip() for line in str(error).splitlines())
+  where = getattr(error, 'filename', None) or os.path.abspath(workdir)
+  return (f'{where}: the disk is full ({os.strerror(code)}). Free space on it and rerun the '
+          'same command to resume (the checkpoints saved are intact).')
 
 
 def main(argv):
@@ -184,10 +199,10 @@ def main(argv):
   except loop.Interrupted as e:
     logging.warning('%s', e)
     sys.exit(128 + e.signum)
-  except USER_ERRORS as e:
-    if verbose:
+  except Exception as e:  # pylint: disable=broad-except
+    if verbose or not (isinstance(e, USER_ERRORS) or runs.disk_full(e)):
       raise
-    logging.error('%s', ' '.join(line.strip() for line in str(e).splitlines()))
+    logging.error('%s', user_message(e, FLAGS.workdir))
     sys.exit(1)
 
 

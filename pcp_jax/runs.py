@@ -2,6 +2,8 @@
 trained genotype came from. Every module that reads or writes a run's file names it from here.
 """
 
+import contextlib
+import errno
 import glob
 import json
 import os
@@ -78,10 +80,47 @@ def set_aside(workdir: str, outputs) -> Optional[str]:
   return folder
 
 
+# A full disk, or a full quota: the same remedy.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(OSError):
+  """A write failed because the disk (or the user's quota) is full; `filename` names what
+  was being written."""
+
+
+def disk_full(error: BaseException) -> Optional[int]:
+  """The errno (ENOSPC, EDQUOT) when `error`, or an error it was raised from, is a full disk
+  or quota: an OSError of that errno, or the text Orbax and TensorStore wrap one in; else
+  None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _FULL:
+      return error.errno
+    for code in _FULL:
+      if os.strerror(code) in str(error):
+        return code
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def writing(path: str):
+  """Names `path` in an OSError raised without a file name (a write or flush into a full
+  disk reports none)."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is not None or e.errno is None:
+      raise
+    raise OSError(e.errno, e.strerror, path) from e
+
+
 def write_json(path: str, obj, sort_keys: bool = False) -> None:
   """Writes JSON atomically (a crash never leaves half a file)."""
   tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
+  with writing(path), open(tmp, 'w') as f:
     json.dump(obj, f, indent=1, sort_keys=sort_keys, default=str)
     f.write('\n')
   os.replace(tmp, path)
@@ -146,13 +185,13 @@ class Rows:
         if f.read() == text:
           return
       tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
+      with writing(self.path), open(tmp, 'w') as f:
         f.write(text)
       os.replace(tmp, self.path)
 
   def append(self, row: Mapping) -> None:
     if self.write:
-      with open(self.path, 'a') as f:
+      with writing(self.path), open(self.path, 'a') as f:
         f.write(json.dumps(row) + '\n')
         f.flush()
 

@@ -341,12 +341,12 @@ def _result_genotype(setup: Setup, arch, switches, decision=None):
 
 
 def _finished(setup: Setup, start: Start):
-  """The genotype of a finished search, rerun: nothing is written again (genotype.json only
-  if it went missing)."""
-  genotype = _result_genotype(setup, _host(start.state.arch), start.switches,
-                              start.collapse.decision)
-  if setup.main_process and not os.path.isfile(setup.path(runs.GENOTYPE)):
-    genotypes.save(genotype, setup.path(runs.GENOTYPE))
+  """The genotype of a finished search, rerun: nothing is written again, unless an output of
+  its end went missing (a full disk while writing them): then they all are."""
+  arch, outputs = _host(start.state.arch), (runs.GENOTYPE, runs.SEARCH_SUMMARY, runs.ARCH_WEIGHTS)
+  if setup.main_process and not all(os.path.isfile(setup.path(n)) for n in outputs):
+    return _finish(setup, arch, start.switches, start.elapsed / 3600, start.collapse.decision)
+  genotype = _result_genotype(setup, arch, start.switches, start.collapse.decision)
   logging.info('genotype = %s', genotypes.to_string(genotype))
   return genotype
 

@@ -319,6 +319,10 @@ def test_a_damaged_best_checkpoint_falls_back_to_the_latest_with_a_warning(
   _, name, meta = analysis.restore_for_eval(config, workdir, model, splits.info)
   assert name == 'checkpoints' and meta['epoch'] == 2
   assert 'best' in caplog.text and 'restores' in caplog.text
+  # results.json and the table say which checkpoint the test error is of.
+  assert analysis.test(config, workdir)['checkpoint'] == 'checkpoints'
+  _, (row,) = reports.paper_table([workdir])
+  assert row['Tested checkpoint'] == 'latest (best/ unusable)'
 
 
 def test_a_pasted_genotype_trains_as_the_same_genotype(reference_run):
