@@ -212,8 +212,8 @@ def _restore_newest(config, folder: str, model, info):
     return None
   template = train.checkpoint_template(model, train.make_optimizer(config)[0],
                                        train.image_shape(info))
-  restored = loop.restore(checkpoint.Checkpointer(folder, max_to_keep=None),
-                          lambda meta: template, loop.fingerprint(config, ()), 'training',
+  restored = checkpoint.restore(checkpoint.Checkpointer(folder, max_to_keep=None),
+                          lambda meta: template, checkpoint.fingerprint(config, ()), 'training',
                           only=train.STATE_FIELDS)
   return None if restored is None else (jax.device_put(restored[1]['state']), restored[2])
 

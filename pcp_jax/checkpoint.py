@@ -3,13 +3,17 @@
 Each save is synchronous and orbax writes a step to a temporary folder that it
 renames only once complete, so a crash or SIGKILL never leaves the last good
 checkpoint half-written. A step that still fails to restore (a file deleted or
-truncated later) is skipped with a warning in favour of the one before it.
+truncated later) is skipped with a warning in favour of the one before it. A run resumes
+only from a checkpoint of its own configuration (`restore`: the config's fingerprint).
 """
 
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
@@ -76,15 +80,33 @@ class Checkpointer:
     if step in self._manager.all_steps():
       # A resumed run redoes the steps after the checkpoint it resumed from.
       self._manager.delete(step)
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            metadata=ocp.args.JsonSave(dict(
-                metadata or {}, **{CHECKSUM_KEY: tree_checksum(state),
-                                   METADATA_CHECKSUM_KEY: metadata_checksum(metadata or {})}))),
-        force=True)
-    self._manager.wait_until_finished()
+    self._check_space(step, state)
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              metadata=ocp.args.JsonSave(dict(
+                  metadata or {}, **{CHECKSUM_KEY: tree_checksum(state),
+                                     METADATA_CHECKSUM_KEY: metadata_checksum(metadata or {})}))),
+          force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      code = runs.disk_full(e)  # Orbax raises it as an OSError or a TensorStore ValueError
+      if code is None:
+        raise
+      # The half-written step goes (the space it holds is the user's); the older ones stay.
+      for partial in glob.glob(os.path.join(glob.escape(self.directory), f'{step}.*tmp*')):
+        shutil.rmtree(partial, ignore_errors=True)
+      raise runs.DiskFull(code, os.strerror(code), os.path.join(self.directory, str(step))) from e
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Raises `runs.DiskFull` before a save that the disk has no room for: Orbax's writes
+    failing half-way leave their threads' errors and tracebacks behind, a check does not."""
+    size = sum(getattr(leaf, 'nbytes', 0) for leaf in jax.tree_util.tree_leaves(state))
+    if shutil.disk_usage(self.directory).free < size + size // 4 + 2**18:  # and metadata
+      raise runs.DiskFull(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                          os.path.join(self.directory, str(step)))
 
   def restore(self, step: int, template: Any) -> Tuple[Any, dict]:
     """The (state, metadata) saved as `step`, with the tree structure and types of `template`.
@@ -215,3 +237,61 @@ class WorkdirLock:
       if os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
     return False
+
+
+# ---------------------------------------------------------------------------
+# Resuming: a checkpoint of the same configuration.
+
+
+def fingerprint(config, free: tuple) -> dict:
+  """The flattened config fields a checkpoint must agree with to be resumed: all but those
+  starting with one of the prefixes in `free`."""
+  flat = {}
+
+  def visit(prefix, value):
+    if isinstance(value, dict):
+      for k, v in value.items():
+        visit(f'{prefix}{k}.', v)
+    elif isinstance(value, list):
+      for i, v in enumerate(value):
+        visit(f'{prefix}{i}.', v)
+    else:
+      flat[prefix[:-1]] = value
+
+  visit('', json.loads(config.to_json_best_effort()))
+  return {k: v for k, v in flat.items() if not k.startswith(free)}
+
+
+def check_fingerprint(saved: dict, current: dict, directory: str, what: str) -> None:
+  """Raises IncompatibleCheckpoint naming the fields that differ."""
+  changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  if changed:
+    details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed[:5])
+    raise IncompatibleCheckpoint(
+        f'The {what} checkpoints in {directory} belong to a different configuration '
+        f'({details}). Rerun with the same config to resume, or use a new workdir.')
+
+
+def restore(ckpt: Checkpointer, template: Callable[[dict], Any],
+            config_fingerprint: dict, what: str, only: tuple = ()):
+  """(global step, {'state', 'sums'}, metadata) of the newest checkpoint that restores, or
+  None. `template(metadata)` gives the tree's structure (shapes by `jax.eval_shape`); a
+  checkpoint of another configuration (in the fields starting with one of `only`, if given)
+  is refused before its arrays are read."""
+
+  def checked_template(meta):
+    saved = meta.get('config', {})
+    if only:
+      saved, current = ({k: v for k, v in f.items() if k.startswith(only)}
+                        for f in (saved, config_fingerprint))
+    else:
+      current = config_fingerprint
+    check_fingerprint(saved, current, ckpt.directory, what)
+    return template(meta)
+
+  return ckpt.restore_latest(checked_template)
+
+
+def zeros_like_shapes(shapes):
+  """Host zeros shaped like `jax.eval_shape`'s output: a restore template."""
+  return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)

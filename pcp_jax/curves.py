@@ -166,8 +166,8 @@ def search_curves_figure(rows: list) -> Figure:
 
 
 def edge_names() -> list:
-  """'c_{k-2} -> node 0', ... per edge, in the genotypes' edge order."""
-  return [f'{genotypes.state_name(i)} \u2192 node {node}' for i, node in genotypes.EDGES]
+  """`genotypes.edge_name` of each edge, in the genotypes' edge order."""
+  return [genotypes.edge_name(e) for e in range(genotypes.NUM_EDGES)]
 
 
 def chosen_edges(genotype, cell: str) -> dict:

@@ -72,10 +72,11 @@ def _base() -> ml_collections.ConfigDict:
   config.seed = 0  # drives everything: initialisation, data order, channel samples, augmentation
   config.modes = ''  # comma list run in order by pcp_jax.main
   config.num_devices = 0  # data-parallel over this many devices; 0 = all (of all processes)
-  # The models' kernel set (docs/internals.md, "Op implementations"): 'auto' (= 'cpu' on a CPU
-  # backend, 'xla' elsewhere), 'xla' (XLA's own ops) or 'cpu' (the CPU wing, pcp_jax/cpu:
-  # shifted slices and matrix products, faster under XLA:CPU). Same variables, same function.
+  # The kernel set (docs/internals.md, "Op implementations"): 'auto' ('cpu' on a CPU backend,
+  # else 'xla'), 'xla' or 'cpu' (pcp_jax/cpu: faster under XLA:CPU); the same function.
   config.op_impl = 'auto'
+  # Refuse a step estimated to need clearly more memory than available (pcp_jax/memory.py).
+  config.memory_check = True
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 50  # also at every epoch's end; 0 = only there
@@ -445,4 +446,5 @@ def check_base(config) -> None:
     raise ValueError(f'data.source must be one of {list(data.SOURCES)}, got {d.source!r}.')
   if not 0 < d.train_portion < 1:
     raise ValueError(f'data.train_portion must be in (0, 1), got {d.train_portion!r}.')
-  check_fields(config, booleans=('data.download', 'data.pad_to_32'))
+  check_fields(config, booleans=('data.download', 'data.pad_to_32') + (
+      ('memory_check',) if 'memory_check' in config else ()))

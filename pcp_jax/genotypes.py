@@ -9,6 +9,7 @@ import ast
 import collections
 import json
 import os
+import re
 from typing import Mapping, Optional, Tuple
 
 import numpy as np
@@ -41,6 +42,19 @@ NODE_EDGES = tuple(slice(j * (j + 3) // 2, (j + 1) * (j + 4) // 2) for j in rang
 def state_name(i: int) -> str:
   """'c_{k-2}', 'c_{k-1}' for the cell inputs, 'node k' for state 2 + k."""
   return ('c_{k-2}', 'c_{k-1}')[i] if i < 2 else f'node {i - 2}'
+
+
+def edge_name(edge: int) -> str:
+  """'c_{k-1} \u2192 node 1': edge `edge`'s input and node, as every figure, log line and
+  TensorBoard chart names it."""
+  source, node = EDGES[edge]
+  return f'{state_name(source)} \u2192 node {node}'
+
+
+def edge_tag(edge: int) -> str:
+  """`edge_name` in the characters TensorBoard allows in a tag: 'c_k-1_to_node_1'."""
+  name = edge_name(edge).replace('\u2192', 'to').replace('{', '').replace('}', '')
+  return re.sub(r'[^-\w.]+', '_', name)
 
 Genotype = collections.namedtuple(
     'Genotype', 'normal normal_concat reduce reduce_concat')
@@ -334,12 +348,11 @@ def drop_weakest_ops(alphas, switches, num_keep: int, drop_none_first: bool = Fa
 
 def describe_dropped(before, after) -> str:
   """The ops `after` switched off per edge, as P-DARTS logs its stages:
-  'c_{k-2}->node 0: none, avg_pool_3x3; ...'."""
+  'c_{k-2} \u2192 node 0: none, avg_pool_3x3; ...'."""
   edges = []
   for e, (was, now) in enumerate(zip(check_switches(before), check_switches(after))):
-    source, node = EDGES[e]
     ops = ', '.join(OPS[k] for k in np.flatnonzero(was & ~now)) or '-'
-    edges.append(f'{state_name(source)}->node {node}: {ops}')
+    edges.append(f'{edge_name(e)}: {ops}')
   return '; '.join(edges)
 
 

@@ -12,13 +12,13 @@ Colab's shutdown) lets the current chunk finish, saves, and stops with `Interrup
 one stops at once. One non-finite stop: the on-device loop stops at the first step whose
 metrics are not finite and the driver raises `NonFinite`, naming the step and keeping the
 last good checkpoint. Rerunning the same config on the same workdir resumes from the newest
-checkpoint that restores (`restore`), dropping the metric rows written after it.
+checkpoint that restores (`checkpoint.restore`), dropping the metric rows written after it.
 """
 
 import contextlib
 import dataclasses
 import functools
-import json
+import os
 import signal
 import threading
 import time
@@ -32,6 +32,8 @@ import numpy as np
 
 from pcp_jax import augment
 from pcp_jax import checkpoint
+from pcp_jax import events
+from pcp_jax import genotypes
 from pcp_jax import losses
 from pcp_jax import monitor
 from pcp_jax import parallel
@@ -218,64 +220,6 @@ def evaluate(eval_fn, variables, images, labels, batch_size: int, key=None) -> d
 
 
 # ---------------------------------------------------------------------------
-# Resume.
-
-
-def fingerprint(config, free: tuple) -> dict:
-  """The flattened config fields a checkpoint must agree with to be resumed: all but those
-  starting with one of the prefixes in `free`."""
-  flat = {}
-
-  def visit(prefix, value):
-    if isinstance(value, dict):
-      for k, v in value.items():
-        visit(f'{prefix}{k}.', v)
-    elif isinstance(value, list):
-      for i, v in enumerate(value):
-        visit(f'{prefix}{i}.', v)
-    else:
-      flat[prefix[:-1]] = value
-
-  visit('', json.loads(config.to_json_best_effort()))
-  return {k: v for k, v in flat.items() if not k.startswith(free)}
-
-
-def check_fingerprint(saved: dict, current: dict, directory: str, what: str) -> None:
-  """Raises IncompatibleCheckpoint naming the fields that differ."""
-  changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-  if changed:
-    details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed[:5])
-    raise checkpoint.IncompatibleCheckpoint(
-        f'The {what} checkpoints in {directory} belong to a different configuration '
-        f'({details}). Rerun with the same config to resume, or use a new workdir.')
-
-
-def restore(ckpt: checkpoint.Checkpointer, template: Callable[[dict], Any],
-            config_fingerprint: dict, what: str, only: tuple = ()):
-  """(global step, {'state', 'sums'}, metadata) of the newest checkpoint that restores, or
-  None. `template(metadata)` gives the tree's structure (shapes by `jax.eval_shape`); a
-  checkpoint of another configuration (in the fields starting with one of `only`, if given)
-  is refused before its arrays are read."""
-
-  def checked_template(meta):
-    saved = meta.get('config', {})
-    if only:
-      saved, current = ({k: v for k, v in f.items() if k.startswith(only)}
-                        for f in (saved, config_fingerprint))
-    else:
-      current = config_fingerprint
-    check_fingerprint(saved, current, ckpt.directory, what)
-    return template(meta)
-
-  return ckpt.restore_latest(checked_template)
-
-
-def zeros_like_shapes(shapes):
-  """Host zeros shaped like `jax.eval_shape`'s output: a restore template."""
-  return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
-# ---------------------------------------------------------------------------
 # A session's epochs.
 
 
@@ -290,10 +234,14 @@ class Session:
   log_every_steps: int  # progress lines; 0: none
   signals: Signals
   progress: monitor.Progress
-  scalars: monitor.Scalars
+  tensorboard: events.Writer
   elapsed: float = 0.0  # seconds of earlier sessions
   started: float = dataclasses.field(default_factory=time.time)
   saved_elapsed: Optional[float] = None  # elapsed seconds at this session's latest save
+  # The latest row of each rows file (by file name), saved with every checkpoint: a row lost
+  # after its checkpoint comes back on resume (`resume_rows`).
+  last_rows: dict = dataclasses.field(default_factory=dict)
+  workdir: str = ''  # the run's folder: rows files are named relative to it
 
   def elapsed_seconds(self) -> float:
     return self.elapsed + time.time() - self.started
@@ -307,7 +255,7 @@ class Session:
     """A checkpoint of `{'state', 'sums'}` with the mode's metadata and the elapsed time."""
     self.saved_elapsed = self.elapsed_seconds()
     self.ckpt.save(global_step, {'state': state, 'sums': sums},
-                   dict(meta, elapsed_seconds=self.saved_elapsed))
+                   dict(meta, elapsed_seconds=self.saved_elapsed, rows=self.last_rows))
 
   def stop_if_requested(self) -> None:
     """Raises `Interrupted` if a signal reached any process (call after a save)."""
@@ -317,11 +265,44 @@ class Session:
                         f'saved in {self.ckpt.directory}. Rerun the same command to resume.',
                         signum)
 
-  def write_row(self, row: Mapping) -> None:
-    """An epoch's metric row to the rows file and TensorBoard."""
-    self.rows.append(row)
-    self.scalars.write(row['step'], row)
-    self.scalars.flush()
+  def append(self, rows: runs.Rows, row: Mapping) -> None:
+    """A row to `rows`, remembered for the next checkpoint."""
+    rows.append(row)
+    self.last_rows[_rows_key(rows, self.workdir)] = dict(row)
+
+  def write_row(self, row: Mapping, rows: Optional[runs.Rows] = None,
+                tensorboard: Optional[events.Writer] = None) -> None:
+    """An epoch's metric row to the rows file and TensorBoard (its genotype, if any, as
+    text): the session's own, or a population member's `rows` and `tensorboard`."""
+    tensorboard = tensorboard or self.tensorboard
+    self.append(rows or self.rows, row)
+    tensorboard.write(row['step'], row)
+    if 'genotype' in row:
+      tensorboard.write_text(row['step'], 'genotype',
+                             genotypes.to_string(genotypes.from_dict(row['genotype'])))
+    tensorboard.flush()
+
+
+def _rows_key(rows: runs.Rows, workdir: str) -> str:
+  """A rows file's name in checkpoints: its path in the run's folder (`members/1/...` for a
+  population's member), so the run may move."""
+  return os.path.relpath(rows.path, workdir) if workdir else os.path.basename(rows.path)
+
+
+def resume_rows(files, step: int, meta: Mapping, workdir: str = '') -> None:
+  """Keeps the rows of each of `files` (`runs.Rows`) up to the checkpoint's global `step`
+  (the resumed run redoes those after it), and appends the row the checkpoint saved (its
+  `meta`) where a file lacks it: a row cut short or lost after its checkpoint was written,
+  which the resumed run would not write again."""
+  saved = meta.get('rows') or {}
+  for rows in files:
+    rows.keep_until(step)
+    row = saved.get(_rows_key(rows, workdir))
+    if row is None or not rows.write or any(r['step'] == row['step'] for r in rows.read()):
+      continue
+    rows.append(row)
+    logging.warning('%s lacked the row of step %d (lost after its checkpoint was written); '
+                    'restored it from the checkpoint.', rows.path, row['step'])
 
 
 @contextlib.contextmanager
@@ -329,12 +310,13 @@ def session(workdir: str, config, mode: str, *, total_steps: int, resume_step: i
             resumed: bool, **fields):
   """The `Session` of `mode` (search, train), once the workdir is found compatible: writes
   log.txt, config.json and environment.json (`monitor.start_run`), opens the TensorBoard
-  writer (dropping the events a resumed session redoes), the progress lines and the signal
-  handlers. `fields`: the rest of `Session`'s fields."""
+  writer (dropping the events a resumed session redoes; the config as text), the progress
+  lines and the signal handlers. `fields`: the rest of `Session`'s fields."""
   monitor.start_run(workdir, config, mode)
-  with Signals(fields['what']) as signals, monitor.Scalars(
-      workdir, mode, purge_step=resume_step + 1 if resumed else 0) as scalars:
-    yield Session(signals=signals, scalars=scalars,
+  with Signals(fields['what']) as signals, events.Writer(
+      workdir, mode, purge_step=resume_step + 1 if resumed else 0) as tensorboard:
+    tensorboard.write_text(resume_step, 'config', str(config))
+    yield Session(signals=signals, tensorboard=tensorboard, workdir=workdir,
                   progress=monitor.Progress(total_steps, resume_step, mode), **fields)
 
 

@@ -20,9 +20,11 @@ from pcp_jax import analysis
 from pcp_jax import checkpoint
 from pcp_jax import defaults
 from pcp_jax import loop
+from pcp_jax import memory
 from pcp_jax import parallel
 from pcp_jax import plots
 from pcp_jax import population
+from pcp_jax import runs
 from pcp_jax import train
 from pcp_jax.cpu import host
 
@@ -125,23 +127,16 @@ def check(config) -> list:
 
 def check_workdir(workdir) -> None:
   """A workdir that can be a folder this run writes, or a ValueError naming --workdir."""
-  if not isinstance(workdir, str) or not workdir.strip():
-    raise ValueError(f'--workdir must name a folder, got {workdir!r}.')
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ValueError(f'--workdir {workdir}: {existing} is a file, not a folder.')
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise ValueError(f'--workdir {workdir}: {existing} is not writable.')
+  runs.check_folder(workdir, '--workdir')
 
 
 def run(config, workdir):
   """Runs every mode of `config.modes` on `workdir` (also callable from a notebook): the
-  config is checked for every mode before the first one starts, and the workdir is locked
-  against a second run."""
+  config is checked for every mode (and what its steps will need in memory, `memory.check`)
+  before the first one starts, and the workdir is locked against a second run."""
   modes = check(config)
   check_workdir(workdir)
+  memory.check(config, modes)
   lock = (checkpoint.WorkdirLock(workdir) if parallel.is_main_process()
           else contextlib.nullcontext())
   with lock:
@@ -160,15 +155,30 @@ def run(config, workdir):
 
 class _QuietLibraries(stdlib_logging.Filter):
   """Drops the INFO chatter of Orbax (hundreds of lines per run) and JAX's backend probing
-  (a missing TPU library, the first line a newcomer saw) unless -v is given."""
+  (a missing TPU library, the first line a newcomer saw) unless -v is given, and the
+  tracebacks Orbax's threads and asyncio log for a full disk (`main` says it in one line)."""
 
   def filter(self, record):
+    if ('/orbax/' in record.pathname or record.name == 'asyncio') and runs.disk_full(
+        record.exc_info[1] if record.exc_info else Exception(record.getMessage())):
+      return False
     return record.levelno >= stdlib_logging.WARNING or not (
         '/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
 
 
 # What a user can fix gets one line, not a traceback (-v 1 shows the traceback).
 USER_ERRORS = (ValueError, OSError, FloatingPointError, checkpoint.WorkdirBusy)
+
+
+def user_message(error: BaseException, workdir: str) -> str:
+  """The one line for an error a user can fix (`USER_ERRORS`, or a full disk anywhere, which
+  names what was being written, else the workdir)."""
+  code = runs.disk_full(error)
+  if code is None:
+    return ' '.join(line.strip() for line in str(error).splitlines())
+  where = getattr(error, 'filename', None) or os.path.abspath(workdir)
+  return (f'{where}: the disk is full ({os.strerror(code)}). Free space on it and rerun the '
+          'same command to resume (the checkpoints saved are intact).')
 
 
 def main(argv):
@@ -191,10 +201,10 @@ def main(argv):
   except loop.Interrupted as e:
     logging.warning('%s', e)
     sys.exit(128 + e.signum)
-  except USER_ERRORS as e:
-    if verbose:
+  except Exception as e:  # pylint: disable=broad-except
+    if verbose or not (isinstance(e, USER_ERRORS) or runs.disk_full(e)):
       raise
-    logging.error('%s', ' '.join(line.strip() for line in str(e).splitlines()))
+    logging.error('%s', user_message(e, FLAGS.workdir))
     sys.exit(1)
 
 

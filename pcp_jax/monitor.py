@@ -8,8 +8,8 @@ A run's workdir gains, besides its checkpoints and metric rows:
   environment.json  versions (python, jax, jaxlib, flax, optax, orbax), platform, devices,
                     processes, git commit, host and command line of the latest session
                     (`write_environment`; log.txt keeps every session's copy as a log line).
-  tensorboard/NAME/ TensorBoard event files, one folder per mode (`Scalars`): view them with
-                    `tensorboard --logdir WORKDIR/tensorboard`.
+  tensorboard/NAME/ TensorBoard event files, one folder per mode (`events.Writer`): view them
+                    with `tensorboard --logdir WORKDIR/tensorboard`.
 
 `Progress` formats the periodic progress lines (steps/s, epoch and run ETAs) that go to the
 console and log.txt. Only process 0 writes files; every process logs to its own console.
@@ -22,11 +22,9 @@ import importlib.metadata
 import json
 import logging as py_logging
 import math
-import numbers
 import os
 import platform
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -35,10 +33,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
 
 import pcp_jax
-from pcp_jax import genotypes
+from pcp_jax import events
 from pcp_jax import parallel
 from pcp_jax import runs
 
@@ -51,7 +48,25 @@ _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint')
 
 
 class _RunLogHandler(py_logging.FileHandler):
-  """The log.txt handler; its own class so `attach_log` finds it among the root's handlers."""
+  """The log.txt handler; its own class so `attach_log` finds it among the root's handlers.
+
+  When log.txt cannot be written (a full disk) it says so once on stderr and stops writing,
+  instead of printing a traceback for every line; the console keeps every line."""
+
+  failed = None  # the OSError that stopped it
+
+  def emit(self, record):
+    if self.failed is None:
+      super().emit(record)
+
+  def handleError(self, record):
+    error = sys.exc_info()[1]
+    if not isinstance(error, OSError):
+      super().handleError(record)
+      return
+    self.failed = error
+    sys.stderr.write(f'{self.baseFilename}: {error.strerror or error}; the log continues on the '
+                     'console only.\n')
 
 
 def _run_log_handlers(root: py_logging.Logger) -> List[py_logging.Handler]:
@@ -191,160 +206,6 @@ def start_run(workdir: str, config, mode: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# TensorBoard
-
-
-def _edge_titles() -> List[str]:
-  """'edge 03: node 1 <- c_{k-1}' for each of the cell's 14 edges (genotypes' edge order)."""
-  return [f'edge {e:02d}: node {node} <- {genotypes.state_name(i)}'
-          for e, (i, node) in enumerate(genotypes.EDGES)]
-
-
-def _as_float(value) -> Optional[float]:
-  """A scalar's float value (booleans as 0/1), or None for anything else (strings, lists,
-  dicts, arrays of more than one value)."""
-  if isinstance(value, (bool, np.bool_)):
-    return float(value)
-  if isinstance(value, (numbers.Real, np.number)):
-    return float(value)
-  if isinstance(value, np.ndarray) and value.ndim == 0 and (
-      np.issubdtype(value.dtype, np.number) or value.dtype == bool):
-    return float(value)
-  return None
-
-
-class Scalars:
-  """A TensorBoard event writer for one mode of a run: `workdir/tensorboard/<name>`.
-
-  Steps are the run's global step (counted across a search's stages), and an event at step
-  `s` describes the run after `s` steps. After a resume, construct it with
-  `purge_step` = the first step whose events the resumed session writes again, normally the
-  restored checkpoint's step + 1: TensorBoard (and `read_scalars`) then hides the earlier
-  sessions' events at steps >= purge_step, so replayed steps show once. On processes other
-  than 0 every method does nothing.
-  """
-
-  def __init__(self, workdir: str, name: str, purge_step: Optional[int] = None,
-               flush_secs: int = 30):
-    self.logdir = os.path.join(workdir, runs.TENSORBOARD_DIR, name)
-    self._writer = None
-    self._arch_layout_written = False
-    if not parallel.is_main_process():
-      return
-    import tensorboardX  # pylint: disable=g-import-not-at-top; only process 0 needs it
-    # SummaryWriter names its file by the second and host; a session restarted within the
-    # same second would truncate the previous file. The nanosecond suffix keeps them apart
-    # and sorted in the order TensorBoard must read them (purges apply to earlier files).
-    self._writer = tensorboardX.SummaryWriter(
-        logdir=self.logdir, purge_step=purge_step, flush_secs=flush_secs,
-        filename_suffix=f'.{time.time_ns()}')
-
-  def write(self, step: int, scalars: Mapping[str, Any], prefix: str = '') -> None:
-    """Writes each numeric value of `scalars` as `prefix + key` at `step`; booleans as 0/1;
-    strings, nested dicts and other non-scalars are skipped."""
-    if self._writer is None:
-      return
-    for key, value in scalars.items():
-      value = _as_float(value)
-      if value is not None:
-        self._writer.add_scalar(prefix + key, value, int(step))
-
-  def write_arch(self, step: int, weights: Mapping[str, Any]) -> None:
-    """Writes architecture weights as `arch/<cell>/edgeNN/<op>` scalars at `step`.
-
-    `weights` is a row of `genotypes.arch_weights`: per cell ('normal', 'reduce'),
-    `alphas_<cell>` (14 edges x len(primitives)) op probabilities, optionally
-    `switches_<cell>` (ops off are skipped, so a pruned op's line ends) and `betas_<cell>`
-    (14 edge-normalisation weights, written as `edgeNN/edge_weight`; all ones means the
-    search has no betas and they are skipped), and `primitives` (default
-    genotypes.PRIMITIVES). A custom-scalars layout (TensorBoard's CUSTOM SCALARS tab) draws
-    each edge's ops as lines of one chart.
-    """
-    if self._writer is None:
-      return
-    primitives = list(weights.get('primitives', genotypes.PRIMITIVES))
-    cells = [key[len('alphas_'):] for key in weights if key.startswith('alphas_')]
-    for cell in cells:
-      probs = np.asarray(weights[f'alphas_{cell}'], dtype=np.float64)
-      on = np.asarray(weights.get(f'switches_{cell}', np.ones(probs.shape, bool)), bool)
-      betas = weights.get(f'betas_{cell}')
-      if betas is not None and np.all(np.asarray(betas) == 1.0):
-        betas = None
-      for e in range(probs.shape[0]):
-        for o, op in enumerate(primitives):
-          if on[e, o]:
-            self._writer.add_scalar(f'arch/{cell}/edge{e:02d}/{op}', probs[e, o], int(step))
-        if betas is not None:
-          self._writer.add_scalar(f'arch/{cell}/edge{e:02d}/edge_weight', float(betas[e]),
-                                  int(step))
-    if not self._arch_layout_written and cells:
-      # Once per writer: tensorboardX allows one layout per SummaryWriter.
-      titles = _edge_titles()
-      self._writer.add_custom_scalars({
-          f'arch {cell}': {titles[e] if e < len(titles) else f'edge {e:02d}':
-                           ['Multiline', [f'arch/{cell}/edge{e:02d}/.*']]
-                           for e in range(np.shape(weights[f'alphas_{cell}'])[0])}
-          for cell in cells})
-      self._arch_layout_written = True
-
-  def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-
-def _event_records(path: str):
-  """The records of a TFRecord file: (uint64 length, uint32 crc, data, uint32 crc) each.
-  Checksums are not verified; a cut-off last record (a writer still writing or killed) ends
-  the file."""
-  with open(path, 'rb') as f:
-    while True:
-      header = f.read(12)
-      if len(header) < 12:
-        return
-      (length,) = struct.unpack('<Q', header[:8])
-      data = f.read(length)
-      if len(data) < length or len(f.read(4)) < 4:
-        return
-      yield data
-
-
-def read_scalars(logdir: str) -> Dict[str, List[Tuple[int, float]]]:
-  """The scalars of a TensorBoard run folder, {tag: [(step, value), ...]} in written order,
-  as TensorBoard shows them: a session started with `purge_step` hides the earlier files'
-  events at steps >= purge_step. Needs only tensorboardX (no TensorFlow, no tensorboard)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  scalars: Dict[str, List[Tuple[int, float]]] = {}
-  # Event file names start with their creation time, so name order is session order.
-  names = os.listdir(logdir) if os.path.isdir(logdir) else []
-  files = sorted(f for f in names if 'tfevents' in f)
-  for name in files:
-    for record in _event_records(os.path.join(logdir, name)):
-      event = event_pb2.Event.FromString(record)
-      if (event.HasField('session_log') and
-          event.session_log.status == event_pb2.SessionLog.START):
-        # TensorBoard's rule for a restarted session: drop every tag's events from this step.
-        scalars = {tag: [(s, v) for s, v in points if s < event.step]
-                   for tag, points in scalars.items()}
-      if not event.HasField('summary'):
-        continue
-      for value in event.summary.value:
-        if value.HasField('simple_value'):
-          scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-  return {tag: points for tag, points in scalars.items() if points}
-
-
-# ---------------------------------------------------------------------------
 # Progress lines
 
 
@@ -355,6 +216,13 @@ def format_duration(seconds: float) -> str:
   minutes, secs = divmod(int(round(seconds)), 60)
   hours, minutes = divmod(minutes, 60)
   return f'{hours}:{minutes:02d}:{secs:02d}' if hours else f'{minutes}:{secs:02d}'
+
+
+# XLA's C++ side prints a block ending in "Very slow compile? If you want to file a bug, run
+# with envvar XLA_FLAGS=--xla_dump_to=/tmp/foo ..." (with "The operation took ...") whenever one
+# compilation passes two minutes, as a supernet's does on a CPU; no flag turns it off.
+SLOW_COMPILE_NOTE = (' (minutes on a CPU; past two minutes XLA prints a "Very slow compile? '
+                     '... file a bug" block: its timer, not an error)')
 
 
 class Progress:
@@ -380,6 +248,7 @@ class Progress:
     self._smoothing = smoothing
     self._steps = self._seconds = 0.0  # decayed step and second counts behind the rate
     self._epoch = None
+    self._compiled_before = False
     self._last_step = 0
     self._last_time = clock()
 
@@ -422,7 +291,7 @@ class Progress:
       where.append(f'stage {stage + 1}/{num_stages}')
     where.append(f'epoch {epoch + 1}/{num_epochs} step {step}/{steps_per_epoch}')
     parts = [' '.join(where)]
-    values = [(k, _as_float(v)) for k, v in (metrics or {}).items()]
+    values = [(k, events.scalar_value(v)) for k, v in (metrics or {}).items()]
     if any(v is not None for _, v in values):
       parts.append(' '.join(f'{k} {v:.4g}' for k, v in values if v is not None))
     # '3.2', '0.456', '12.3', '4821': no exponent for fast tiny models.
@@ -435,8 +304,10 @@ class Progress:
     return line
 
   def compiling(self, what: str) -> None:
-    """Logs that compiling `what` (e.g. 'stage 1') starts: the long silence that follows."""
-    logging.info('compiling %s ...', what)
+    """Logs that compiling `what` (e.g. 'stage 1') starts: the long silence that follows.
+    The first time, it says what XLA prints when a compilation passes two minutes."""
+    logging.info('compiling %s ...%s', what, '' if self._compiled_before else SLOW_COMPILE_NOTE)
+    self._compiled_before = True
 
   def compiled(self, what: str, seconds: float, step: Optional[int] = None) -> None:
     """Logs the compile time and restarts the rate's clock (compiling is no step time).

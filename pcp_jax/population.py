@@ -22,6 +22,7 @@ member's seed, ss_factor and genotype and the members' agreement per edge;
 `RUN/search_checkpoints` the population's checkpoints (resume as for a solo search).
 """
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pcp_jax import checkpoint
+from pcp_jax import events
 from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import monitor
@@ -225,7 +227,8 @@ def _prepare(config, workdir) -> Population:
     c = member_config(config, m)
     solo.append(dataclasses.replace(
         setup, config=c, workdir=os.path.join(workdir, MEMBERS_DIR, str(m.index)),
-        root=jax.random.PRNGKey(c.seed), fingerprint=loop.fingerprint(c, search.FREE_ON_RESUME)))
+        root=jax.random.PRNGKey(c.seed),
+        fingerprint=checkpoint.fingerprint(c, search.FREE_ON_RESUME)))
   with config.unlocked():  # the step's structure: BT in the program if any member uses it
     config.search.ss_factor = max(m.ss_factor for m in pop)
   return Population(setup, pop, solo)
@@ -241,9 +244,10 @@ def _restore_or_start(pop: Population, ckpt):
     stacked = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct((pop.size,) + a.shape, a.dtype), shapes)
     sums = loop.zero_sums(search_step.METRICS, setup.cfg.dtype, pop.size)
-    return {'state': loop.zeros_like_shapes(stacked), 'sums': loop.zeros_like_shapes(sums)}
+    return {'state': checkpoint.zeros_like_shapes(stacked),
+            'sums': checkpoint.zeros_like_shapes(sums)}
 
-  restored = loop.restore(ckpt, template, setup.fingerprint, 'population search')
+  restored = checkpoint.restore(ckpt, template, setup.fingerprint, 'population search')
   if restored is None:
     first = spaces.initial_switches(setup.cfg.space, setup.cfg.initial_ops)
     return search.Start(first), [first] * pop.size
@@ -257,7 +261,7 @@ def _restore_or_start(pop: Population, ckpt):
   switch_sets = [search._switches_from(m) for m in meta['members']]  # pylint: disable=protected-access
   return search.Start(switch_sets[0], meta['phase'], meta['epoch'], meta['step'], tree['state'],
                       tree['sums'] if meta['step'] else None, meta['elapsed_seconds'],
-                      finished=finished), switch_sets
+                      finished=finished, saved=meta), switch_sets
 
 
 def _save(sess, pop: Population, s: int, switch_sets, epoch: int, state, sums, step: int):
@@ -293,7 +297,7 @@ def _summary_row(rows: List[dict]) -> dict:
 
 
 def _epoch_rows(pop: Population, sess, built, state, sums, switch_sets, where: loop.Epoch,
-                scalars) -> List[dict]:
+                writers) -> List[dict]:
   """Each member's row of the epoch `where` (validated; its architecture weights appended
   to its arch_history.jsonl and TensorBoard)."""
   s, epoch, steps = where.stage, where.index, pop.setup.steps
@@ -302,21 +306,23 @@ def _epoch_rows(pop: Population, sess, built, state, sums, switch_sets, where: l
   lr = float(built.lr_schedule(epoch * steps))
   rows = []
   for k, (m, sw) in enumerate(zip(pop.solo, switch_sets)):
-    row = search.arch_row(m, scalars[k], s, sw, union.narrow(_member(arch, k), sw),
+    row = search.arch_row(m, sess, writers[k], s, sw, union.narrow(_member(arch, k), sw),
                           _member_sums(sums, k, steps), valid[k], epoch, lr)
     row.update(step=where.global_step(steps), elapsed_seconds=sess.elapsed_seconds(), member=k)
     rows.append(row)
   return rows
 
 
-def _rows_from(pop: Population, resume_step: int):
-  """The population's and the members' metric rows files, cut to `resume_step`; each
-  member's config.json."""
+def _rows_from(pop: Population, resume_step: int, saved: dict):
+  """The population's and the members' metric rows files, resumed at `resume_step` (rows
+  after it cut, a row lost after the checkpoint `saved` restored); each member's
+  config.json."""
   main = pop.setup.main_process
   rows = runs.Rows(pop.setup.path(METRICS), main)
   member_rows = [runs.Rows(m.path(runs.SEARCH_METRICS), main) for m in pop.solo]
-  for f in [rows] + member_rows + [runs.Rows(m.path(runs.ARCH_HISTORY), main) for m in pop.solo]:
-    f.keep_until(resume_step)
+  loop.resume_rows([rows] + member_rows + [runs.Rows(m.path(runs.ARCH_HISTORY), main)
+                                           for m in pop.solo],
+                   resume_step, saved, pop.setup.workdir)
   for m in pop.solo:
     monitor.write_config(m.workdir, m.config)
   return rows, member_rows
@@ -357,7 +363,7 @@ def search_population(config, workdir):
   if start.state is None and setup.main_process:
     runs.set_aside(workdir, OUTPUTS)
   resume_step = setup.offsets[start.stage] + start.epoch * setup.steps + start.step
-  rows, member_rows = _rows_from(pop, resume_step)
+  rows, member_rows = _rows_from(pop, resume_step, start.saved)
   place = functools.partial(parallel.replicate, mesh=setup.mesh)
   archs = None
   with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows,
@@ -365,53 +371,48 @@ def search_population(config, workdir):
                     every_steps=config.checkpoint.every_steps,
                     log_every_steps=cfg.log_every_steps, total_steps=setup.offsets[-1],
                     resume_step=resume_step, resumed=start.state is not None,
-                    elapsed=start.elapsed) as sess:
-    scalars = [monitor.Scalars(m.workdir, 'search',
-                               purge_step=resume_step + 1 if start.state is not None else 0)
+                    last_rows=start.saved.get('rows', {}),
+                    elapsed=start.elapsed) as sess, contextlib.ExitStack() as writers:
+    writers = [writers.enter_context(events.Writer(
+        m.workdir, 'search', purge_step=resume_step + 1 if start.state is not None else 0))
                for m in pop.solo]
-    try:
-      for s in range(start.stage, len(cfg.stages)):
-        stage, t_stage = cfg.stages[s], time.time()
-        built = pop.build(s, switch_sets)
-        resuming = s == start.stage and start.state is not None
-        state = place(start.state if resuming else pop.init(s, switch_sets, built))
-        sums = place(start.sums) if resuming and start.sums is not None else None
-        logging.info('Stage %d/%d: %d members, %d cells, ops per edge %s (the union: %d), '
-                     '%d epochs (%d warm-up).', s + 1, len(cfg.stages), pop.size, stage.layers,
-                     sorted({int(sw['normal'][0].sum()) for sw in switch_sets}),
-                     int(union.switches(switch_sets)['normal'].sum(axis=1).max()), stage.epochs,
-                     stage.warmup_epochs)
-        for epoch in range(start.epoch if s == start.stage else 0, stage.epochs):
-          t_epoch, where = time.time(), setup.epoch(s, epoch)
-          if sums is None:
-            sums = place(loop.zero_sums(search_step.METRICS, cfg.dtype, pop.size))
-          state, sums = loop.run_epoch(
-              sess, built.chunk_fn, state, sums,
-              pop.inputs(s, epoch, switch_sets), where, start.step_at(s, epoch),
-              save=functools.partial(_save, sess, pop, s, switch_sets, epoch))
-          rows_now = _epoch_rows(pop, sess, built, state, sums, switch_sets, where, scalars)
-          if epoch == 0:
-            for row in rows_now:
-              row['compile_and_first_epoch_seconds'] = time.time() - t_stage
-          for k, row in enumerate(rows_now):
-            row.update(epoch_seconds=time.time() - t_epoch)
-            logging.info('member %d (seed %d, ss_factor %g):', k, pop.members[k].seed,
-                         pop.members[k].ss_factor)
-            search_step.log_row(row, len(cfg.stages), stage.epochs)
-            member_rows[k].append(row)
-            scalars[k].write(row['step'], row)
-            scalars[k].flush()
-          sess.write_row(_summary_row(rows_now))
-          _save(sess, pop, s, switch_sets, epoch + 1, state, sums, 0)
-          sess.stop_if_requested()
-          sums = None
-        arch = loop.host(state.arch)
-        archs = [union.narrow(_member(arch, k), sw) for k, sw in enumerate(switch_sets)]
-        switch_sets = [search._end_stage(m, s, a, sw)  # pylint: disable=protected-access
-                       for m, a, sw in zip(pop.solo, archs, switch_sets)]
-    finally:
-      for sc in scalars:
-        sc.close()
+    for s in range(start.stage, len(cfg.stages)):
+      stage, t_stage = cfg.stages[s], time.time()
+      built = pop.build(s, switch_sets)
+      resuming = s == start.stage and start.state is not None
+      state = place(start.state if resuming else pop.init(s, switch_sets, built))
+      sums = place(start.sums) if resuming and start.sums is not None else None
+      logging.info('Stage %d/%d: %d members, %d cells, ops per edge %s (the union: %d), '
+                   '%d epochs (%d warm-up).', s + 1, len(cfg.stages), pop.size, stage.layers,
+                   sorted({int(sw['normal'][0].sum()) for sw in switch_sets}),
+                   int(union.switches(switch_sets)['normal'].sum(axis=1).max()), stage.epochs,
+                   stage.warmup_epochs)
+      for epoch in range(start.epoch if s == start.stage else 0, stage.epochs):
+        t_epoch, where = time.time(), setup.epoch(s, epoch)
+        if sums is None:
+          sums = place(loop.zero_sums(search_step.METRICS, cfg.dtype, pop.size))
+        state, sums = loop.run_epoch(
+            sess, built.chunk_fn, state, sums,
+            pop.inputs(s, epoch, switch_sets), where, start.step_at(s, epoch),
+            save=functools.partial(_save, sess, pop, s, switch_sets, epoch))
+        rows_now = _epoch_rows(pop, sess, built, state, sums, switch_sets, where, writers)
+        if epoch == 0:
+          for row in rows_now:
+            row['compile_and_first_epoch_seconds'] = time.time() - t_stage
+        for k, row in enumerate(rows_now):
+          row.update(epoch_seconds=time.time() - t_epoch)
+          logging.info('member %d (seed %d, ss_factor %g):', k, pop.members[k].seed,
+                       pop.members[k].ss_factor)
+          search_step.log_row(row, len(cfg.stages), stage.epochs)
+          sess.write_row(row, member_rows[k], writers[k])
+        sess.write_row(_summary_row(rows_now))
+        _save(sess, pop, s, switch_sets, epoch + 1, state, sums, 0)
+        sess.stop_if_requested()
+        sums = None
+      arch = loop.host(state.arch)
+      archs = [union.narrow(_member(arch, k), sw) for k, sw in enumerate(switch_sets)]
+      switch_sets = [search._end_stage(m, s, a, sw)  # pylint: disable=protected-access
+                     for m, a, sw in zip(pop.solo, archs, switch_sets)]
   genotype_list = _finish(pop, archs, switch_sets, sess.work_seconds() / 3600)
   ckpt.close()
   return genotype_list

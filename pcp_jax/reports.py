@@ -24,7 +24,7 @@ from pcp_jax import runs
 # names, paths and bookkeeping.
 _NOT_SETTINGS = ('seed', 'method', 'genotype', 'modes', 'workdir', 'data_dir', 'download',
                  'log_every_steps', 'checkpoint', 'fgsm', 'eval_batch_size', 'max_test',
-                 'compilation_cache')
+                 'compilation_cache', 'memory_check')
 
 
 def _read_results(run_dir: str) -> dict:
@@ -171,6 +171,13 @@ def _dataset_label(dataset: str, num_test, num_train=None) -> str:
   return f'{dataset} ({", ".join(parts)})' if parts else dataset
 
 
+def _tested(results: dict) -> str:
+  """The checkpoint a run's test error is of: 'best', or the latest where the run had no best
+  checkpoint that restored (results.json's `checkpoint`)."""
+  name = results.get('checkpoint') or runs.BEST
+  return runs.BEST if name == runs.BEST else f'latest ({runs.BEST}/ unusable)'
+
+
 # Published CIFAR-10 rows (the papers; the DARTS-family rows are their own, not the seed
 # paper's reruns): (method, test error %, params M, search cost GPU-days).
 PUBLISHED = (
@@ -202,7 +209,9 @@ def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
   when a run tested on part of the test split) and search-cost unit make one row,
   rows sorted by label: mean ± sample standard deviation over its n runs. 'Test error' is the
   best checkpoint's (selected on the validation split, the test set itself unless
-  train.val_split is a fraction), 'Last-epoch error' the final epoch's (`last_test_accuracy`).
+  train.val_split is a fraction; runs tested on their latest checkpoint because their best
+  one did not restore are rows of their own, and a 'Tested checkpoint' column says so),
+  'Last-epoch error' the final epoch's (`last_test_accuracy`).
   Search cost in device-days (hours x devices / 24), labelled with the platform
   (`GPU-days`, `CPU-days`); a top-5 column when some results.json has `test_top5_accuracy`."""
   if isinstance(run_dirs, str):
@@ -217,16 +226,18 @@ def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
     # Runs tested on different numbers of test images are different rows.
     dataset = _dataset_label(run['dataset'], result.get('num_test_examples'),
                              result.get('num_train_examples'))
-    groups[(label, dataset, run['cost_unit'])].append((run, result))
-  units = {unit for _, _, unit in groups if unit}
+    groups[(label, dataset, run['cost_unit'], _tested(result))].append((run, result))
+  units = {unit for _, _, unit, _ in groups if unit}
   cost_column = f'Search cost ({units.pop()})' if len(units) == 1 else 'Search cost'
   top5 = any(r.get('test_top5_accuracy') is not None for r in results)
-  columns = (['Method', 'Test error (%)'] + (['Top-5 accuracy (%)'] if top5 else [])
+  tested = any(t != runs.BEST for *_, t in groups)
+  columns = (['Method', 'Test error (%)'] + (['Tested checkpoint'] if tested else [])
+             + (['Top-5 accuracy (%)'] if top5 else [])
              + ['Last-epoch error (%)', 'Params (M)', cost_column, 'Search method', 'n',
                 'Dataset'])
   rows = []
-  for (label, dataset, unit), members in sorted(groups.items(),
-                                                key=lambda g: (g[0][0], g[0][1], g[0][2] or '')):
+  for (label, dataset, unit, checkpoint), members in sorted(
+      groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2] or '', g[0][3])):
     cost = _mean_std([run['cost'] for run, _ in members], 3)
     row = {
         'Method': label,
@@ -240,6 +251,8 @@ def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
         'n': str(len(members)),
         'Dataset': dataset,
     }
+    if tested:
+      row['Tested checkpoint'] = checkpoint
     if top5:
       row['Top-5 accuracy (%)'] = _mean_std(
           [None if r.get('test_top5_accuracy') is None else 100 * r['test_top5_accuracy']
@@ -320,6 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   fgsm.add_argument('--prefix', default='fgsm_compare', help='file name prefix')
   args = parser.parse_args(argv)
   try:
+    runs.check_folder(args.out, '--out')
     if args.command == 'table':
       paths = write_paper_table(args.runs, args.out, args.name, args.published)
     else:

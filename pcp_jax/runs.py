@@ -2,6 +2,8 @@
 trained genotype came from. Every module that reads or writes a run's file names it from here.
 """
 
+import contextlib
+import errno
 import glob
 import json
 import os
@@ -43,6 +45,20 @@ SEARCH_OUTPUTS = (GENOTYPE, SEARCH_SUMMARY, SEARCH_METRICS, ARCH_HISTORY, GENOTY
 TRAIN_OUTPUTS = (TRAIN_METRICS, RESULTS, FGSM, 'fgsm_*.png', BEST, PLOTS_DIR)
 
 
+def check_folder(path, option: str) -> None:
+  """A folder a command can make or write into, or a ValueError naming the `option` that
+  gave it (before anything runs)."""
+  if not isinstance(path, str) or not path.strip():
+    raise ValueError(f'{option} must name a folder, got {path!r}.')
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'{option} {path}: {existing} is a file, not a folder.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f'{option} {path}: {existing} is not writable.')
+
+
 def set_aside(workdir: str, outputs) -> Optional[str]:
   """Moves the files and folders of `outputs` (globs) an earlier run left in `workdir` into
   `workdir/earlier_runs/<n>/`, so a fresh start's results never sit beside, or get reported
@@ -64,10 +80,47 @@ def set_aside(workdir: str, outputs) -> Optional[str]:
   return folder
 
 
+# A full disk, or a full quota: the same remedy.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(OSError):
+  """A write failed because the disk (or the user's quota) is full; `filename` names what
+  was being written."""
+
+
+def disk_full(error: BaseException) -> Optional[int]:
+  """The errno (ENOSPC, EDQUOT) when `error`, or an error it was raised from, is a full disk
+  or quota: an OSError of that errno, or the text Orbax and TensorStore wrap one in; else
+  None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _FULL:
+      return error.errno
+    for code in _FULL:
+      if os.strerror(code) in str(error):
+        return code
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def writing(path: str):
+  """Names `path` in an OSError raised without a file name (a write or flush into a full
+  disk reports none)."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is not None or e.errno is None:
+      raise
+    raise OSError(e.errno, e.strerror, path) from e
+
+
 def write_json(path: str, obj, sort_keys: bool = False) -> None:
   """Writes JSON atomically (a crash never leaves half a file)."""
   tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
+  with writing(path), open(tmp, 'w') as f:
     json.dump(obj, f, indent=1, sort_keys=sort_keys, default=str)
     f.write('\n')
   os.replace(tmp, path)
@@ -124,17 +177,21 @@ class Rows:
     return rows
 
   def keep_until(self, step: int) -> None:
-    """Keeps only the rows up to global step `step` (those after it are redone on resume)."""
+    """Keeps only the rows up to global step `step` (those after it are redone on resume)
+    and drops a line cut short; a file with nothing to drop is left as it is."""
     if self.write and os.path.exists(self.path):
-      rows = [r for r in self.read() if r['step'] <= step]
+      text = ''.join(json.dumps(r) + '\n' for r in self.read() if r['step'] <= step)
+      with open(self.path) as f:
+        if f.read() == text:
+          return
       tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in rows)
+      with writing(self.path), open(tmp, 'w') as f:
+        f.write(text)
       os.replace(tmp, self.path)
 
   def append(self, row: Mapping) -> None:
     if self.write:
-      with open(self.path, 'a') as f:
+      with writing(self.path), open(self.path, 'a') as f:
         f.write(json.dumps(row) + '\n')
         f.flush()
 

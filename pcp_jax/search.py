@@ -35,7 +35,7 @@ from pcp_jax import supernet
 
 # Config fields that may differ between a run and its resumption (everything else must match).
 FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
-                  'data.download', 'search.log_every_steps', 'method')
+                  'data.download', 'search.log_every_steps', 'method', 'memory_check')
 
 
 def check_config(config):
@@ -192,7 +192,7 @@ def _prepare(config, workdir) -> Setup:
                labels=labels, sizes={'train': len(w_x), 'valid': len(a_x)},
                image_shape=tuple(w_x.shape[1:]), steps=steps, offsets=offsets,
                root=jax.random.PRNGKey(config.seed), main_process=parallel.is_main_process(),
-               fingerprint=loop.fingerprint(config, FREE_ON_RESUME))
+               fingerprint=checkpoint.fingerprint(config, FREE_ON_RESUME))
 
 
 @dataclasses.dataclass
@@ -207,6 +207,7 @@ class Start:
   elapsed: float = 0.0
   collapse: Any = dataclasses.field(default_factory=lambda: collapse.History())
   finished: bool = False  # the checkpoint is the search's last (or a stopping rule's)
+  saved: dict = dataclasses.field(default_factory=dict)  # the checkpoint's metadata
 
   def step_at(self, s: int, epoch: int) -> int:
     """The step epoch `epoch` of stage `s` starts at in this session."""
@@ -221,11 +222,11 @@ def _restore_or_start(setup: Setup, ckpt) -> Start:
   def template(meta):
     init = setup.build(meta['phase'], _switches_from(meta)).init
     shapes = jax.eval_shape(init, setup.stage_keys(meta['phase'])[0])
-    return {'state': loop.zeros_like_shapes(shapes),
-            'sums': loop.zeros_like_shapes(loop.zero_sums(search_step.METRICS,
+    return {'state': checkpoint.zeros_like_shapes(shapes),
+            'sums': checkpoint.zeros_like_shapes(loop.zero_sums(search_step.METRICS,
                                                            setup.cfg.dtype))}
 
-  restored = loop.restore(ckpt, template, setup.fingerprint, 'search')
+  restored = checkpoint.restore(ckpt, template, setup.fingerprint, 'search')
   if restored is None:
     return Start(spaces.initial_switches(setup.cfg.space, setup.cfg.initial_ops))
   ckpt_step, tree, meta = restored
@@ -239,7 +240,7 @@ def _restore_or_start(setup: Setup, ckpt) -> Start:
                f'epoch {meta["epoch"] + 1}, step {meta["step"]}.')
   return Start(_switches_from(meta), meta['phase'], meta['epoch'], meta['step'],
                tree['state'], tree['sums'] if meta['step'] else None, meta['elapsed_seconds'],
-               history, finished)
+               history, finished, meta)
 
 
 def epoch_order(setup: Setup, s: int, epoch: int):
@@ -287,8 +288,8 @@ def _epoch_row(setup: Setup, sess: loop.Session, built: Stage, s: int, switches,
                                         'batch_stats': state.batch_stats},
                         setup.images['valid'], setup.labels['valid'], cfg.eval_batch_size,
                         setup.stage_keys(s)[3])
-  row = arch_row(setup, sess.scalars, s, switches, loop.host(state.arch), means, valid, epoch,
-                 float(built.lr_schedule(epoch * setup.steps)))
+  row = arch_row(setup, sess, sess.tensorboard, s, switches, loop.host(state.arch), means,
+                 valid, epoch, float(built.lr_schedule(epoch * setup.steps)))
   if built.curvature_fn is not None and collapse.due(epoch, stage.epochs, cfg.curvature_every):
     row.update(collapse.measure(built.curvature_fn, state, setup.images['valid'],
                                 setup.labels['valid'], cfg.curvature_batch,
@@ -296,17 +297,17 @@ def _epoch_row(setup: Setup, sess: loop.Session, built: Stage, s: int, switches,
   return row
 
 
-def arch_row(setup: Setup, scalars, s: int, switches, arch, means: dict, valid: dict,
-             epoch: int, lr: float) -> dict:
+def arch_row(setup: Setup, sess: loop.Session, tensorboard, s: int, switches, arch,
+             means: dict, valid: dict, epoch: int, lr: float) -> dict:
   """Epoch `epoch`'s metric row of stage `s` from the step's means, the validation means and
   the architecture weights `arch` (over the ops `switches` leave on); appends the weights to
-  arch_history.jsonl and TensorBoard (`scalars`)."""
+  arch_history.jsonl (through `sess`, for its checkpoints) and TensorBoard (`tensorboard`)."""
   stage = setup.cfg.stages[s]
   global_step = setup.offsets[s] + (epoch + 1) * setup.steps
   weights = genotypes.arch_weights(arch, switches, setup.cfg.use_betas)
-  runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process).append(
-      dict(stage=s + 1, epoch=epoch + 1, step=global_step, **weights))
-  scalars.write_arch(global_step, weights)
+  sess.append(runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process),
+              dict(stage=s + 1, epoch=epoch + 1, step=global_step, **weights))
+  tensorboard.write_arch(global_step, weights)
   genotype = genotypes.to_dict(_genotype_of(setup, arch, switches))
   return dict(stage=s + 1, epoch=epoch + 1, layers=stage.layers,
               ops_per_edge=int(switches['normal'][0].sum()), **means,
@@ -344,12 +345,12 @@ def _result_genotype(setup: Setup, arch, switches, decision=None):
 
 
 def _finished(setup: Setup, start: Start):
-  """The genotype of a finished search, rerun: nothing is written again (genotype.json only
-  if it went missing)."""
-  genotype = _result_genotype(setup, loop.host(start.state.arch), start.switches,
-                              start.collapse.decision)
-  if setup.main_process and not os.path.isfile(setup.path(runs.GENOTYPE)):
-    genotypes.save(genotype, setup.path(runs.GENOTYPE))
+  """A finished search, rerun: writes nothing, unless an output of its end went missing."""
+  arch, outputs = loop.host(start.state.arch), (runs.GENOTYPE, runs.SEARCH_SUMMARY,
+                                                 runs.ARCH_WEIGHTS)
+  if setup.main_process and not all(os.path.isfile(setup.path(n)) for n in outputs):
+    return _finish(setup, arch, start.switches, start.elapsed / 3600, start.collapse.decision)
+  genotype = _result_genotype(setup, arch, start.switches, start.collapse.decision)
   logging.info('genotype = %s', genotypes.to_string(genotype))
   return genotype
 
@@ -391,21 +392,21 @@ def search(config, workdir):
   ckpt = checkpoint.Checkpointer(setup.path(runs.SEARCH_CHECKPOINTS),
                                  config.checkpoint.max_to_keep)
   start = _restore_or_start(setup, ckpt)
-  if start.finished:
-    ckpt.close()
-    return _finished(setup, start)
   if start.state is None and setup.main_process:
     runs.set_aside(workdir, runs.SEARCH_OUTPUTS)
   resume_step = setup.offsets[start.stage] + start.epoch * setup.steps + start.step
-  rows = runs.Rows(setup.path(runs.SEARCH_METRICS), setup.main_process)
-  for f in (rows, runs.Rows(setup.path(runs.ARCH_HISTORY), setup.main_process)):
-    f.keep_until(resume_step)
+  rows, _ = files = [runs.Rows(setup.path(name), setup.main_process)
+                     for name in (runs.SEARCH_METRICS, runs.ARCH_HISTORY)]
+  loop.resume_rows(files, resume_step, start.saved, workdir)
+  if start.finished:
+    ckpt.close()
+    return _finished(setup, start)
   switches, place = start.switches, functools.partial(parallel.replicate, mesh=setup.mesh)
   history, arch = start.collapse, None if start.state is None else loop.host(start.state.arch)
   with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows, what='the search',
                     hint='Lower search.optim.weights.lr or search.optim.arch.lr (in a new '
                          'workdir).', every_steps=config.checkpoint.every_steps,
-                    log_every_steps=cfg.log_every_steps,
+                    log_every_steps=cfg.log_every_steps, last_rows=start.saved.get('rows', {}),
                     total_steps=setup.offsets[-1], resume_step=resume_step,
                     resumed=start.state is not None, elapsed=start.elapsed) as sess:
     for s in range(start.stage, len(cfg.stages) * (not history.stopped)):

@@ -45,7 +45,8 @@ STATE_FIELDS = ('genotype', 'train.channels', 'train.layers', 'train.auxiliary',
 # `train.epochs` extends a finished run.
 FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
                   'data.download', 'data.max_test', 'fgsm.', 'train.epochs',
-                  'train.eval_batch_size', 'train.log_every_steps', 'train.method', 'weights')
+                  'train.eval_batch_size', 'train.log_every_steps', 'train.method', 'weights',
+                  'memory_check')
 
 
 def free_on_resume(config) -> tuple:
@@ -107,8 +108,8 @@ def checkpoint_template(model, tx, shape) -> dict:
   """Zeros shaped like a training checkpoint ({'state', 'sums'}), for restoring."""
   shapes = jax.eval_shape(functools.partial(init_state, model, tx, shape=shape),
                           jax.random.key(0))
-  return {'state': loop.zeros_like_shapes(shapes),
-          'sums': loop.zeros_like_shapes(loop.zero_sums(METRICS))}
+  return {'state': checkpoint.zeros_like_shapes(shapes),
+          'sums': checkpoint.zeros_like_shapes(loop.zero_sums(METRICS))}
 
 
 # ---------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def _prepare(config, workdir) -> Setup:
                steps=steps, model=models.eval_network(config, genotype,
                                                       splits.info.num_classes, mesh.size),
                tx=tx, schedule=schedule,
-               fingerprint=loop.fingerprint(config, free_on_resume(config)))
+               fingerprint=checkpoint.fingerprint(config, free_on_resume(config)))
 
 
 @dataclasses.dataclass
@@ -266,6 +267,7 @@ class Start:
   best_val_loss: Optional[float] = None
   elapsed: float = 0.0
   resumed: bool = False
+  saved: dict = dataclasses.field(default_factory=dict)  # the checkpoint's metadata
 
 
 def _restore_or_start(setup: Setup, ckpt, init_key) -> Start:
@@ -273,8 +275,9 @@ def _restore_or_start(setup: Setup, ckpt, init_key) -> Start:
   nothing), sets an earlier run's outputs aside on a fresh start and writes genotype.json and
   train_config.json."""
   shape = image_shape(setup.splits.info)
-  restored = loop.restore(ckpt, lambda meta: checkpoint_template(setup.model, setup.tx, shape),
-                          setup.fingerprint, 'training')
+  restored = checkpoint.restore(
+      ckpt, lambda meta: checkpoint_template(setup.model, setup.tx, shape), setup.fingerprint,
+      'training')
   if parallel.is_main_process():
     if restored is None:
       runs.set_aside(setup.workdir, runs.TRAIN_OUTPUTS)
@@ -287,7 +290,8 @@ def _restore_or_start(setup: Setup, ckpt, init_key) -> Start:
   logging.info('Resumed from step %d (epoch %d, %d steps into it).', int(tree['state'].step),
                meta['epoch'] + 1, meta['step'])
   return Start(tree['state'], tree['sums'] if meta['step'] else None, meta['epoch'],
-               meta['step'], meta.get('best_val_loss'), meta.get('elapsed_seconds', 0.0), True)
+               meta['step'], meta.get('best_val_loss'), meta.get('elapsed_seconds', 0.0), True,
+               meta)
 
 
 def _meta(setup: Setup, epoch: int, step: int, best_val_loss) -> dict:
@@ -324,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best = checkpoint.Checkpointer(setup.path(runs.BEST), max_to_keep=1)
   resume_step = start.epoch * setup.steps + start.step
   rows = runs.Rows(setup.path(runs.TRAIN_METRICS), parallel.is_main_process())
-  rows.keep_until(resume_step)
+  loop.resume_rows([rows], resume_step, start.saved, workdir)
   splits, info = setup.splits, setup.splits.info
   logging.info('Training %s (%d params without the auxiliary head) on %s: %d images, %d steps '
                'per epoch, epochs %d..%d.', config.genotype,
@@ -340,9 +344,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with loop.session(workdir, config, 'train', ckpt=ckpt, rows=rows, what='training',
                     hint='Lower train.optim.lr (or set train.optim.grad_clip) and rerun in a '
                          'new workdir.', every_steps=config.checkpoint.every_steps,
-                    log_every_steps=t.log_every_steps,
+                    log_every_steps=t.log_every_steps, last_rows=start.saved.get('rows', {}),
                     total_steps=t.epochs * setup.steps, resume_step=resume_step,
                     resumed=start.resumed, elapsed=start.elapsed) as sess:
+    sess.tensorboard.write_text(resume_step, 'genotype', genotypes.to_string(setup.genotype))
     for epoch in range(start.epoch, t.epochs):
       t_epoch, rate = time.time(), setup.drop_path_rate(epoch)
       order = jax.random.permutation(jax.random.fold_in(order_key, epoch),

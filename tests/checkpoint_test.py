@@ -163,3 +163,17 @@ def test_workdir_lock_removes_the_folders_a_failed_start_made(tmp_path):
   with checkpoint.WorkdirLock(str(kept / 'run')):
     (kept / 'run' / 'genotype.json').write_text('{}')
   assert os.listdir(kept / 'run') == ['genotype.json']
+
+
+def test_a_save_the_disk_has_no_room_for_is_refused_before_writing(tmp_path, monkeypatch):
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(1, _state(1.0))
+  big = {'w': np.zeros((1024, 1024), np.float32)}  # 4 MiB
+  free = checkpoint.shutil.disk_usage(str(tmp_path))._replace(free=4 * 2**20)
+  monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda _: free)
+  with pytest.raises(checkpoint.runs.DiskFull, match='No space left on device') as full:
+    ckpt.save(2, big)
+  assert full.value.filename == os.path.join(str(tmp_path), '2')
+  assert sorted(os.listdir(tmp_path)) == ['1']  # nothing half-written; the last one kept
+  ckpt.save(2, {'w': np.zeros(4, np.float32)})  # what fits is saved
+  assert ckpt.all_steps() == [1, 2]

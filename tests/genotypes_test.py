@@ -227,5 +227,5 @@ def test_the_dropped_ops_are_named_per_edge():
   after[13, 1] = False
   after[13, 0] = True
   text = G.describe_dropped(before, after)
-  assert text.startswith('c_{k-2}->node 0: none; c_{k-1}->node 0: none;')
-  assert text.endswith('node 2->node 3: max_pool_3x3')
+  assert text.startswith('c_{k-2} \u2192 node 0: none; c_{k-1} \u2192 node 0: none;')
+  assert text.endswith('node 2 \u2192 node 3: max_pool_3x3')

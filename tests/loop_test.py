@@ -16,6 +16,7 @@ from pcp_jax import checkpoint
 from pcp_jax import loop
 from pcp_jax import monitor
 from pcp_jax import parallel
+from pcp_jax import runs
 
 
 @pytest.mark.parametrize('step, steps, everies, expected', [
@@ -65,13 +66,14 @@ def test_evaluate_pads_the_last_batch_and_masks_it():
 def test_fingerprint_leaves_out_the_free_fields_and_names_the_changed_ones():
   config = ml_collections.ConfigDict({'seed': 0, 'train': {'lr': 0.1, 'epochs': 3},
                                       'stages': [{'layers': 5}]})
-  saved = loop.fingerprint(config, ('train.epochs',))
+  saved = checkpoint.fingerprint(config, ('train.epochs',))
   assert saved == {'seed': 0, 'train.lr': 0.1, 'stages.0.layers': 5}
   config.train.epochs = 10
-  loop.check_fingerprint(saved, loop.fingerprint(config, ('train.epochs',)), 'dir', 'x')
+  checkpoint.check_fingerprint(saved, checkpoint.fingerprint(config, ('train.epochs',)), 'dir', 'x')
   config.train.lr = 0.2
   with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r'train\.lr: 0\.1 -> 0\.2'):
-    loop.check_fingerprint(saved, loop.fingerprint(config, ('train.epochs',)), 'dir', 'x')
+    checkpoint.check_fingerprint(saved, checkpoint.fingerprint(config, ('train.epochs',)), 'dir',
+                                 'x')
   assert json.dumps(saved)  # stored in the checkpoint's JSON metadata
 
 
@@ -85,7 +87,7 @@ def _session(tmp_path, every_steps=0, log_every_steps=0, what='training'):
   return loop.Session(ckpt=checkpoint.Checkpointer(str(tmp_path / 'ckpt')),
                       rows=None, what=what, hint='Lower the lr.', every_steps=every_steps,
                       log_every_steps=log_every_steps, signals=loop.Signals(what),
-                      progress=monitor.Progress(STEPS), scalars=None)
+                      progress=monitor.Progress(STEPS), tensorboard=None)
 
 
 def _fake_step(state, batch, key, hparams):
@@ -182,3 +184,27 @@ def test_a_signal_saves_after_the_chunk_it_arrived_in_and_stops(tmp_path, monkey
     _run(sess, *_fresh(), saves=saves)
   assert [at for at, _, _ in saves] == [8]
   assert int(saves[0][1]['steps']) == 8
+
+
+def test_a_row_lost_after_its_checkpoint_comes_back_from_it(tmp_path):
+  sess, rows = _session(tmp_path), runs.Rows(str(tmp_path / 'metrics.jsonl'))
+  for step in (10, 20):
+    sess.append(rows, {'step': step, 'loss': 1.0 / step})
+  sess.save(20, *_fresh(), {'epoch': 2})
+  sess.append(rows, {'step': 25, 'loss': 0.0})  # after the checkpoint: redone on resume
+  meta = sess.ckpt.restore_metadata(20)
+  loop.resume_rows([rows], 20, meta)
+  assert rows.read() == [{'step': 10, 'loss': 0.1}, {'step': 20, 'loss': 0.05}]
+  # The row of the checkpoint's epoch cut short (a kill, a full disk, a copy): it comes back.
+  with open(rows.path) as f:
+    text = f.read()
+  with open(rows.path, 'w') as f:
+    f.write(text[:-10])
+  loop.resume_rows([rows], 20, meta)
+  assert rows.read() == [{'step': 10, 'loss': 0.1}, {'step': 20, 'loss': 0.05}]
+  with open(rows.path) as f:
+    assert f.read() == text
+  # Nothing to restore: the file is left as it is.
+  mtime = os.stat(rows.path).st_mtime_ns
+  loop.resume_rows([rows], 20, meta)
+  assert os.stat(rows.path).st_mtime_ns == mtime

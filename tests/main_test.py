@@ -1,6 +1,7 @@
 """The command-line entry point's multi-process start and the launch scripts."""
 
 import importlib.util
+import logging as stdlib_logging
 import os
 import re
 import socket
@@ -379,3 +380,30 @@ def test_bad_workdirs_are_named_before_anything_runs(tmp_path):
       main.check_workdir(workdir)
   main.check_workdir(str(tmp_path / 'new' / 'run'))  # made later, by the run
   assert os.listdir(tmp_path) == ['a_file']
+
+
+def test_a_full_disk_anywhere_is_one_line_naming_the_file_or_the_workdir(tmp_path):
+  orbax_text = ValueError('RESOURCE_EXHAUSTED: Failed writing: "x": No space left on device '
+                          "[os_error_code='28']")
+  wrapped = RuntimeError('the save failed')
+  wrapped.__cause__ = orbax_text
+  for error, where in ((OSError(28, 'No space left on device', '/runs/a/results.json'),
+                        '/runs/a/results.json'),
+                       (OSError(122, 'Disk quota exceeded'), str(tmp_path)),
+                       (wrapped, str(tmp_path))):
+    message = main.user_message(error, str(tmp_path))
+    assert message.startswith(f'{where}: the disk is full ({os.strerror(error.errno)})'
+                              if isinstance(error, OSError) else f'{where}: the disk is full')
+    assert message.endswith('rerun the same command to resume (the checkpoints saved are '
+                            'intact).')
+  assert main.user_message(ValueError('bad\n  value'), str(tmp_path)) == 'bad value'
+  # Orbax's and asyncio's tracebacks of the same full disk are not shown besides that line.
+  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  for name, path in (('absl', '/site-packages/orbax/checkpoint/future.py'),
+                     ('asyncio', '/lib/asyncio/base_events.py')):
+    record = stdlib_logging.LogRecord(name, stdlib_logging.ERROR, path, 1, '%s', (orbax_text,),
+                                      None)
+    assert not quiet.filter(record)
+  record = stdlib_logging.LogRecord('absl', stdlib_logging.ERROR, '/pcp_jax/main.py', 1, '%s',
+                                    ('No space left on device',), None)
+  assert quiet.filter(record)

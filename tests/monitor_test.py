@@ -1,4 +1,4 @@
-"""Tests of pcp_jax.monitor: log.txt, config.json, environment.json, TensorBoard, progress."""
+"""Tests of pcp_jax.monitor: log.txt, config.json, environment.json, progress lines."""
 
 import json
 import logging as py_logging
@@ -7,10 +7,8 @@ import os
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 import pytest
 
-from pcp_jax import genotypes
 from pcp_jax import monitor
 
 
@@ -81,67 +79,6 @@ def test_start_run_writes_config_and_environment(tmp_path):
     assert json.load(f) == {'plain': 1, 'nested': {'x': [1, 2]}}
 
 
-def test_scalars_read_back(tmp_path):
-  with monitor.Scalars(str(tmp_path), 'search') as writer:
-    for step in (10, 20, 30):
-      writer.write(step, {'train_loss': 1.0 / step, 'best': step == 20, 'lr': np.float32(0.5),
-                          'stage': 1, 'genotype': 'text', 'nested': {'x': 1.0},
-                          'list': [1.0, 2.0], 'zero_d': np.array(2.5)}, prefix='search/')
-  scalars = monitor.read_scalars(os.path.join(tmp_path, 'tensorboard', 'search'))
-  assert set(scalars) == {'search/train_loss', 'search/best', 'search/lr', 'search/stage',
-                          'search/zero_d'}
-  assert [s for s, _ in scalars['search/train_loss']] == [10, 20, 30]
-  np.testing.assert_allclose([v for _, v in scalars['search/train_loss']],
-                             [0.1, 0.05, 1 / 30], rtol=1e-6)
-  assert scalars['search/best'] == [(10, 0.0), (20, 1.0), (30, 0.0)]
-  assert scalars['search/lr'] == [(10, 0.5), (20, 0.5), (30, 0.5)]
-
-
-def test_purge_step_drops_replayed_steps(tmp_path):
-  logdir = os.path.join(tmp_path, 'tensorboard', 'train')
-  with monitor.Scalars(str(tmp_path), 'train') as writer:
-    for step in range(1, 7):
-      writer.write(step, {'loss': float(step), 'acc': 0.1 * step})
-  # The checkpoint was at step 4: the resumed session redoes steps 5.. with new values.
-  with monitor.Scalars(str(tmp_path), 'train', purge_step=5) as writer:
-    for step in range(5, 9):
-      writer.write(step, {'loss': 100.0 + step})
-  scalars = monitor.read_scalars(logdir)
-  assert len([f for f in os.listdir(logdir) if 'tfevents' in f]) == 2
-  assert scalars['loss'] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
-                             (5, 105.0), (6, 106.0), (7, 107.0), (8, 108.0)]
-  # A tag the resumed session does not write again is cut at the purge step too.
-  assert [s for s, _ in scalars['acc']] == [1, 2, 3, 4]
-
-
-def test_arch_weights_written(tmp_path):
-  rng = np.random.default_rng(0)
-  probs = rng.uniform(size=(genotypes.NUM_EDGES, genotypes.NUM_OPS))
-  switches = np.ones_like(probs, bool)
-  switches[:, 0] = False  # 'none' is off: skipped
-  probs[~switches] = 0
-  probs /= probs.sum(axis=1, keepdims=True)
-  betas = rng.uniform(size=genotypes.NUM_EDGES)
-  row = {'primitives': list(genotypes.OPS),
-         'alphas_normal': probs.tolist(), 'switches_normal': switches.tolist(),
-         'betas_normal': betas.tolist(),
-         'alphas_reduce': probs.tolist(), 'switches_reduce': switches.tolist(),
-         'betas_reduce': np.ones(genotypes.NUM_EDGES).tolist()}  # all ones: no betas
-  with monitor.Scalars(str(tmp_path), 'search') as writer:
-    writer.write_arch(7, row)
-    writer.write_arch(8, row)
-  scalars = monitor.read_scalars(os.path.join(tmp_path, 'tensorboard', 'search'))
-  op = genotypes.PRIMITIVES[3]
-  assert [s for s, _ in scalars[f'arch/normal/edge03/{op}']] == [7, 8]
-  np.testing.assert_allclose(scalars[f'arch/normal/edge03/{op}'][0][1], probs[3, 3], rtol=1e-6)
-  np.testing.assert_allclose(scalars['arch/normal/edge13/edge_weight'][0][1], betas[13],
-                             rtol=1e-6)
-  assert f'arch/normal/edge00/{genotypes.PRIMITIVES[0]}' not in scalars
-  assert 'arch/reduce/edge00/edge_weight' not in scalars
-  per_cell = (genotypes.NUM_OPS - 1) * genotypes.NUM_EDGES
-  assert len(scalars) == 2 * per_cell + genotypes.NUM_EDGES
-
-
 class FakeClock:
 
   def __init__(self):
@@ -210,3 +147,32 @@ def test_steps_run_by_the_compiling_call_count_as_done_but_not_in_the_rate():
   line = progress.update(20)
   assert '| 2 steps/s |' in line and 'epoch ETA 0:15' in line and 'run ETA 0:40' in line
   assert progress.run_step == 20
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once_and_stops(tmp_path, capfd):
+  path = monitor.attach_log(str(tmp_path))
+  handler = next(h for h in py_logging.getLogger().handlers
+                 if isinstance(h, monitor._RunLogHandler))
+
+  tries = []
+
+  def full(_):
+    tries.append(1)
+    raise OSError(28, 'No space left on device')
+  handler.stream.write = full
+  for i in range(3):
+    logging.warning('line %d', i)
+  err = capfd.readouterr().err
+  assert err.count(f'{path}: No space left on device; the log continues on the console') == 1
+  assert 'Traceback' not in err and 'Logging error' not in err
+  assert len(tries) == 1  # the lines after it are not tried again
+
+
+def test_the_first_compile_line_explains_xlas_slow_compile_block(tmp_path):
+  monitor.attach_log(str(tmp_path))
+  progress = monitor.Progress(total_steps=10, label='search')
+  progress.compiling('stage 1/2')
+  progress.compiling('stage 2/2')
+  lines = [line for line in _lines(tmp_path / 'log.txt') if 'compiling' in line]
+  assert 'Very slow compile?' in lines[0] and 'not an error' in lines[0]
+  assert lines[1].endswith('compiling stage 2/2 ...')

@@ -312,3 +312,29 @@ def test_a_run_given_twice_is_refused(tmp_path):
   for twice in ([run, run], [run, str(tmp_path / 'link')]):
     with pytest.raises(ValueError, match='is .* again; give each run once'):
       reports.paper_table(twice)
+
+
+def test_a_run_tested_on_its_latest_checkpoint_is_not_called_the_best(tmp_path):
+  runs = [write_run(tmp_path, f'r{i}', method='PC-DARTS', test_accuracy=acc, params=1,
+                    dataset='cifar10', checkpoint=checkpoint)
+          for i, (acc, checkpoint) in enumerate([(0.9, 'best'), (0.8, 'checkpoints'),
+                                                 (0.7, None)])]
+  columns, rows = reports.paper_table(runs)
+  assert columns[:3] == ['Method', 'Test error (%)', 'Tested checkpoint']
+  assert [(r['Tested checkpoint'], r['Test error (%)'], r['n']) for r in rows] == [
+      ('best', '20.00 ± 14.14', '2'), ('latest (best/ unusable)', '20.00', '1')]
+  _, rows = reports.paper_table(runs[:1])
+  assert 'Tested checkpoint' not in rows[0]  # only when some run was not tested on its best
+
+
+def test_a_bad_out_folder_is_named_as_the_option(tmp_path, capsys):
+  run = write_run(tmp_path, 'r', method='PC-DARTS', test_accuracy=0.9, params=1,
+                  dataset='cifar10')
+  afile = tmp_path / 'a_file'
+  afile.write_text('x')
+  for command in ('table', 'fgsm'):
+    assert reports.main([command, run, '--out', str(afile / 'out')]) == 1
+    assert capsys.readouterr().err == (
+        f'error: --out {afile}/out: {afile} is a file, not a folder.\n')
+  assert reports.main(['table', run, '--out', '']) == 1
+  assert capsys.readouterr().err == "error: --out must name a folder, got ''.\n"

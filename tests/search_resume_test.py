@@ -18,12 +18,15 @@ import sys
 from conftest import OnChunk
 from conftest import subprocess_env
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from pcp_jax import checkpoint
 from pcp_jax import genotypes
 from pcp_jax import loop
+from pcp_jax import main
 from pcp_jax import population
+from pcp_jax import runs
 from pcp_jax import search
 
 RUNNER = r'''
@@ -165,7 +168,7 @@ def tiny_config(every):
 
 
 def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, caplog):
   def interrupt(state):
     os.kill(os.getpid(), signal.SIGINT)  # handled after this chunk of steps
     return state
@@ -179,6 +182,11 @@ def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, 
   meta = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints')).restore_metadata(6)
   assert (meta['epoch'], meta['step']) == (1, 2)
   monkeypatch.undo()
+  # Epoch 1's rows, written before its checkpoint, cut short afterwards (a copy, a full disk):
+  # the resumed search writes them again from the checkpoint that holds them.
+  for name in ('search_metrics.jsonl', 'arch_history.jsonl'):
+    text = (tmp_path / name).read_text()
+    (tmp_path / name).write_text(text[:len(text) // 2])
 
   changed = tiny_config(1)
   changed.search.optim.weights.lr = 0.5
@@ -186,6 +194,7 @@ def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, 
                      match=r'search\.optim\.weights\.lr: 0\.1 -> 0\.5'):
     search.search(changed, str(tmp_path))
   search.search(tiny_config(1), str(tmp_path))
+  assert 'search_metrics.jsonl lacked the row of step 4' in caplog.text
   assert_same(result(tmp_path), uninterrupted)
   # A rerun of the finished search says so and changes nothing.
   files = {name: os.stat(tmp_path / name).st_mtime_ns
@@ -194,6 +203,32 @@ def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, 
   again = search.search(tiny_config(1), str(tmp_path))
   assert genotypes.to_dict(again) == uninterrupted[0]
   assert files == {name: os.stat(tmp_path / name).st_mtime_ns for name in files}
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_a_save_stops_naming_the_checkpoint_and_keeps_the_earlier_ones(
+    tmp_path, monkeypatch):
+  save, calls = ocp.CheckpointManager.save, []
+
+  def full_at_the_third(self, step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) == 3:  # as Orbax reports TensorStore's failed write, its folder half made
+      os.makedirs(os.path.join(str(self.directory), f'{step}.orbax-checkpoint-tmp', 'state'))
+      raise ValueError(f'RESOURCE_EXHAUSTED: Failed writing: "{self.directory}/{step}": Failed '
+                       "to write 7563 bytes to file 13: No space left on device "
+                       "[os_error_code='28']")
+    return save(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full_at_the_third)
+  with pytest.raises(runs.DiskFull) as stopped:
+    search.search(tiny_config(1), str(tmp_path))
+  monkeypatch.undo()
+  folder = tmp_path / 'search_checkpoints'
+  assert stopped.value.filename == str(folder / '3')
+  assert main.user_message(stopped.value, str(tmp_path)) == (
+      f'{folder}/3: the disk is full (No space left on device). Free space on it and rerun '
+      'the same command to resume (the checkpoints saved are intact).')
+  assert sorted(os.listdir(folder)) == ['1', '2']  # the half-written step is gone
+  # (The rerun's result: test_a_full_disk_on_the_command_line_is_one_line_and_the_rerun_resumes.)
 
 
 CLI_RUNNER = r'''
@@ -230,4 +265,51 @@ def test_sigterm_on_the_command_line_saves_exits_143_and_resumes(uninterrupted, 
   assert ckpt.latest_step() == 2 and ckpt.restore_metadata(2)['step'] == 2
   resumed = run(tmp_path, every=1)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert_same(result(tmp_path), uninterrupted)
+
+
+CLI_FULL_DISK_RUNNER = r'''
+import builtins, sys
+from absl import app
+from pcp_jax import main, runs
+
+class FullDisk:
+  # A file on a disk that fills during the first write: half of it lands, then ENOSPC.
+  def __init__(self, f):
+    self.f = f
+  def write(self, text):
+    self.f.write(text[:len(text) // 2])
+    self.f.flush()
+    raise OSError(28, 'No space left on device')
+  def __enter__(self):
+    return self
+  def __exit__(self, *exc):
+    self.f.close()
+
+def open_on_a_full_disk(path, mode='r', *args, **kwargs):
+  f = builtins.open(path, mode, *args, **kwargs)
+  return FullDisk(f) if str(path).endswith('search_metrics.jsonl') and 'a' in mode else f
+runs.open = open_on_a_full_disk  # the rows files' writes, as Rows.append makes them
+root, workdir = sys.argv[1:3]
+sys.argv = ['pcp_jax.main', f'--config={root}/configs/pc_darts.py:tiny', f'--workdir={workdir}',
+            '--config.checkpoint.every_steps=1']
+app.run(main.main, flags_parser=main.parse_flags)
+'''
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_the_command_line_is_one_line_and_the_rerun_resumes(uninterrupted,
+                                                                         tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  stopped = subprocess.run([sys.executable, '-c', CLI_FULL_DISK_RUNNER, root, str(tmp_path)],
+                           env=subprocess_env(), capture_output=True, text=True,
+                           timeout=TIMEOUT)
+  assert stopped.returncode == 1, stopped.stderr[-3000:]
+  assert 'Traceback' not in stopped.stderr
+  assert stopped.stderr.strip().splitlines()[-1].endswith(
+      f'{tmp_path}/search_metrics.jsonl: the disk is full (No space left on device). Free '
+      'space on it and rerun the same command to resume (the checkpoints saved are intact).')
+  resumed = run(tmp_path, every=1)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'search_metrics.jsonl: line 1 is cut short' in resumed.stderr
   assert_same(result(tmp_path), uninterrupted)

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from pcp_jax import events
 from pcp_jax import genotypes
 from pcp_jax import main
-from pcp_jax import monitor
 from pcp_jax import search
 from pcp_jax import search_step
 
@@ -82,15 +82,20 @@ def test_tiny_search_end_to_end(name, arg, tmp_path):
       alphas, switches = np.array(h[f'alphas_{cell}']), np.array(h[f'switches_{cell}'])
       np.testing.assert_allclose(alphas.sum(axis=1), 1.0, rtol=1e-5)
       assert not alphas[~switches].any()
-  events = monitor.read_scalars(os.path.join(workdir, 'tensorboard', 'search'))
+  scalars = events.read_scalars(os.path.join(workdir, 'tensorboard', 'search'))
   for key in ('valid_acc', 'train_loss', 'arch_loss', 'lr', 'skip_dropout'):
-    np.testing.assert_allclose([v for _, v in events[key]], [r[key] for r in rows], rtol=1e-6)
-    assert [step for step, _ in events[key]] == [r['step'] for r in rows]
-  edge0 = f'arch/normal/edge00/{config.search.initial_ops[-1]}'
+    np.testing.assert_allclose([v for _, v in scalars[key]], [r[key] for r in rows], rtol=1e-6)
+    assert [step for step, _ in scalars[key]] == [r['step'] for r in rows]
+  edge0 = f'arch/normal/c_k-2_to_node_0/{config.search.initial_ops[-1]}'
   np.testing.assert_allclose(
-      [v for _, v in events[edge0]][:config.search.stages[0].epochs],
+      [v for _, v in scalars[edge0]][:config.search.stages[0].epochs],
       [h['alphas_normal'][0][genotypes.PRIMITIVES.index(config.search.initial_ops[-1])]
        for h in history[:config.search.stages[0].epochs]], rtol=1e-5)
+  texts = events.read_texts(os.path.join(workdir, 'tensorboard', 'search'))
+  assert [step for step, _ in texts['genotype/text_summary']] == [r['step'] for r in rows]
+  assert genotypes.get(texts['genotype/text_summary'][-1][1].strip()) == genotypes.from_dict(
+      rows[-1]['genotype'])
+  assert 'ss_factor' in texts['config/text_summary'][0][1]
   log = open(os.path.join(workdir, 'log.txt')).read()
   assert 'compiling stage 1/' in log and 'stage 1/' in log and 'Search done' in log
   # The genotype in the DARTS family's printed form, every epoch and at the end, reads back.
@@ -100,7 +105,7 @@ def test_tiny_search_end_to_end(name, arg, tmp_path):
   assert genotypes.get(printed[-1]) == genotype
   assert genotypes.to_dict(genotypes.get(printed[-2])) == rows[-1]['genotype']
   if len(config.search.stages) > 1:
-    assert 'Stage 1 dropped from the normal cell: c_{k-2}->node 0: ' in log
+    assert 'Stage 1 dropped from the normal cell: c_{k-2} \u2192 node 0: ' in log
   assert json.load(open(os.path.join(workdir, 'config.json')))['search']['ss_factor'] == (
       config.search.ss_factor)
   assert json.load(open(os.path.join(workdir, 'environment.json')))['jax'] == jax.__version__

@@ -24,11 +24,11 @@ from configs import train_fashion_mnist
 from pcp_jax import analysis
 from pcp_jax import checkpoint
 from pcp_jax import data
+from pcp_jax import events
 from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import main
 from pcp_jax import models
-from pcp_jax import monitor
 from pcp_jax import networks
 from pcp_jax import reports
 from pcp_jax import runs
@@ -122,9 +122,9 @@ def test_pipeline_from_a_reference_name(reference_run):
     _assert_valid_png(os.path.join(workdir, name))
 
   rows = _rows(workdir)
-  events = monitor.read_scalars(os.path.join(workdir, 'tensorboard', 'train'))
+  scalars = events.read_scalars(os.path.join(workdir, 'tensorboard', 'train'))
   for key in ('train_loss', 'valid_acc', 'lr', 'grad_norm'):
-    assert [(step, pytest.approx(v, rel=1e-6)) for step, v in events[key]] == [
+    assert [(step, pytest.approx(v, rel=1e-6)) for step, v in scalars[key]] == [
         (r['step'], r[key]) for r in rows]
   assert 'compiling training' in open(os.path.join(workdir, 'log.txt')).read()
   assert os.path.getsize(os.path.join(workdir, 'plots', 'train_curves.png')) > 10_000
@@ -319,6 +319,10 @@ def test_a_damaged_best_checkpoint_falls_back_to_the_latest_with_a_warning(
   _, name, meta = analysis.restore_for_eval(config, workdir, model, splits.info)
   assert name == 'checkpoints' and meta['epoch'] == 2
   assert 'best' in caplog.text and 'restores' in caplog.text
+  # results.json and the table say which checkpoint the test error is of.
+  assert analysis.test(config, workdir)['checkpoint'] == 'checkpoints'
+  _, (row,) = reports.paper_table([workdir])
+  assert row['Tested checkpoint'] == 'latest (best/ unusable)'
 
 
 def test_a_pasted_genotype_trains_as_the_same_genotype(reference_run):

@@ -1,0 +1,199 @@
+"""What a run's steps will need in memory, said before anything is built or compiled, and a
+refusal of what cannot fit (`check`, which `main.run` calls).
+
+A step keeps its activations for the backward pass: they grow with the batch, with the
+cells' image volumes and, in the supernet, with the candidate ops on each edge's sampled
+channels. The factors below are fitted to XLA's own buffer sizes of compiled steps on the CPU
+(`python -m pcp_jax.bench --compile_only`; docs/performance.md, "Memory estimates"), within
+about 10 % of them, so the figure is an estimate, not a measurement of this machine. A config
+is refused only when its estimate exceeds the available memory by `REFUSE_FACTOR` (the host,
+where the fit was made) or `REFUSE_FACTOR_DEVICE` (an accelerator, where it was not), so that
+an estimate off by that much never refuses a run that fits; `memory_check=False` skips it.
+"""
+
+from typing import List, NamedTuple, Optional, Tuple
+
+from absl import logging
+import jax
+
+from pcp_jax import data
+from pcp_jax import genotypes
+from pcp_jax import population
+from pcp_jax import spaces
+
+GIB = 2**30
+# Floats a search step keeps per image (per view) per unit of a cell's node volume (a node's
+# height x width x channels): a fixed part, and a part per candidate op on an edge that
+# shrinks a little faster than the partial channels (ops on / partial_k ** PARTIAL_EXPONENT;
+# fitted at K = 1 and K = 4).
+SEARCH_FIXED = 20
+SEARCH_PER_OP = 52
+PARTIAL_EXPONENT = 1.24
+# A training step of the evaluation network (its auxiliary head included) per image: per unit
+# of the stem's volume (the image at 3C channels) and of the cells' node volume.
+TRAIN_STEM = 67
+TRAIN_CELLS = 22
+# The collapse meter per image against a one-view search step: its Hessian-vector products
+# keep both passes' activations.
+CURVATURE_FACTOR = 4.5
+# On the host a process holds its runtime, compiled programs and heap beside XLA's buffers
+# (peak RSS minus the buffers, the same at batch 64 and 256).
+HOST_RUNTIME = int(2.7 * GIB)
+REFUSE_FACTOR = 1.25
+REFUSE_FACTOR_DEVICE = 2.0
+
+
+class Need(NamedTuple):
+  """An estimate of one step's memory: its short name, what it is (in a refusal) and the
+  fields that drive it."""
+  name: str
+  bytes: int
+  what: str
+  fields: str
+
+
+def cell_volumes(layers: int, channels: int, image_size: int) -> int:
+  """The summed node volume (height x width x channels) of a network's cells: the reduction
+  cells at 1/3 and 2/3 depth halve the image and double the channels."""
+  reductions = genotypes.reduction_indices(layers)
+  total, size = 0, image_size
+  for i in range(layers):
+    if i in reductions:
+      size, channels = (size + 1) // 2, 2 * channels
+    total += size * size * channels
+  return total
+
+
+def _image(config) -> Tuple[int, int]:
+  """(image size, bytes of one uint8 image) of the config's dataset."""
+  info = data.DATASETS[config.data.dataset]
+  size = 32 if config.data.pad_to_32 else info.image_size
+  return size, size * size * info.channels
+
+
+def _devices(config) -> Tuple[int, bool]:
+  """(the devices a data-parallel step splits its batch over, whether they share the host's
+  memory)."""
+  return config.num_devices or jax.device_count(), jax.default_backend() == 'cpu'
+
+
+def _per_memory(batch_bytes: float, data_bytes: float, config) -> int:
+  """The bytes one memory holds: a device's share of the batch (the whole batch and a copy
+  of the data per device when the devices are the host's)."""
+  devices, shared = _devices(config)
+  local = min(devices, jax.local_device_count())
+  return int(batch_bytes * local / devices + data_bytes * local if shared
+             else batch_bytes / devices + data_bytes)
+
+
+def search_needs(config) -> List[Need]:
+  """The search step of each stage, and the collapse meter (`search.curvature_every`). A
+  population's step holds every member's activations over the union of their ops (at most
+  the members' kept ops together)."""
+  cfg = config.search
+  size, image_bytes = _image(config)
+  images = config.data.max_train or data.DATASETS[config.data.dataset].train_size
+  float_bytes = 8 if cfg.dtype == 'float64' else 4
+  members = population.members(config)
+  # The CE batch and the two Barlow Twins views.
+  views = 3 if max(m.ss_factor for m in members) > 0 else 1
+  first = ops = spaces.ops_per_edge(cfg.space, cfg.initial_ops)
+  needs, n = [], len(members)
+  pop = f'{n} members, ' if n > 1 else ''
+  for s, stage in enumerate(cfg.stages):
+    per_image = float_bytes * cell_volumes(stage.layers, cfg.channels, size) * (
+        SEARCH_FIXED + SEARCH_PER_OP * ops / cfg.partial_k ** PARTIAL_EXPONENT)
+    needs.append(Need(
+        f'search stage {s + 1}',
+        _per_memory(per_image * cfg.batch_size * views * n, images * image_bytes, config),
+        f'search.stages[{s}] ({pop}{stage.layers} cells of {cfg.channels} channels, {ops} ops '
+        f'per edge, batch {cfg.batch_size}{f" in {views} views" if views > 1 else ""}): its '
+        'step', f'search.batch_size, search.channels or search.stages[{s}].layers (or raise '
+        f'search.partial_k{", or fewer members" if n > 1 else ""})'))
+    if cfg.curvature_every:
+      batch = min(cfg.curvature_batch, int(images * (1 - config.data.train_portion)))
+      needs.append(Need(
+          f'collapse meter, stage {s + 1}',
+          int(CURVATURE_FACTOR * per_image * batch + images * image_bytes),
+          f'search.curvature_batch={cfg.curvature_batch}: the collapse meter of stage {s + 1}',
+          'search.curvature_batch (or set search.curvature_every=0)'))
+    ops = min(first, stage.num_keep * n)
+  return needs
+
+
+def train_need(config) -> Need:
+  """The training step of the evaluation network."""
+  t = config.train
+  size, image_bytes = _image(config)
+  images = config.data.max_train or data.DATASETS[config.data.dataset].train_size
+  per_image = 4 * (TRAIN_STEM * size * size * 3 * t.channels
+                   + TRAIN_CELLS * cell_volumes(t.layers, t.channels, size))
+  return Need('train', _per_memory(per_image * t.batch_size, images * image_bytes, config),
+              f'train ({t.layers} cells of {t.channels} channels, batch {t.batch_size}): its '
+              'step', 'train.batch_size, train.channels or train.layers')
+
+
+def _host_available() -> Optional[int]:
+  """MemAvailable of /proc/meminfo, or less where a cgroup (a container) limits the process."""
+  try:
+    with open('/proc/meminfo') as f:
+      fields = dict(line.split(':', 1) for line in f)
+    available = int(fields['MemAvailable'].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return None
+  try:
+    with open('/sys/fs/cgroup/memory.max') as f:
+      limit = f.read().strip()
+    with open('/sys/fs/cgroup/memory.current') as f:
+      used = int(f.read())
+    if limit.isdigit():
+      available = min(available, int(limit) - used)
+  except (OSError, ValueError):
+    pass
+  return available
+
+
+def available_bytes() -> Tuple[Optional[int], str]:
+  """(bytes free for a step, where: 'host memory' or the accelerator's kind): an
+  accelerator's free memory, else the host's; None when neither is known."""
+  device = jax.local_devices()[0]
+  stats = (device.memory_stats() or {}) if device.platform != 'cpu' else {}
+  if 'bytes_limit' in stats:
+    return stats['bytes_limit'] - stats.get('bytes_in_use', 0), f'{device.device_kind} memory'
+  return _host_available(), 'host memory'
+
+
+def gib(n: float) -> str:
+  return f'{n / GIB:.3g} GiB' if n < 1024 * GIB else f'{n / GIB / 1024:.3g} TiB'
+
+
+def check(config, modes) -> List[Need]:
+  """Logs what the steps of `modes` (search, train) will need against the memory available,
+  and refuses (ValueError naming the fields that drive it) a step estimated to need more than
+  `REFUSE_FACTOR` (host) or `REFUSE_FACTOR_DEVICE` times that; does nothing with
+  `memory_check=False`. Returns the estimates (on the host, the process's runtime added)."""
+  if not config.get('memory_check', True):
+    return []
+  needs = (search_needs(config) if 'search' in modes else []) + (
+      [train_need(config)] if 'train' in modes else [])
+  if not needs:
+    return needs
+  available, where = available_bytes()
+  host = where == 'host memory'
+  needs = [n._replace(bytes=n.bytes + HOST_RUNTIME * host) for n in needs]
+  factor = REFUSE_FACTOR if host else REFUSE_FACTOR_DEVICE
+  for need in needs:
+    if available and need.bytes > factor * available:
+      raise ValueError(
+          f'{need.what} needs about {gib(need.bytes)}, more than {factor:g}x the '
+          f'{gib(available)} of {where} available: lower {need.fields}, or set '
+          '--config.memory_check=False to try anyway.')
+  largest = max(needs, key=lambda n: n.bytes)
+  if available and largest.bytes > available:
+    logging.warning('%s may not fit in memory: it needs about %s, and %s of %s is available '
+                    '(an estimate: docs/performance.md).', largest.what, gib(largest.bytes),
+                    gib(available), where)
+  logging.info('Memory the steps will need (an estimate): %s; %s of %s available.',
+               ', '.join(f'{n.name} {gib(n.bytes)}' for n in needs),
+               gib(available) if available else 'unknown', where)
+  return needs
