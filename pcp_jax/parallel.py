@@ -16,6 +16,9 @@ Only what is drawn per image inside the network (skip-connect dropout, drop-path
 per-device key.
 """
 
+import collections
+import functools
+import json
 from typing import Any, Callable
 
 import jax
@@ -23,6 +26,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import ml_collections
 import numpy as np
 
 from pcp_jax.cpu import host
@@ -141,3 +145,54 @@ class CompiledOnFirstCall:
 def is_main_process() -> bool:
   """True on the process that writes logs, metrics, genotypes and figures."""
   return jax.process_index() == 0
+
+
+# ---------------------------------------------------------------------------
+# Builds reused within a process.
+
+REUSED_BUILDS = 8  # the latest builds kept (`reused`)
+_builds = collections.OrderedDict()
+
+
+def _build_key(value):
+  """A hashable form of a builder's argument: a config without its seed (which reaches the
+  programs as data, in their keys), arrays by content, containers by their items."""
+  if isinstance(value, ml_collections.ConfigDict):
+    fields = json.loads(value.to_json_best_effort())
+    fields.pop('seed', None)
+    return json.dumps(fields, sort_keys=True)
+  if isinstance(value, np.ndarray):
+    return value.shape, value.dtype.str, value.tobytes()
+  if isinstance(value, dict):
+    return tuple(sorted((k, _build_key(v)) for k, v in value.items()))
+  if isinstance(value, list) or type(value) is tuple:  # pylint: disable=unidiomatic-typecheck
+    return tuple(_build_key(v) for v in value)
+  return value
+
+
+def reused(build: Callable) -> Callable:
+  """`build` (of a stage's model, step and compiled functions) gives what it built for the same
+  arguments before in this process, compiled programs included: a sweep, a rerun in a notebook
+  or the tests run a stage again (another seed, the same shapes) without tracing and compiling
+  it again. Arguments that do not hash build afresh."""
+
+  @functools.wraps(build)
+  def wrapper(*args, **kwargs):
+    key = (build.__qualname__, _build_key(args), _build_key(kwargs))
+    try:
+      hash(key)
+    except TypeError:
+      return build(*args, **kwargs)
+    if key not in _builds:
+      _builds[key] = build(*args, **kwargs)
+      while len(_builds) > REUSED_BUILDS:
+        _builds.popitem(last=False)
+    _builds.move_to_end(key)
+    return _builds[key]
+
+  return wrapper
+
+
+def forget_builds() -> None:
+  """Drops the builds `reused` keeps (a test that changes how stages are built)."""
+  _builds.clear()

@@ -87,6 +87,7 @@ class Stage:
   curvature_fn: Any  # collapse.make_curvature_fn of the supernet; None when not measured
 
 
+@parallel.reused  # a stage built again in this process (another seed) is the one built before
 def build_stage(config, layers: int, epochs: int, switches, info: data_lib.DatasetInfo,
                 image_shape, steps_per_epoch: int, mesh, skip_dropout: bool = True,
                 members: bool = False) -> Stage:
@@ -109,7 +110,7 @@ def build_stage(config, layers: int, epochs: int, switches, info: data_lib.Datas
       image_shape=tuple(image_shape), projector_inputs=cfg.channels * 16,  # 4 nodes x 4C
       ss_factor=cfg.ss_factor)
   if dtype != jnp.float32:  # weights start as float32 ones (the same draws), then widen
-    init = _widen_floats(init, dtype)
+    init = functools.partial(_widened, init, dtype)
   step_fn = functools.partial(search_step.search_step, spec=spec)
   return Stage(spec=spec, init=init, lr_schedule=lr_schedule,
                chunk_fn=loop.make_chunk_fn(step_fn, cfg.batch_size, mesh, members),
@@ -120,11 +121,9 @@ def build_stage(config, layers: int, epochs: int, switches, info: data_lib.Datas
                if cfg.curvature_every and not members else None)
 
 
-def _widen_floats(init, dtype):
-  def widened(key):
-    return jax.tree_util.tree_map(
-        lambda a: a.astype(dtype) if a.dtype == jnp.float32 else a, init(key))
-  return widened
+def _widened(init, dtype, key):
+  return jax.tree_util.tree_map(lambda a: a.astype(dtype) if a.dtype == jnp.float32 else a,
+                                init(key))
 
 
 # ---------------------------------------------------------------------------

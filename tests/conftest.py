@@ -15,6 +15,9 @@ import tempfile
 import jax
 import pytest
 
+from pcp_jax import loop
+from pcp_jax import parallel
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
@@ -48,6 +51,15 @@ def fast_compiles():
   yield
 
 
+@pytest.fixture(autouse=True)
+def builds_of_this_test_only():
+  """A stage a test built (`parallel.reused`: its chunk function wrapped by `on_chunk`, a
+  module constant patched) never reaches another test."""
+  parallel.forget_builds()
+  yield
+  parallel.forget_builds()
+
+
 def subprocess_env(**extra):
   """The environment for a test's subprocess: the session's settings, the repo importable.
 
@@ -77,3 +89,17 @@ class OnChunk:
     if self.calls == self.call:
       state = self.fault(state)
     return self.chunk(state, *rest)
+
+
+def on_chunk(monkeypatch, call: int, fault) -> None:
+  """Stages built from now on run `fault(state)` before their chunk function's `call`-th run
+  (`OnChunk`); `monkeypatch.undo()` ends it (call `end_on_chunk`)."""
+  make = loop.make_chunk_fn
+  parallel.forget_builds()  # a stage built before this would run without the fault
+  monkeypatch.setattr(loop, 'make_chunk_fn', lambda *a: OnChunk(make(*a), call, fault))
+
+
+def end_on_chunk(monkeypatch) -> None:
+  """Undoes `on_chunk` (and the test's other patches): stages are built plain again."""
+  monkeypatch.undo()
+  parallel.forget_builds()

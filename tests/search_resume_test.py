@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 
-from conftest import OnChunk
+from conftest import end_on_chunk
+from conftest import on_chunk
 from conftest import subprocess_env
 import numpy as np
 import orbax.checkpoint as ocp
@@ -111,12 +112,10 @@ def test_population_members_get_their_solo_results_and_resume_bitwise(uninterrup
   def interrupt(state):
     os.kill(os.getpid(), signal.SIGINT)  # handled after this chunk of steps
     return state
-  make = loop.make_chunk_fn
-  # Epoch 2, step 2 (chunks of one step).
-  monkeypatch.setattr(loop, 'make_chunk_fn', lambda *a: OnChunk(make(*a), 6, interrupt))
+  on_chunk(monkeypatch, 6, interrupt)  # epoch 2, step 2 (chunks of one step)
   with pytest.raises(loop.Interrupted, match='SIGINT'):
     population.run(config, str(tmp_path / 'stopped'))
-  monkeypatch.undo()
+  end_on_chunk(monkeypatch)
   population.run(config, str(tmp_path / 'stopped'))
   for k in range(2):
     assert_same(result(tmp_path / 'stopped' / 'members' / str(k)), members[k])
@@ -172,16 +171,14 @@ def test_ctrl_c_saves_stops_refuses_a_changed_config_and_resumes(uninterrupted, 
   def interrupt(state):
     os.kill(os.getpid(), signal.SIGINT)  # handled after this chunk of steps
     return state
-  make = loop.make_chunk_fn
-  # Epoch 2, step 2 (chunks of one step).
-  monkeypatch.setattr(loop, 'make_chunk_fn', lambda *a: OnChunk(make(*a), 6, interrupt))
+  on_chunk(monkeypatch, 6, interrupt)  # epoch 2, step 2 (chunks of one step)
   handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
   with pytest.raises(loop.Interrupted, match='SIGINT.*Rerun the same command'):
     search.search(tiny_config(1), str(tmp_path))
   assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
   meta = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints')).restore_metadata(6)
   assert (meta['epoch'], meta['step']) == (1, 2)
-  monkeypatch.undo()
+  end_on_chunk(monkeypatch)
   # Epoch 1's rows, written before its checkpoint, cut short afterwards (a copy, a full disk):
   # the resumed search writes them again from the checkpoint that holds them.
   for name in ('search_metrics.jsonl', 'arch_history.jsonl'):

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import OnChunk
+from conftest import end_on_chunk
+from conftest import on_chunk
 
 from configs import train_cifar10
 from configs import train_cifar100
@@ -242,8 +243,7 @@ def _on_chunk(monkeypatch, n, action):
     action()
     return state
 
-  make = loop.make_chunk_fn
-  monkeypatch.setattr(loop, 'make_chunk_fn', lambda *args: OnChunk(make(*args), n, fault))
+  on_chunk(monkeypatch, n, fault)
 
 
 def test_checkpoints_every_n_steps_and_a_crash_resumes_from_them(reference_run, tmp_path,
@@ -262,7 +262,7 @@ def test_checkpoints_every_n_steps_and_a_crash_resumes_from_them(reference_run, 
     train.train_and_evaluate(config, workdir)
   latest = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert latest.all_steps() == [4, 7]  # the newest 2: epoch 1's end, epoch 2 step 3
-  monkeypatch.undo()
+  end_on_chunk(monkeypatch)
   train.train_and_evaluate(config, workdir)
   rows, reference = _rows(workdir), _rows(reference_run[1])
   assert [r['epoch'] for r in rows] == [1, 2]
