@@ -58,15 +58,17 @@ def curvature_costs(search_config, results):
 
 
 def population_gains(results):
-  """Per timed population case with its timed solo case (same stage and batch): the
-  members' summed img/s against N solo runs one after another (the solo case's img/s)."""
-  gains = []
+  """Per timed population case with its timed solo case (same stage and batch, and config and
+  dtype where the results name them): the members' summed img/s against N solo runs one after
+  another (the solo case's img/s)."""
+  gains, same = [], ('stage', 'batch_size', 'config', 'dtype')
   for r in results:
-    solo = next((s for s in results if s['what'] == 'search' and not s.get('population')
-                 and 'seconds_per_step' in s and s['stage'] == r['stage']
-                 and s['batch_size'] == r['batch_size']), None)
+    solo = next((s for s in results if s.get('what') == 'search' and not s.get('population')
+                 and 'seconds_per_step' in s and all(s.get(k) == r.get(k) for k in same)),
+                None)
     if r.get('population') and 'seconds_per_step' in r and solo is not None:
-      gains.append(dict(case=r['case'], batch_size=r['batch_size'], members=r['population'],
+      gains.append(dict(case=r['case'], op_impl=r.get('op_impl'), batch_size=r['batch_size'],
+                        members=r['population'],
                         images_per_second=r['images_per_second'],
                         solo_images_per_second=solo['images_per_second'],
                         ratio=r['images_per_second'] / solo['images_per_second'],
@@ -94,3 +96,26 @@ def markdown_table(results):
                  f"{r['compile_seconds']:.1f}", size(r['peak_memory_bytes']),
                  size(r['xla_buffer_bytes'])))
   return '\n'.join('| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows)
+
+
+def population_lines(gains, members: int, factor: float):
+  """Markdown of `population_gains`, and whether `members` members reach `factor` times one
+  search's img/s (the GPU check's goal)."""
+  if not gains:
+    return []
+  lines = ['', '## Populations', '',
+           'N searches as one program (`pcp_jax.bench --population=N`): the img/s summed over the '
+           'members against one search, i.e. against N searches run one after another.', '',
+           '| case | batch | members | img/s | solo img/s | ratio | XLA buffers | solo buffers |',
+           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  for g in gains:
+    kernels = f" ({g['op_impl']} kernels)" if g.get('op_impl') else ''
+    lines.append(f"| {g['case']}{kernels} | {g['batch_size']} | {g['members']} | "
+                 f"{g['images_per_second']:.1f} | {g['solo_images_per_second']:.1f} | "
+                 f"{g['ratio']:.2f}x | {size(g['xla_buffer_bytes'])} | "
+                 f"{size(g['solo_xla_buffer_bytes'])} |")
+  best = max((g['ratio'] for g in gains if g['members'] == members), default=None)
+  lines += ['', f'Goal, {members} members at {factor:g}x one search: ' + (
+      'not measured.' if best is None else
+      f"**{'met' if best >= factor else 'not met'}** ({best:.2f}x at best).")]
+  return lines

@@ -226,9 +226,10 @@ def search_config() -> ml_collections.ConfigDict:
   s.bt_lambda = 0.0051 * 8192 / 512
   s.update(_diagnostics())
   # A population of searches in one program (pcp_jax/population.py): `seeds` seeds (seed,
-  # seed + 1, ...) times the ss_factors of the sweep (empty: ss_factor alone). Not in the
-  # paper, which reports single searches; 1 and () run one search.
-  s.population = ml_collections.ConfigDict(dict(seeds=1, ss_factors=()))
+  # seed + 1, ...) times the ss_factors of the sweep (empty: ss_factor alone); not in the
+  # paper, which reports single searches; 1 and () run one search. `devices`: 'members' (split
+  # across the devices), 'data' (each member data-parallel) or 'auto' (members if they divide).
+  s.population = ml_collections.ConfigDict(dict(seeds=1, ss_factors=(), devices='auto'))
   return config
 
 
@@ -377,8 +378,7 @@ ARGS = {
     'cells8': (False, 'search', _cells8),
     'space': (True, 'search', _space),
     'tiny': (False, None, None),
-    'sgd': (False, 'train', _sgd),
-    'adam': (False, 'train', _adam),
+    'sgd': (False, 'train', _sgd), 'adam': (False, 'train', _adam),
 }
 
 

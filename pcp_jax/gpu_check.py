@@ -48,18 +48,27 @@ REFERENCES = {
                (PC_DARTS_GPU_DAYS, 'PC-DARTS (published)')],
 }
 DTYPES = ('float32', 'bfloat16')
+POPULATIONS = (2, 4, 8)  # members of the population cases (1: the solo cases)
+POPULATION_GOAL = (8, 4.0)  # 8 members at 4x the img/s of one search
 
 
-def _case(config, what, batch, dtype, stage=None, arg=''):
-  """One case: `config` a file stem under configs/, `stage` 1-based (search cases)."""
-  name = f'{config}_{"s%d_" % stage if stage else ""}b{batch}_{dtype}'
+def _case(config, what, batch, dtype, stage=None, arg='', population=0, op_impl=''):
+  """One case: `config` a file stem under configs/, `stage` 1-based (search cases),
+  `population` N > 0: N members of that search as one program (`pcp_jax.bench`), `op_impl`
+  a kernel set other than the device's own."""
+  name = (f'{config}_{"s%d_" % stage if stage else ""}b{batch}_{dtype}'
+          + (f'_x{population}' if population else '') + (f'_{op_impl}' if op_impl else ''))
   path = f"configs/{config}.py{':' + arg if arg else ''}"
   flags = [f'--{"config" if what == "search" else "train_config"}={path}', f'--what={what}',
            f'--batch_size={batch}', f'--dtype={dtype}']
   if stage:
     flags.append(f'--stages={stage}')
+  if population:
+    flags.append(f'--population={population}')
+  if op_impl:
+    flags.append(f'--config.op_impl={op_impl}')
   return dict(name=name, config=config, what=what, stage=stage, batch_size=batch, dtype=dtype,
-              flags=flags)
+              population=population, flags=flags)
 
 
 def plan(tiny=False):
@@ -67,16 +76,19 @@ def plan(tiny=False):
   runs out cuts bfloat16 cases first.
 
   Full (a GPU): PC-DARTS at batch 64 and 256, the train step at 96 (the paper's recipe), each
-  stage of PCP-DARTS and SS PCP-DARTS at the paper's 256; float32 and bfloat16.
-  Tiny (a CPU, CI): PC-DARTS's `:tiny` form at batch 8 in float32 and in bfloat16, the
-  script's machinery (bench_test times the train step and the progressive stages' projection
-  is summarize's, tested on written case files).
+  stage of PCP-DARTS and SS PCP-DARTS at the paper's 256; float32 and bfloat16; populations of
+  2, 4 and 8 PC-DARTS searches at batch 64 and 256 in float32 (the goal: 8 members at 4x the
+  img/s of one search, i.e. of 8 searches one after another), after the float32 cases, and 8
+  members with the matrix-product kernels (`op_impl=cpu`): vmapped, XLA's 1x1 convolutions
+  become grouped convolutions, the kernels' matrix products batched ones.
+  Tiny (a CPU, CI): PC-DARTS's `:tiny` form at batch 8 alone and as a population of 2 (float32),
+  the script's machinery (bench_test times the train step in bfloat16, and the progressive
+  stages' projection is summarize's, tested on written case files).
   """
   cases = []
   if tiny:
     steps = ['--steps=2', '--warmup=1']
-    cases = [_case('pc_darts', 'search', 8, 'float32', 1, 'tiny'),
-             _case('pc_darts', 'search', 8, 'bfloat16', 1, 'tiny')]
+    cases = [_case('pc_darts', 'search', 8, 'float32', 1, 'tiny', population=n) for n in (0, 2)]
   else:
     steps = ['--steps=5', '--warmup=2']
     for dtype in DTYPES:
@@ -84,6 +96,10 @@ def plan(tiny=False):
                 _case('pc_darts', 'search', 64, dtype, 1),
                 _case('train_cifar10', 'train', 96, dtype)]
       cases += [_case(c, 'search', 256, dtype, s) for c in ('pcp', 'ss_pcp') for s in (1, 2, 3)]
+      if dtype == 'float32':
+        cases += [_case('pc_darts', 'search', b, dtype, 1, population=n)
+                  for n in POPULATIONS for b in (64, 256)]
+        cases.append(_case('pc_darts', 'search', 256, dtype, 1, population=8, op_impl='cpu'))
   for c in cases:
     c['flags'] += steps
   return cases
@@ -116,7 +132,10 @@ def run_case(argv):
   timing = dict(steps=FLAGS.steps, warmup=FLAGS.warmup, dtype=FLAGS.dtype)
   try:
     cases = bench.plan(FLAGS.config, FLAGS.train_config, what=FLAGS.what, out=FLAGS.out,
-                       batch_size=FLAGS.batch_size, stages=FLAGS.stages, **timing)
+                       batch_size=FLAGS.batch_size, stages=FLAGS.stages,
+                       population=FLAGS.population, **timing)
+    # A population's flag plans the solo case too: the case is the population's.
+    cases = [c for c in cases if bool(c.get('population')) == bool(FLAGS.population)]
     bench._check(len(cases) == 1 and FLAGS.out, 'a GPU check case is one stage or the train '
                  'step at one batch size, written to --out.')
   except ValueError as e:
@@ -130,7 +149,7 @@ def run_case(argv):
   try:
     result = bench.run_case(case, config, project=search, **timing)
     record.update(result)
-    if search:
+    if search and not case.get('population'):
       # bench's projection formula on this stage alone: the stages' shares add up to
       # bench_report.project_search over all of them.
       one = copy.deepcopy(config)
@@ -213,7 +232,9 @@ def _parse_flags(flags):
   return dict(config=config, what=values.get('what', ''),
               stage=int(values['stages']) if values.get('stages', '').isdigit() else None,
               batch_size=int(values.get('batch_size', '0') or 0),
-              dtype=values.get('dtype', 'float32'))
+              dtype=values.get('dtype', 'float32'),
+              population=int(values['population']) if values.get('population', '').isdigit()
+              else 0)
 
 
 def determinism(out_dir):
@@ -261,7 +282,7 @@ def projections(rows):
   (the sum of its stages' shares), when every stage was timed; the published costs beside."""
   groups = {}
   for r in rows:
-    if r.get('what') == 'search':
+    if r.get('what') == 'search' and not r.get('population'):
       groups.setdefault((r['config'], r['batch_size'], r['dtype']), []).append(r)
   out = []
   for (config, batch, dtype), members in groups.items():
@@ -309,6 +330,7 @@ def summarize(out_dir):
         info.setdefault(key, report.get(key))
   det = determinism(out_dir)
   report = dict(cases=rows, projections=projections(rows), determinism=det,
+                population_gains=bench_report.population_gains(rows),
                 ok=bool(rows) and all(r['ok'] for r in rows) and det['same'],
                 tiny=(_read(os.path.join(out_dir, 'mode.txt'), '') or '').strip() == 'tiny',
                 budget=(_read(os.path.join(out_dir, 'budget.txt'), '') or '').strip(), **info)
@@ -363,6 +385,7 @@ def markdown(report):
     lines.append(f"| {p['method']} | {p['batch_size']} | {p['dtype']} | {p['stages_timed']} of "
                  f"{p['stages'] or '?'} | {_num(p['hours'], '.3f')} | "
                  f"{_num(p['device_days'], '.4f')} | {published or '-'} |")
+  lines += bench_report.population_lines(report.get('population_gains', []), *POPULATION_GOAL)
   det = report['determinism']
   verdict = ('same genotype and architecture weights, bit for bit' if det['same'] else
              det.get('error') or ', '.join(

@@ -28,6 +28,7 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from pcp_jax import augment
@@ -159,14 +160,40 @@ def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, 
   return state, sums, bad
 
 
-def make_chunk_fn(step_fn: Callable, batch_size: int, mesh,
-                  members: bool = False) -> parallel.CompiledOnFirstCall:
-  """`run_steps` of `step_fn`, data-parallel over `mesh`, jitted and compiled at its first
-  call: chunk(state, sums, *EpochInputs, start, stop) -> (state, sums, bad_step), donating
-  `state` and `sums`. Later calls must pass the same shapes, types and shardings."""
+def make_chunk_fn(step_fn: Callable, batch_size: int, mesh, members: bool = False,
+                  shard_members: bool = False) -> parallel.CompiledOnFirstCall:
+  """`run_steps` of `step_fn`, data-parallel over `mesh` (or, `shard_members`, a population's
+  members split across it: `_member_sharded`), jitted and compiled at its first call:
+  chunk(state, sums, *EpochInputs, start, stop) -> (state, sums, bad_step), donating `state`
+  and `sums`. Later calls must pass the same shapes, types and shardings."""
   chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=batch_size, members=members)
-  return parallel.CompiledOnFirstCall(
-      jax.jit(parallel.data_parallel(chunk, mesh), donate_argnums=(0, 1)))
+  spread = (_member_sharded(chunk, mesh) if shard_members and mesh.size > 1
+            else parallel.data_parallel(chunk, mesh))
+  return parallel.CompiledOnFirstCall(jax.jit(spread, donate_argnums=(0, 1)))
+
+
+def _member_sharded(chunk: Callable, mesh) -> Callable:
+  """A population's `chunk` with the member axis split across `mesh`: each device runs the
+  steps of its members whole (a step built for one device: no communication), the shared
+  images and labels on every device; `bad_step` is the first non-finite step of any."""
+  def spec(tree):  # a member axis on arrays, scalars shared
+    return jax.tree_util.tree_map(lambda a: P(parallel.AXIS) if jnp.ndim(a) else P(), tree)
+
+  def local(*args):
+    state, sums, bad = chunk(*args)
+    return state, sums, bad[None]
+
+  def sharded(state, sums, images, labels, order, key, hparams, start, stop):
+    in_specs = (spec(state), spec(sums), P(), P(), spec(order), spec(key), spec(hparams), P(),
+                P())
+    state, sums, bad = jax.shard_map(
+        local, mesh=mesh, in_specs=in_specs, out_specs=(spec(state), spec(sums), P(
+            parallel.AXIS)), check_vma=False)(state, sums, images, labels, order, key, hparams,
+                                              start, stop)
+    first = jnp.min(jnp.where(bad >= 0, bad, jnp.iinfo(jnp.int32).max))
+    return state, sums, jnp.where(jnp.any(bad >= 0), first, -1).astype(jnp.int32)
+
+  return sharded
 
 
 def zero_sums(names, dtype=jnp.float32, members: int = 0) -> dict:
@@ -190,11 +217,19 @@ def eval_sums(variables, images, labels, mask, key, op_mask=None, *, model, mean
   return losses.classification_sums(logits, labels, mask)
 
 
-def make_eval_fn(model, mean, std, members: bool = False) -> Callable:
+def make_eval_fn(model, mean, std, members: bool = False, member_mesh=None) -> Callable:
   """`eval_sums` of `model` for `evaluate`, jitted. `members`: vmapped over a population's
-  variables, keys and op masks (`eval_fn(variables, images, labels, mask, keys, op_mask)`)."""
+  variables, keys and op masks (`eval_fn(variables, images, labels, mask, keys, op_mask)`);
+  `member_mesh`: the members split across its devices, each evaluating its own."""
   fn = functools.partial(eval_sums, model=model, mean=mean, std=std)
-  return jax.jit(jax.vmap(fn, in_axes=(0, None, None, None, 0, 0)) if members else fn)
+  if not members:
+    return jax.jit(fn)
+  fn = jax.vmap(fn, in_axes=(0, None, None, None, 0, 0))
+  if member_mesh is not None and member_mesh.size > 1:
+    split, shared = P(parallel.AXIS), P()
+    fn = jax.shard_map(fn, mesh=member_mesh, in_specs=(split, shared, shared, shared, split,
+                                                        split), out_specs=split, check_vma=False)
+  return jax.jit(fn)
 
 
 def padded_batches(n: int, batch_size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:

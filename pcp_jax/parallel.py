@@ -86,6 +86,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def shard_members(tree: Any, mesh: Mesh) -> Any:
+  """Places a population's `tree` with its leading member axis split across `mesh`'s devices
+  (scalars on every device; every process must pass the same values)."""
+  return jax.tree_util.tree_map(
+      lambda a: jax.device_put(a, NamedSharding(mesh, P(AXIS) if np.ndim(a) else P())), tree)
+
+
 # For programs run once (initialisation): XLA's optimisations would cost far more compile time
 # than they save.
 _ONE_OFF_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,

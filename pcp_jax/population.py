@@ -16,6 +16,12 @@ stay exactly 0, so every member computes what its solo run computes, at the cost
 union's ops. Each member starts a stage as its solo run does: its own supernet initialised
 (one initialisation compile per distinct set of ops) and placed into the union's layout.
 
+Devices (`search.population.devices`): 'members' splits the member axis across the devices,
+each member's step whole on one device with no communication between devices, so member k
+computes on any device count what it computes on one; 'data' runs every member data-parallel
+over all devices, as a solo search does; 'auto' (the default) the first when the member count
+is a multiple of the device count.
+
 Outputs: `RUN/members/<k>/` is an ordinary search folder (config.json, metrics, architecture
 history, genotype.json, diagrams, search_summary.json); `RUN/population.json` holds each
 member's seed, ss_factor and genotype and the members' agreement per edge;
@@ -52,6 +58,7 @@ POPULATION = 'population.json'
 METRICS = 'population_metrics.jsonl'  # per epoch: each metric's mean and std over members
 HINT = 'Lower search.optim.weights.lr or search.optim.arch.lr (in a new workdir).'
 # What a fresh start in a population's folder sets aside (besides a solo search's outputs).
+DEVICE_MODES = ('auto', 'members', 'data')
 OUTPUTS = runs.SEARCH_OUTPUTS + (MEMBERS_DIR, POPULATION, METRICS)
 
 
@@ -92,12 +99,16 @@ def check_config(config) -> None:
                      f'empty: search.ss_factor), got {factors!r}.')
   if len(set(factors)) != len(factors):
     raise ValueError(f'search.population.ss_factors lists a value twice: {list(factors)}.')
+  if pop.get('devices', 'auto') not in DEVICE_MODES:
+    raise ValueError(f'search.population.devices must be one of {list(DEVICE_MODES)}, got '
+                     f'{pop.devices!r}.')
   if size(config) == 1:
     return
-  cfg = config.search
-  if config.num_devices != 1 and jax.device_count() > 1:
-    raise ValueError('A population search runs on one device for now: set num_devices=1 '
-                     f'(got {config.num_devices}, {jax.device_count()} devices seen).')
+  cfg, devices = config.search, config.num_devices or jax.device_count()
+  if pop.devices == 'members' and size(config) % devices:
+    raise ValueError(f'search.population.devices=members splits the {size(config)} members '
+                     f'across the {devices} devices: make the member count a multiple of the '
+                     'device count, or set it to data (or auto).')
   if cfg.curvature_every or cfg.early_stop != 'none':
     raise ValueError('A population search does not measure curvature or stop early yet: set '
                      'search.curvature_every=0 and search.early_stop=none.')
@@ -105,6 +116,12 @@ def check_config(config) -> None:
   if any(first[c][:, genotypes.OPS.index('noise')].any() for c in first) and len(cfg.stages) > 1:
     raise ValueError("A population search's progressive stages cannot hold the 'noise' op "
                      f'(search.space={cfg.space!r}): use one stage.')
+
+
+def shards_members(config) -> bool:
+  """Whether the population's members are split across the devices (module docstring)."""
+  devices, mode = config.num_devices or jax.device_count(), config.search.population.devices
+  return devices > 1 and (mode == 'members' or mode == 'auto' and size(config) % devices == 0)
 
 
 def check_search_config(config) -> None:
@@ -161,6 +178,15 @@ class Population:
   def size(self):
     return len(self.members)
 
+  @property
+  def sharded(self) -> bool:
+    return shards_members(self.setup.config)
+
+  def place(self, tree):
+    """`tree` (a member axis on its arrays) on the devices: split, or on every device."""
+    return (parallel.shard_members if self.sharded else parallel.replicate)(tree,
+                                                                            self.setup.mesh)
+
   def hparams(self, s: int, epoch: int, switch_sets) -> search_step.HParams:
     shared = search_step.epoch_hparams(self.setup.cfg.stages[s], epoch)
     dtype = jnp.dtype(self.setup.cfg.dtype)
@@ -172,16 +198,16 @@ class Population:
     """Epoch `epoch` of stage `s`: each member's own data order and key (its solo run's)."""
     orders, keys = zip(*[search.epoch_order(m, s, epoch) for m in self.solo])
     return loop.EpochInputs(self.setup.images, self.setup.labels,
-                            parallel.replicate(jax.tree_util.tree_map(
-                                lambda *o: jnp.stack(o), *orders), self.setup.mesh),
-                            jnp.stack(keys), self.hparams(s, epoch, switch_sets))
+                            self.place(jax.tree_util.tree_map(lambda *o: np.stack(o), *orders)),
+                            self.place(jnp.stack(keys)),
+                            self.place(self.hparams(s, epoch, switch_sets)))
 
   def build(self, s: int, switch_sets) -> search.Stage:
     stage = self.setup.cfg.stages[s]
     return search.build_stage(self.setup.config, stage.layers, stage.epochs,
                               union.switches(switch_sets), self.setup.info,
                               self.setup.image_shape, self.setup.steps, self.setup.mesh,
-                              stage.skip_dropout > 0, members=True)
+                              stage.skip_dropout > 0, members=True, shard_members=self.sharded)
 
   def init(self, s: int, switch_sets, built: search.Stage):
     """Every member's initial state of stage `s` (its solo run's), stacked."""
@@ -364,7 +390,7 @@ def search_population(config, workdir):
     runs.set_aside(workdir, OUTPUTS)
   resume_step = setup.offsets[start.stage] + start.epoch * setup.steps + start.step
   rows, member_rows = _rows_from(pop, resume_step, start.saved)
-  place = functools.partial(parallel.replicate, mesh=setup.mesh)
+  place = pop.place
   archs = None
   with loop.session(workdir, config, 'search', ckpt=ckpt, rows=rows,
                     what='the population search', hint=HINT,

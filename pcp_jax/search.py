@@ -34,8 +34,8 @@ from pcp_jax import spaces
 from pcp_jax import supernet
 
 # Config fields that may differ between a run and its resumption (everything else must match).
-FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir',
-                  'data.download', 'search.log_every_steps', 'method', 'memory_check')
+FREE_ON_RESUME = ('checkpoint.', 'num_devices', 'op_impl', 'modes', 'data.dir', 'data.download',
+                  'search.log_every_steps', 'method', 'memory_check', 'search.population.devices')
 
 
 def check_config(config):
@@ -90,21 +90,22 @@ class Stage:
 @parallel.reused  # a stage built again in this process (another seed) is the one built before
 def build_stage(config, layers: int, epochs: int, switches, info: data_lib.DatasetInfo,
                 image_shape, steps_per_epoch: int, mesh, skip_dropout: bool = True,
-                members: bool = False) -> Stage:
+                members: bool = False, shard_members: bool = False) -> Stage:
   """A fresh supernet of `layers` cells over the ops `switches` leave on, its Barlow Twins
   projector and optimisers, and the jitted data-parallel chunk and evaluation functions.
   `skip_dropout` False (a stage whose rate is 0) compiles the step without the masks.
   `members`: a population's stage (`population`): the supernet has a column per op
-  (`wide_arch`), the chunk and evaluation functions a leading member axis."""
+  (`wide_arch`), the chunk and evaluation functions a leading member axis; `shard_members`:
+  the members split across the mesh, each step on one device (`loop.make_chunk_fn`)."""
   cfg = config.search
-  dtype = jnp.dtype(cfg.dtype)
-  model = models.search_network(config, layers, switches, info.num_classes, mesh.size, dtype,
+  dtype, devices = jnp.dtype(cfg.dtype), 1 if shard_members else mesh.size
+  model = models.search_network(config, layers, switches, info.num_classes, devices, dtype,
                                 members)
-  projector = models.projector(config, mesh.size)
+  projector = models.projector(config, devices)
   tx_weights, lr_schedule = optim.make(cfg.optim.weights, epochs, steps_per_epoch)
   optimizers = (tx_weights, optim.make(cfg.optim.arch)[0], optim.make(cfg.optim.projector)[0])
   spec = search_step.StepSpec.from_config(cfg, model, projector, optimizers, info.mean,
-                                          info.std, mesh.size, skip_dropout)
+                                          info.std, devices, skip_dropout)
   init = functools.partial(
       search_step.init_state, model=model, projector=projector, optimizers=optimizers,
       image_shape=tuple(image_shape), projector_inputs=cfg.channels * 16,  # 4 nodes x 4C
@@ -113,9 +114,10 @@ def build_stage(config, layers: int, epochs: int, switches, info: data_lib.Datas
     init = functools.partial(_widened, init, dtype)
   step_fn = functools.partial(search_step.search_step, spec=spec)
   return Stage(spec=spec, init=init, lr_schedule=lr_schedule,
-               chunk_fn=loop.make_chunk_fn(step_fn, cfg.batch_size, mesh, members),
-               eval_fn=parallel.CompiledOnFirstCall(
-                   loop.make_eval_fn(model, info.mean, info.std, members)),
+               chunk_fn=loop.make_chunk_fn(step_fn, cfg.batch_size, mesh, members,
+                                           shard_members),
+               eval_fn=parallel.CompiledOnFirstCall(loop.make_eval_fn(
+                   model, info.mean, info.std, members, mesh if shard_members else None)),
                curvature_fn=collapse.make_curvature_fn(model, info.mean, info.std,
                                                        cfg.curvature_steps)
                if cfg.curvature_every and not members else None)
@@ -180,9 +182,8 @@ def _prepare(config, workdir) -> Setup:
   if steps < 1:
     raise ValueError(f'search.batch_size ({cfg.batch_size}) is larger than the search '
                      f'splits ({len(w_x)} / {len(a_x)} images).')
-  images = parallel.replicate({'train': w_x, 'valid': a_x}, mesh)
-  labels = parallel.replicate({'train': w_y.astype(np.int32), 'valid': a_y.astype(np.int32)},
-                              mesh)
+  images, labels = parallel.replicate(({'train': w_x, 'valid': a_x}, {
+      'train': w_y.astype(np.int32), 'valid': a_y.astype(np.int32)}), mesh)
   offsets = np.cumsum([0] + [st.epochs * steps for st in cfg.stages]).tolist()
   logging.info('Search %s on %s: %d + %d images, %d steps per epoch, %d stage(s), %d '
                'device(s).', config.get('method', 'search'), info.name, len(w_x), len(a_x),

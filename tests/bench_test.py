@@ -75,24 +75,18 @@ def test_a_tiny_search_train_and_curvature_case_run_and_report(tmp_path, capsys)
   search_config, train_config = tiny_configs()
   search_config.search.curvature_steps = 4
   search_config.search.curvature_batch = 8  # the meter's batch, whatever --batch_size says
+  # In bfloat16 (the GPU check's CPU form times float32 and a population of 2).
+  timing = dict(TIMING, dtype='bfloat16')
   cases = bench.plan(search_config, train_config, what='search,train,curvature',
-                     batch_size='8', project=True, population='2', **TIMING)
+                     batch_size='8', project=True, **timing)
   assert [(c['what'], c['stage'], c['batch_size'], c['population']) for c in cases] == [
-      ('search', 0, 8, 0), ('search', 0, 8, 2), ('curvature', 0, 8, 0), ('train', None, 8, 0)]
+      ('search', 0, 8, 0), ('curvature', 0, 8, 0), ('train', None, 8, 0)]
   out = tmp_path / 'bench.json'
-  bench.benchmark(search_config, train_config, cases, out=str(out), project=True, **TIMING)
+  bench.benchmark(search_config, train_config, cases, out=str(out), project=True, **timing)
   printed = capsys.readouterr().out
   report = json.loads(out.read_text())
-  search_case, population_case, curvature_case, train_case = report['cases']
-  # Two members in one program: img/s summed over them, against two solo runs in turn.
-  assert population_case['case'] == 'search stage 1 (3 cells, 4 ops), population of 2'
-  assert population_case['finite_losses']
-  assert population_case['images_per_second'] == pytest.approx(
-      2 * 8 / population_case['seconds_per_step'])
-  gain, = report['population_gains']
-  assert gain['ratio'] == pytest.approx(
-      population_case['images_per_second'] / search_case['images_per_second'])
-  assert f"x 2 solo runs one after another ({search_case['images_per_second']:.1f}" in printed
+  search_case, curvature_case, train_case = report['cases']
+  assert {c['dtype'] for c in report['cases']} == {'bfloat16'}
   assert search_case['case'] == 'search stage 1 (3 cells, 4 ops)'
   assert train_case['case'] == 'train (3 cells, PC_DARTS_cifar)'
   for case in (search_case, train_case):
@@ -169,3 +163,20 @@ def test_later_stages_keep_the_costliest_ops_the_stage_before_keeps():
 def test_steps_per_epoch_is_the_paper_split_of_cifar10():
   assert bench_report.search_steps_per_epoch(pc_darts.get_config(), 64) == 25_000 // 64
   assert bench_report.search_steps_per_epoch(pc_darts.get_config(), 256) == 25_000 // 256
+
+
+def test_population_gains_pair_each_population_with_its_solo_case():
+  def timed(population, ips, dtype='float32', batch=64):
+    return dict(what='search', stage=1, batch_size=batch, population=population, dtype=dtype,
+                config='pc_darts', case=f'x{population} {dtype}', seconds_per_step=1.0,
+                images_per_second=ips, xla_buffer_bytes=2**30 * max(population, 1))
+  results = [timed(0, 100.0), timed(0, 150.0, 'bfloat16'), timed(8, 450.0),
+             timed(8, 900.0, 'bfloat16'), timed(4, 300.0, batch=256)]  # no solo at 256
+  gains = bench_report.population_gains(results)
+  assert [(g['case'], g['ratio']) for g in gains] == [('x8 float32', 4.5),
+                                                       ('x8 bfloat16', 6.0)]
+  lines = '\n'.join(bench_report.population_lines(gains, 8, 4.0))
+  assert '| x8 float32 | 64 | 8 | 450.0 | 100.0 | 4.50x | 8.00 GiB | 1.00 GiB |' in lines
+  assert '**met** (6.00x at best)' in lines
+  assert '**not met** (4.50x at best)' in '\n'.join(bench_report.population_lines(gains[:1], 8, 5))
+  assert bench_report.population_lines([], 8, 4.0) == []

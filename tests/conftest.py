@@ -65,10 +65,10 @@ def fast_compiles():
   yield
 
 
-@pytest.fixture(autouse=True)
-def builds_of_this_test_only():
-  """A stage a test built (`parallel.reused`: its chunk function wrapped by `on_chunk`, a
-  module constant patched) never reaches another test."""
+@pytest.fixture(scope='module', autouse=True)
+def builds_of_this_file_only():
+  """Stages built (`parallel.reused`) serve the tests of one file (a test wrapping chunk
+  functions forgets them: `on_chunk`), never another file's."""
   parallel.forget_builds()
   yield
   parallel.forget_builds()

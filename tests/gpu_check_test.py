@@ -36,16 +36,21 @@ def test_the_cases_are_the_issues_and_pcp_jax_bench_accepts_each(tiny):
     planned = bench.plan(config if search else None, None if search else config,
                          what=c['what'], batch_size=flags['batch_size'],
                          stages=flags.get('stages', '1'), dtype=flags['dtype'],
-                         steps=int(flags['steps']), warmup=int(flags['warmup']))
-    assert [(p['what'], p['batch_size']) for p in planned] == [(c['what'], c['batch_size'])]
-  got = {(c['config'], c['stage'], c['batch_size'], c['dtype']) for c in cases}
+                         steps=int(flags['steps']), warmup=int(flags['warmup']),
+                         population=flags.get('population', ''))
+    # A population's flag plans the solo case too (the case runner keeps the population's).
+    assert [(p['what'], p['batch_size'], p['population']) for p in planned][-1:] == [
+        (c['what'], c['batch_size'], c['population'])]
+  got = {(c['config'], c['stage'], c['batch_size'], c['dtype'], c['population']) for c in cases}
   if tiny:
-    assert got == {('pc_darts', 1, 8, 'float32'), ('pc_darts', 1, 8, 'bfloat16')}
+    assert got == {('pc_darts', 1, 8, 'float32', 0), ('pc_darts', 1, 8, 'float32', 2)}
   else:
-    assert got == {(config, stage, batch, dtype) for dtype in ('float32', 'bfloat16')
+    assert got == {(config, stage, batch, dtype, 0) for dtype in ('float32', 'bfloat16')
                    for config, stage, batch in (
                        [('pc_darts', 1, 64), ('pc_darts', 1, 256), ('train_cifar10', None, 96)]
-                       + [(c, s, 256) for c in ('pcp', 'ss_pcp') for s in (1, 2, 3)])}
+                       + [(c, s, 256) for c in ('pcp', 'ss_pcp') for s in (1, 2, 3)])} | {
+                           ('pc_darts', 1, batch, 'float32', n) for n in (2, 4, 8)
+                           for batch in (64, 256)}
     assert [c['dtype'] for c in cases] == sorted(c['dtype'] for c in cases)[::-1]  # f32 first
 
 
@@ -181,7 +186,13 @@ def test_the_cpu_form_runs_every_case_and_the_determinism_check(tmp_path):
     assert math.isfinite(r['images_per_second']) and r['images_per_second'] > 0
     assert r['compile_seconds'] > 0 and r['peak_memory_bytes'] > 0
     assert f"| {r['batch_size']} | {r['dtype']} | {r['images_per_second']:.1f} |" in md
-  assert {r['dtype'] for r in report['cases']} == {'float32', 'bfloat16'}
+  solo, pair = report['cases']  # the tiny search alone and as 2 members in one program
+  assert (solo['population'], pair['population']) == (0, 2)
+  gain, = report['population_gains']
+  assert (gain['members'], gain['batch_size']) == (2, 8)
+  assert gain['ratio'] == pytest.approx(pair['images_per_second'] / solo['images_per_second'])
+  assert f"| {gain['ratio']:.2f}x |" in md
+  assert 'Goal, 8 members at 4x one search: not measured' in md
   projections = {(p['config'], p['batch_size'], p['dtype']): p for p in report['projections']}
   p = projections['pc_darts', 8, 'float32']
   assert p['device_days'] > 0 and p['references'][0]['gpu_days'] == 0.1

@@ -21,6 +21,7 @@ import functools
 import importlib
 import os
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +36,11 @@ from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import parallel
 from pcp_jax import models
+from pcp_jax import population
+from pcp_jax import runs
 from pcp_jax import search
 from pcp_jax import search_step
+from pcp_jax import spaces
 from pcp_jax import train
 
 STEPS = 3
@@ -158,6 +162,53 @@ def run_train(num_devices, float64=False):
   return state, metrics
 
 
+def population_config(num_devices, mode):
+  """A float64 population of 2 seeds, one stage of one epoch (4 steps), no skip dropout (its
+  masks are drawn per device in a data-parallel step)."""
+  config = importlib.import_module('configs.pcp').get_config('seeds=2,tiny')
+  config.op_impl, config.search.dtype = 'xla', 'float64'
+  config.num_devices, config.search.population.devices = num_devices, mode
+  config.search.initial_ops = ('none', 'avg_pool_3x3', 'skip_connect')
+  config.data.max_train, config.search.batch_size, config.search.eval_batch_size = 64, 8, 16
+  config.search.channels = 4
+  config.search.stages = config.search.stages[-1:]
+  stage = config.search.stages[0]
+  stage.epochs, stage.warmup_epochs, stage.skip_dropout = 1, 0, 0.0
+  return config
+
+
+def run_population(folder, num_devices, mode):
+  """Each member's architecture weights and metric row after the population's search."""
+  workdir = os.path.join(folder, f'{num_devices}_{mode}')
+  population.run(population_config(num_devices, mode), workdir)
+  out = []
+  for k in range(2):
+    member = os.path.join(workdir, 'members', str(k))
+    with np.load(os.path.join(member, runs.ARCH_WEIGHTS)) as f:
+      arch = {name: f[name] for name in f.files}
+    row, = runs.Rows(os.path.join(member, runs.SEARCH_METRICS), write=False).read()
+    out.append((arch, {name: row[name] for name in ('train_loss', 'valid_loss', 'arch_loss')}))
+  return out
+
+
+def population_steps(folder, num_devices, mode):
+  """The population's state and metric sums after its first 2 steps (the chunk function a
+  run of the same config built before is reused: `parallel.reused`)."""
+  config = population_config(num_devices, mode)
+  pop = population._prepare(config, os.path.join(folder, f'steps_{num_devices}_{mode}'))  # pylint: disable=protected-access
+  switch_sets = [spaces.initial_switches(config.search.space, config.search.initial_ops)] * 2
+  built = pop.build(0, switch_sets)
+  state = pop.place(pop.init(0, switch_sets, built))
+  sums = pop.place(loop.zero_sums(search_step.METRICS, config.search.dtype, 2))
+  state, sums, bad = built.chunk_fn(state, sums, *pop.inputs(0, 0, switch_sets),
+                                    jnp.int32(0), jnp.int32(2))
+  assert int(bad) == -1, 'non-finite loss'
+  if pop.sharded:  # each device holds its own member of every array
+    for leaf in jax.tree_util.tree_leaves((state, sums)):
+      assert [s.data.shape[0] for s in leaf.addressable_shards] == [1, 1], leaf.sharding
+  return state, sums
+
+
 def log(what, start=[time.time()]):  # pylint: disable=dangerous-default-value
   print(f'{time.time() - start[0]:7.1f}s {what}', flush=True)
 
@@ -180,6 +231,24 @@ def main():
     assert_float64((t1, t2), 'train state')
     assert_close(m1, m2, 'train metrics: 1 vs 2 devices')
     assert_close(t1, t2, 'train state: 1 vs 2 devices')
+    with tempfile.TemporaryDirectory() as folder:
+      # Whole searches (placement, evaluation, checkpoints of split arrays) with the members
+      # split across the devices; the data-parallel population's steps.
+      one = run_population(folder, 1, 'auto')
+      log('population search, 1 device, float64')
+      two = run_population(folder, 2, 'members')
+      log('population search, 2 devices (members split), float64')
+      for k, ((arch1, rows1), (arch2, rows2)) in enumerate(zip(one, two)):
+        assert_close(rows1, rows2, f'population member {k} metrics: 1 vs 2 devices (members)')
+        assert_close(arch1, arch2, f'population member {k} arch: 1 vs 2 devices (members)')
+      steps1 = population_steps(folder, 1, 'auto')
+      assert population.shards_members(population_config(2, 'members'))
+      population_steps(folder, 2, 'members')  # asserts the split
+      assert not population.shards_members(population_config(2, 'data'))
+      steps2 = population_steps(folder, 2, 'data')
+      log('population steps, 2 devices (each member data-parallel), float64')
+      assert_replicas_identical(steps2, 'population replicas differ (data)')
+      assert_close(steps1, steps2, 'population steps: 1 vs 2 devices (data)')
   print('OK')
 
 

@@ -64,6 +64,27 @@ def test_bad_population_settings_answer_in_one_line(arg, field, message):
   assert '\n' not in str(error.value)
 
 
+def test_the_devices_field_chooses_how_members_meet_devices():
+  config = search_config('seeds=3,tiny')
+  config.search.population.devices = 'gpu'
+  with pytest.raises(ValueError, match=r"search\.population\.devices must be one of \['auto', "
+                     r"'members', 'data'\], got 'gpu'"):
+    population.check_search_config(config)
+  config.num_devices, config.search.population.devices = 2, 'members'
+  with pytest.raises(ValueError, match=r'splits the 3 members across the 2 devices'):
+    population.check_search_config(config)
+  config.search.population.devices = 'auto'  # 3 members do not split over 2: data-parallel
+  population.check_search_config(config)
+  assert not population.shards_members(config)
+  config.search.population.devices = 'data'
+  population.check_search_config(config)
+  for seeds, mode, split in ((4, 'auto', True), (4, 'members', True), (4, 'data', False)):
+    config.search.population.seeds, config.search.population.devices = seeds, mode
+    assert population.shards_members(config) == split, (seeds, mode)
+  config.num_devices = 1
+  assert not population.shards_members(config)
+
+
 def test_bad_config_arguments_name_the_argument():
   with pytest.raises(ValueError, match='Config argument seeds must be a whole number'):
     search_config('seeds=two,tiny')
