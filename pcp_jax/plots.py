@@ -165,7 +165,7 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
                             f'a population\'s {runs.MEMBERS_DIR}/).')
   out_dir = out_dir or os.path.join(run_dir, runs.PLOTS_DIR)
   os.makedirs(out_dir, exist_ok=True)
-  written = population_plots.plot_population(run_dir, out_dir) if population else []
+  written = population_plots.plot_population(run_dir, out_dir, DPI) if population else []
   search_rows, history, train_rows = (
       runs.Rows(os.path.join(run_dir, name), write=False).read()
       for name in (runs.SEARCH_METRICS, runs.ARCH_HISTORY, runs.TRAIN_METRICS))

@@ -170,15 +170,18 @@ def _group_label(ss_factor, size: int) -> str:
   return f'{name} ({size} member{"s" if size != 1 else ""})'
 
 
-def _draw_band(ax, spans, mean, std, color, label=None, linestyle='-'):
+def _draw_band(ax, spans, mean, std, color, label=None, linestyle='-', dodge=0.0):
   """`mean` as a line and `mean` ± `std` as a shaded band, stage by stage (each stage starts
-  fresh), over the epochs where the mean is finite."""
+  fresh), over the epochs where the mean is finite; a stage of one epoch as an error bar,
+  moved `dodge` epochs aside (so that several ops' bars stay apart)."""
   x = np.arange(1, len(mean) + 1)
   for i, (_, first, last) in enumerate(spans):
     xs, m, s = x[first - 1:last], mean[first - 1:last], std[first - 1:last]
     ok = np.isfinite(m)
     if not ok.any():
       continue
+    if ok.sum() == 1:  # a band needs two epochs: an error bar
+      ax.errorbar(xs[ok] + dodge, m[ok], yerr=s[ok], color=color, capsize=3, linewidth=1.2)
     ax.fill_between(xs[ok], (m - s)[ok], (m + s)[ok], color=color, alpha=0.18, linewidth=0)
     ax.plot(xs[ok], m[ok], color=color, linewidth=1.8, linestyle=linestyle,
             label=label if i == 0 else None, marker='o' if ok.sum() < 3 else None,
@@ -220,7 +223,8 @@ def curves_figure(members: List[Member]) -> Figure:
         for _, first, last in spans:
           xs, vs = x[first - 1:last], values[p, first - 1:last]
           ok = np.isfinite(vs)
-          ax.plot(xs[ok], vs[ok], color=color, linewidth=0.7, alpha=0.55)
+          ax.plot(xs[ok], vs[ok], color=color, linewidth=0.7, alpha=0.55,
+                  marker='.' if ok.sum() < 3 else None, markersize=4)
       mean, std, _ = band(values[positions])
       _draw_band(ax, spans, mean, std, color, _group_label(factor, len(positions)))
     ax.set_title(title, fontsize=10, pad=14 if len(spans) > 1 else 6)
@@ -271,10 +275,12 @@ def op_weights_figure(members: List[Member], cell: str) -> Figure:
   for edge, (i, node) in enumerate(genotypes.EDGES):
     ax = grid[node, i]
     for g, (mean, std, _) in enumerate(bands.values()):
-      for k in ever_on:
+      for j, k in enumerate(ever_on):
+        spot = g * len(ever_on) + j - (len(bands) * len(ever_on) - 1) / 2
         _draw_band(ax, spans, mean[:, edge, k], std[:, edge, k],
                    curves.OP_COLORS.get(genotypes.OPS[k]),
-                   linestyle=GROUP_STYLES[g % len(GROUP_STYLES)])
+                   linestyle=GROUP_STYLES[g % len(GROUP_STYLES)],
+                   dodge=0.4 * spot / max(len(bands) * len(ever_on), 1))
     low = np.concatenate([(m - s)[:, edge].ravel() for m, s, _ in bands.values()])
     high = np.concatenate([(m + s)[:, edge].ravel() for m, s, _ in bands.values()])
     if np.isfinite(low).any():
@@ -344,22 +350,26 @@ def agreement_figure(members: List[Member]) -> Figure:
   return fig
 
 
-def plot_population(run_dir: str, out_dir: str) -> List[str]:
-  """Draws the population pictures of `run_dir` into `out_dir`; returns the paths written."""
+def figures(run_dir: str) -> list:
+  """(file name, Figure) of each population picture the files of `run_dir` allow."""
   members = load_members(run_dir)
   if not members:
     raise FileNotFoundError(f'{run_dir}: a population folder without members.')
-  figures = []
+  out = []
   if any(m.metrics for m in members):
-    figures.append(('population_curves.png', curves_figure(members)))
+    out.append(('population_curves.png', curves_figure(members)))
   if any(m.history for m in members):
-    figures += [(f'population_op_weights_{cell}.png', op_weights_figure(members, cell))
-                for cell in diagrams.CELLS]
+    out += [(f'population_op_weights_{cell}.png', op_weights_figure(members, cell))
+            for cell in diagrams.CELLS]
   if any(m.genotype is not None for m in members):
-    figures.append(('population_agreement.png', agreement_figure(members)))
+    out.append(('population_agreement.png', agreement_figure(members)))
+  return out
+
+
+def plot_population(run_dir: str, out_dir: str, dpi: int = 110) -> List[str]:
+  """Draws the population pictures of `run_dir` into `out_dir`; returns the paths written."""
   written = []
-  for name, fig in figures:
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=110)
-    written.append(path)
+  for name, fig in figures(run_dir):
+    written.append(os.path.join(out_dir, name))
+    fig.savefig(written[-1], dpi=dpi)
   return written

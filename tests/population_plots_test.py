@@ -2,6 +2,7 @@
 in the files' formats: members with different ops after stage 1, two ss_factor groups. A real
 tiny population's folder: population_test's float64 test."""
 
+import importlib
 import json
 import os
 
@@ -11,6 +12,8 @@ from PIL import Image
 
 from plots_test import synthetic_search
 from pcp_jax import genotypes
+from pcp_jax import main
+from pcp_jax import memory
 from pcp_jax import plots
 from pcp_jax import population
 from pcp_jax import population_plots
@@ -173,8 +176,24 @@ def test_a_running_population_is_drawn_from_its_member_folders(tmp_path):
   members = population_plots.load_members(run_dir)
   assert [m.ss_factor for m in members] == list(SS_FACTORS)
   assert all(m.genotype is None for m in members)
-  paths = plots.plot_run(run_dir)
-  assert sorted(os.path.basename(p) for p in paths) == PICTURES[1:]
+  assert sorted(name for name, _ in population_plots.figures(run_dir)) == PICTURES[1:]
+
+
+def test_a_population_command_draws_the_members_and_then_the_population(tmp_path,
+                                                                        monkeypatch):
+  """`pcp-jax` on a population draws each member's folder, then RUN's (the overlays)."""
+  config = importlib.import_module('configs.pcp').get_config('seeds=2,tiny')
+  drawn = []
+  monkeypatch.setattr(main, 'MODES', dict(main.MODES, search=lambda c, w: None))
+  monkeypatch.setattr(memory, 'check', lambda *args: None)
+  monkeypatch.setattr(plots, 'plot_run', lambda folder: drawn.append(folder) or [
+      os.path.join(folder, runs.PLOTS_DIR, 'x.png')])
+  main.run(config, str(tmp_path))
+  assert drawn == [os.path.join(str(tmp_path), runs.MEMBERS_DIR, '0'),
+                   os.path.join(str(tmp_path), runs.MEMBERS_DIR, '1'), str(tmp_path)]
+  drawn.clear()
+  main.run(importlib.import_module('configs.pcp').get_config('tiny'), str(tmp_path / 'solo'))
+  assert drawn == [str(tmp_path / 'solo')]
 
 
 def test_a_folder_with_nothing_to_plot_is_one_line(tmp_path, capsys):
