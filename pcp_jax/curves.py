@@ -37,7 +37,7 @@ def _has(rows, key) -> bool:
   return any(r.get(key) is not None for r in rows)
 
 
-def _stage_spans(rows) -> list:
+def stage_spans(rows) -> list:
   """(stage, first x, last x) per stage; x is the global epoch (1-based)."""
   spans = []
   for x, row in enumerate(rows, 1):
@@ -48,7 +48,7 @@ def _stage_spans(rows) -> list:
   return [tuple(span) for span in spans]
 
 
-def _mark_stages(ax, spans, frozen=None, label=False):
+def mark_stages(ax, spans, frozen=None, label=False):
   """Dashed lines between stages, shaded frozen (warm-up) epochs, stage names on top."""
   if frozen is not None:
     for x, is_frozen in enumerate(frozen, 1):
@@ -63,7 +63,7 @@ def _mark_stages(ax, spans, frozen=None, label=False):
               va='bottom', fontsize=8, color='0.3')
 
 
-def _epoch_axis(ax, n):
+def epoch_axis(ax, n):
   ax.set_xlim(0.5, n + 0.5)
   ax.grid(alpha=0.3)
   ax.xaxis.get_major_locator().set_params(integer=True)
@@ -91,7 +91,7 @@ def search_curves_figure(rows: list) -> Figure:
   rows = search_order(rows)
   n = len(rows)
   x = np.arange(1, n + 1)
-  spans = _stage_spans(rows)
+  spans = stage_spans(rows)
   frozen = [bool(r.get('arch_frozen')) for r in rows]
   fig = Figure(figsize=(17, 11), layout='constrained')
   axes = fig.subplots(3, 4, sharex=True)
@@ -151,8 +151,8 @@ def search_curves_figure(rows: list) -> Figure:
         'rate')
   _collapse_panels(lines, axes[2])
   for ax in axes.flat:
-    _epoch_axis(ax, n)
-    _mark_stages(ax, spans, frozen, label=True)
+    epoch_axis(ax, n)
+    mark_stages(ax, spans, frozen, label=True)
   for ax in axes[2]:
     ax.set_xlabel('epoch (all stages)')
   title = 'Search'
@@ -184,7 +184,7 @@ def op_weights_figure(history: list, cell: str, frozen=None, genotype=None) -> F
   history = search_order(history)
   n = len(history)
   x = np.arange(1, n + 1)
-  spans = _stage_spans(history)
+  spans = stage_spans(history)
   primitives = history[0].get('primitives', list(genotypes.PRIMITIVES))
   alphas = np.array([r[f'alphas_{cell}'] for r in history], dtype=float)  # (n, 14, ops)
   switches = np.array([r.get(f'switches_{cell}', np.ones(alphas.shape[1:], bool))
@@ -205,8 +205,8 @@ def op_weights_figure(history: list, cell: str, frozen=None, genotype=None) -> F
           ax.plot(x[first - 1:last], series[first - 1:last], color=OP_COLORS.get(op),
                   linewidth=1.4, label=op if i == 0 else None,
                   marker='o' if last - first < 3 else None, markersize=3)
-    _mark_stages(ax, spans, frozen)
-    _epoch_axis(ax, n)
+    mark_stages(ax, spans, frozen)
+    epoch_axis(ax, n)
     found = alphas[:, edge][np.isfinite(alphas[:, edge])]
     if found.size:
       pad = max(0.08 * (found.max() - found.min()), 1e-4)
@@ -287,7 +287,7 @@ def betas_figure(history: list, frozen=None) -> Figure:
   history = search_order(history)
   n = len(history)
   x = np.arange(1, n + 1)
-  spans = _stage_spans(history)
+  spans = stage_spans(history)
   fig = Figure(figsize=(15, 6.5), layout='constrained')
   grid = fig.subplots(2, genotypes.STEPS, sharex=True, sharey='row', squeeze=False)
   colors = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd')
@@ -300,8 +300,8 @@ def betas_figure(history: list, frozen=None) -> Figure:
             label=f'from {genotypes.state_name(i)}' if k == 0 else None,
             marker='o' if last - first < 3 else None, markersize=3)
     for node, ax in enumerate(grid[row]):
-      _mark_stages(ax, spans, frozen)
-      _epoch_axis(ax, n)
+      mark_stages(ax, spans, frozen)
+      epoch_axis(ax, n)
       ax.set_ylim(0, 1)
       ax.set_title(f'{"normal" if cell == "normal" else "reduction"} cell, node {node}',
                    fontsize=10)

@@ -144,7 +144,9 @@ def run(config, workdir):
       logging.info('Mode %s in %s', mode, workdir)
       MODES[mode](config, workdir)
     if parallel.is_main_process():
-      for folder in population.run_folders(config, workdir):
+      folders = population.run_folders(config, workdir)
+      # A population's own folder gets the members overlaid (`population_plots`).
+      for folder in folders + ([workdir] if folders != [workdir] else []):
         try:
           paths = plots.plot_run(folder)
           logging.info('Plots: %d pictures in %s', len(paths), os.path.dirname(paths[0]))

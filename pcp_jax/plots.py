@@ -15,7 +15,10 @@ writes PNGs into `RUN_DIR/plots/` from whichever of these files the folder holds
 - `train_metrics.jsonl` -> `train_curves.png` (best epoch marked);
 - `genotype.json` of a training run (no search rows) -> `genotype_normal.png`,
   `genotype_reduce.png`;
-- `fgsm.json` -> `fgsm_accuracy.png`, `fgsm_true_prob.png`, `fgsm_examples.png`.
+- `fgsm.json` -> `fgsm_accuracy.png`, `fgsm_true_prob.png`, `fgsm_examples.png`;
+- a population's `members/<k>/` and `population.json` -> its members overlaid
+  (`population_plots`: `population_curves.png`, `population_op_weights_normal.png`,
+  `population_op_weights_reduce.png`, `population_agreement.png`).
 
 `plot_run(run_dir)` does the same from Python and returns the paths written. The figures come
 from `curves` (the line charts) and `diagrams` (the cells), built with matplotlib's Figure API
@@ -35,6 +38,7 @@ from matplotlib.figure import Figure
 from pcp_jax import curves
 from pcp_jax import diagrams
 from pcp_jax import genotypes
+from pcp_jax import population_plots
 from pcp_jax import runs
 
 INPUTS = (runs.SEARCH_METRICS, runs.ARCH_HISTORY, runs.TRAIN_METRICS, runs.FGSM, runs.GENOTYPE)
@@ -155,11 +159,13 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
   holds none of the files plotted."""
   if not os.path.isdir(run_dir):
     raise FileNotFoundError(f'{run_dir}: no such run folder.')
-  if not plottable(run_dir):
-    raise FileNotFoundError(f'{run_dir}: nothing to plot (none of {", ".join(INPUTS)}).')
+  population = population_plots.is_population(run_dir)
+  if not plottable(run_dir) and not population:
+    raise FileNotFoundError(f'{run_dir}: nothing to plot (none of {", ".join(INPUTS)}, nor '
+                            f'a population\'s {runs.MEMBERS_DIR}/).')
   out_dir = out_dir or os.path.join(run_dir, runs.PLOTS_DIR)
   os.makedirs(out_dir, exist_ok=True)
-  written = []
+  written = population_plots.plot_population(run_dir, out_dir, DPI) if population else []
   search_rows, history, train_rows = (
       runs.Rows(os.path.join(run_dir, name), write=False).read()
       for name in (runs.SEARCH_METRICS, runs.ARCH_HISTORY, runs.TRAIN_METRICS))

@@ -53,9 +53,9 @@ from pcp_jax import search_step
 from pcp_jax import spaces
 from pcp_jax import union
 
-MEMBERS_DIR = 'members'
-POPULATION = 'population.json'
-METRICS = 'population_metrics.jsonl'  # per epoch: each metric's mean and std over members
+MEMBERS_DIR = runs.MEMBERS_DIR
+POPULATION = runs.POPULATION
+METRICS = runs.POPULATION_METRICS  # per epoch: each metric's mean and std over members
 HINT = 'Lower search.optim.weights.lr or search.optim.arch.lr (in a new workdir).'
 # What a fresh start in a population's folder sets aside (besides a solo search's outputs).
 DEVICE_MODES = ('auto', 'members', 'data')

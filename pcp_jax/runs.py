@@ -29,6 +29,10 @@ GENOTYPE_LATEST = 'genotype_latest.json'
 ARCH_WEIGHTS = 'arch.npz'
 ARCH_STAGE = 'arch_stage{}.npz'  # the architecture each stage (from 1) ended with
 SEARCH_CHECKPOINTS = 'search_checkpoints'
+# Written by a population of searches (`population`) beside its members' search folders.
+MEMBERS_DIR = 'members'
+POPULATION = 'population.json'
+POPULATION_METRICS = 'population_metrics.jsonl'  # per epoch: each metric's mean and std
 # Written by the train, test and fgsm modes.
 TRAIN_CONFIG = 'train_config.json'
 TRAIN_METRICS = 'train_metrics.jsonl'

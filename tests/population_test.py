@@ -13,7 +13,9 @@ import pytest
 
 from pcp_jax import genotypes
 from pcp_jax import kernels
+from pcp_jax import plots
 from pcp_jax import population
+from pcp_jax import population_plots
 from pcp_jax import runs
 from pcp_jax import supernet
 from pcp_jax import union
@@ -206,3 +208,22 @@ def test_members_equal_their_solo_runs_in_float64(tmp_path):
       assert summary['members'][k]['genotype'] == genotypes.to_dict(want)
       assert json.load(open(folder / runs.CONFIG))['seed'] == member.seed
     assert len(rows_of(tmp_path / 'pop', population.METRICS)) == 2
+    assert_population_pictures(str(tmp_path / 'pop'))
+
+
+def assert_population_pictures(run_dir):
+  """A real population folder's pictures (population_plots): every one is drawn, and the
+  curves' mean ± std band is population_metrics.jsonl's."""
+  paths = plots.plot_run(run_dir)
+  assert sorted(os.path.basename(p) for p in paths) == [
+      'population_agreement.png', 'population_curves.png', 'population_op_weights_normal.png',
+      'population_op_weights_reduce.png']
+  members = population_plots.load_members(run_dir)
+  rows = [m.metrics for m in members]
+  summary = rows_of(run_dir, population.METRICS)
+  for name in ('train_loss', 'valid_acc', 'arch_loss'):
+    mean, std, _ = population_plots.band(population_plots.aligned(
+        rows, name, population_plots.epochs(rows)))
+    np.testing.assert_allclose(mean, [r[f'{name}_mean'] for r in summary], rtol=1e-12)
+    np.testing.assert_allclose(std, [r[f'{name}_std'] for r in summary], rtol=1e-9,
+                               atol=1e-15)
