@@ -48,10 +48,10 @@ from pcp_jax import bench_report
 from pcp_jax import collapse
 from pcp_jax import data
 from pcp_jax import defaults
-from pcp_jax import genotypes
 from pcp_jax import loop
 from pcp_jax import models
 from pcp_jax import parallel
+from pcp_jax import random_cells
 from pcp_jax import search
 from pcp_jax import search_step
 from pcp_jax import spaces
@@ -132,7 +132,7 @@ def plan(search_config, train_config, *, what='search,train', batch_size='', sta
     try:
       (train.check_config if kind == 'train' else search.check_config)(config)
       if kind == 'train':
-        genotypes.get(config.genotype)
+        random_cells.genotype(config)
       devices = parallel.make_mesh(config.num_devices).size
     except ValueError as e:
       raise ValueError(f'--{flag}: {e}') from None
@@ -228,7 +228,7 @@ class _Program:
                    f"{switches['normal'][0].sum()} ops)"
                    + (f', population of {members}' if members else ''))
     else:
-      model = models.eval_network(config, genotypes.get(config.genotype), info.num_classes,
+      model = models.eval_network(config, random_cells.genotype(config), info.num_classes,
                                   mesh.size)
       tx, _ = train.make_optimizer(config, max(1, info.train_size // b))
       state = train.initial_state(model, tx, key_init, train.image_shape(info))

@@ -239,7 +239,8 @@ def train_config() -> ml_collections.ConfigDict:
   config.modes = 'train,test,fgsm'
   config.checkpoint.every_steps = 500
   config.checkpoint.max_to_keep = 2
-  # A reference name (genotypes.REFERENCE_GENOTYPES), a genotype.json or a search workdir.
+  # A reference name (genotypes.REFERENCE_GENOTYPES), a genotype.json, a search workdir, a
+  # pasted Genotype(...) or random:I, the I-th random cell of the space (pcp_jax/random_cells.py).
   config.genotype = 'PC_DARTS_cifar'
   # A PyTorch NetworkCIFAR checkpoint (.pt: DARTS, PC-DARTS, P-DARTS) of that genotype, which
   # the test and fgsm modes evaluate instead of the workdir's best checkpoint; '' for none.

@@ -1,5 +1,6 @@
 """Reports over finished runs: the paper's results table (Table II) and the FGSM overlay
-(Fig. 13).
+(Fig. 13). A table row shows every run of a method (all searches), its best of N searches
+trained k times and its relative improvement over random cells (`protocols`).
 
   python -m pcp_jax.reports table RUN [RUN ...] --out DIR   # DIR/table2.md, DIR/table2.csv
   python -m pcp_jax.reports fgsm RUN [RUN ...] --out DIR    # DIR/fgsm_compare_*.png
@@ -8,6 +9,7 @@
 import argparse
 import collections
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -18,6 +20,7 @@ import numpy as np
 from pcp_jax import data
 from pcp_jax import genotypes
 from pcp_jax import plots
+from pcp_jax import protocols
 from pcp_jax import runs
 
 # Config leaves that never make runs different methods: seeds (the replicates of a group),
@@ -94,17 +97,21 @@ def describe_run(run_dir: str, record: dict) -> dict:
     cost, platform = genotypes.REFERENCE_METHODS[source][1], 'gpu'
   settings = {f'search.{k}': v for k, v in _flatten(search_config).items()}
   settings.update({f'train.{k}': v for k, v in _flatten(train_config).items()})
+  random = protocols.random_index(source) is not None
   return {
       'folder': run_dir,
-      'method': (record.get('method') or summary.get('method')
-                 or os.path.basename(os.path.normpath(run_dir))),
+      'search': protocols.search_key(run_dir, source),
+      'random': random,
+      'method': protocols.RANDOM_METHOD if random else (
+          record.get('method') or summary.get('method')
+          or os.path.basename(os.path.normpath(run_dir))),
       'dataset': record.get('dataset') or summary.get('dataset') or '-',
       'ssf': None if ssf is None else float(ssf),
       'bt_scale': bt_scale,
       'cost': cost,
       'cost_unit': cost_unit(platform) if cost is not None else None,
-      'search_method': ('gradient-based, self-supervised' if ssf and float(ssf) > 0
-                        else 'gradient-based'),
+      'search_method': ('random sampling' if random else 'gradient-based, self-supervised'
+                        if ssf and float(ssf) > 0 else 'gradient-based'),
       'settings': {k: v for k, v in settings.items() if _is_setting(k)},
   }
 
@@ -139,15 +146,6 @@ def method_labels(described: Sequence[dict]) -> list:
     extras = extras + [_short(key, described[k]['settings'][key]) for key in differing]
     named.append(f'{method} ({", ".join(extras)})' if extras else method)
   return named
-
-
-def _mean_std(values, digits: int) -> str:
-  values = [v for v in values if v is not None]
-  if not values:
-    return '-'
-  if len(values) == 1:
-    return f'{values[0]:.{digits}f}'
-  return f'{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}'
 
 
 def _check_distinct(run_dirs: Sequence[str]) -> None:
@@ -195,22 +193,118 @@ PUBLISHED = (
 def published_rows(columns: Sequence[str]) -> list:
   """`PUBLISHED` as rows of a `paper_table` with `columns` (n: 'published')."""
   cost = next(c for c in columns if c.startswith('Search cost'))
+  error = next(c for c in columns if c.startswith('Test error'))
   return [dict({c: '-' for c in columns}, **{
-      'Method': method, 'Test error (%)': f'{error:.2f}', 'Params (M)': f'{params:.1f}',
+      'Method': method, error: f'{error_pct:.2f}', 'Params (M)': f'{params:.1f}',
       cost: f'{gpu_days:.3g}' + ('' if cost.endswith('(GPU-days)') else ' GPU-days'),
       'Search method': 'gradient-based', 'n': 'published', 'Dataset': 'cifar10'})
-          for method, error, params, gpu_days in PUBLISHED]
+          for method, error_pct, params, gpu_days in PUBLISHED]
 
 
-def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
-  """The paper's Table II over run folders (each with results.json): (columns, rows).
+# The protocols' columns (`protocols`): 'Test error (%)' is every run's when no row has
+# searches to choose from; otherwise both protocols are columns.
+ERROR, ALL_SEARCHES = 'Test error (%)', 'Test error, all searches (%)'
+BEST_OF_N, SEARCHES, BEST_RUNS = ('Test error, best of N searches (%)', 'Searches (N)',
+                                  'Runs of the best (k)')
+RI_ALL, RI_BEST = 'RI over random, all searches (%)', 'RI over random, best of N (%)'
+NOTES = {
+    'base': 'Mean ± sample standard deviation over the n runs of a row. Search cost: search '
+            'hours x devices / 24.',
+    'best': 'All searches: every run of the row. Best of N searches, trained k times: of the '
+            "row's N searches, the one whose runs have the best mean validation accuracy "
+            "(train_metrics.jsonl's valid_acc at the tested checkpoint's epoch), its k runs.",
+    'test': 'Runs trained with train.val_split=test validate on the test set (as DARTS does): '
+            'their best-of-N selection has seen the test set; train.val_split=0.1 keeps it out.',
+    'ri': 'RI: relative improvement in test accuracy over the mean of every random-cell run '
+          'on the same dataset, 100 x (acc - acc_random) / acc_random (Yang et al., ICLR 2020).',
+}
+
+
+@dataclasses.dataclass
+class Table:
+  columns: list
+  rows: list
+  notes: list
+
+
+def _errors(members) -> list:
+  return [100 * (1 - r['test_accuracy']) for _, r in members]
+
+
+def _group(run_dirs, results) -> dict:
+  """(random, label, dataset, cost unit, tested checkpoint) -> the row's (run, results)."""
+  described = [describe_run(run_dir, r) for run_dir, r in zip(run_dirs, results)]
+  groups = collections.defaultdict(list)
+  for label, run, result in zip(method_labels(described), described, results):
+    # Runs tested on different numbers of test images are different rows.
+    dataset = _dataset_label(run['dataset'], result.get('num_test_examples'),
+                             result.get('num_train_examples'))
+    groups[(run['random'], label, dataset, run['cost_unit'], _tested(result))].append(
+        (run, result))
+  named = {}
+  for (random, label, *rest), members in groups.items():
+    if random:  # 'Random cells (epochs 50)' -> 'Random cells (3 cells, epochs 50)'
+      cells = f'{protocols.random_cell_count(members)} cells'
+      extras = label[len(protocols.RANDOM_METHOD):].strip()[1:-1]
+      label = f'{protocols.RANDOM_METHOD} ({", ".join(filter(None, (cells, extras)))})'
+    named[(random, label, *rest)] = members
+  return named
+
+
+def _row(key, members, cost_column, tested, top5) -> dict:
+  """A row's all-runs columns (mean ± std over its n runs)."""
+  _, label, dataset, unit, checkpoint = key
+  cost = protocols.mean_std([run['cost'] for run, _ in members], 3)
+  row = {
+      'Method': label,
+      ERROR: protocols.mean_std(_errors(members), 2),
+      'Last-epoch error (%)': protocols.mean_std(
+          [None if r.get('last_test_accuracy') is None else 100 * (1 - r['last_test_accuracy'])
+           for _, r in members], 2),
+      'Params (M)': protocols.mean_std([r['params'] / 1e6 for _, r in members], 2),
+      cost_column: f'{cost} {unit}' if cost != '-' and cost_column == 'Search cost' else cost,
+      'Search method': members[0][0]['search_method'],
+      'n': str(len(members)),
+      'Dataset': dataset,
+  }
+  if tested:
+    row['Tested checkpoint'] = checkpoint
+  if top5:
+    row['Top-5 accuracy (%)'] = protocols.mean_std(
+        [None if r.get('test_top5_accuracy') is None else 100 * r['test_top5_accuracy']
+         for _, r in members], 2)
+  return row
+
+
+def _protocol_cells(row, members, best, random_accuracy, show_best, show_ri) -> dict:
+  """`row` with the best-of-N columns (when `show_best`) and the RI columns (`show_ri`)."""
+  accuracies = [r['test_accuracy'] for _, r in members]
+  best_accuracies = [r['test_accuracy'] for _, r in best.members] if best else []
+  if show_best:
+    row[ALL_SEARCHES] = row.pop(ERROR)
+    row[BEST_OF_N] = protocols.mean_std(_errors(best.members), 2) if best else '-'
+    row[SEARCHES] = str(len({run['search'] for run, _ in members}))
+    row[BEST_RUNS] = str(len(best.members)) if best else '-'
+  if show_ri:
+    reference = None if members[0][0]['random'] else random_accuracy
+    row[RI_ALL] = protocols.relative_improvement(accuracies, reference)
+    if show_best:
+      row[RI_BEST] = protocols.relative_improvement(best_accuracies, reference)
+  return row
+
+
+def build_table(run_dirs: Sequence[str]) -> Table:
+  """The paper's Table II over run folders (each with results.json, or `seed_runs` of seed
+  folders that have one): its columns, rows and the notes below it.
 
   Runs of the same method label (`method_labels`), dataset (and number of test images, shown
   when a run tested on part of the test split) and search-cost unit make one row,
-  rows sorted by label: mean ± sample standard deviation over its n runs. 'Test error' is the
-  best checkpoint's (selected on the validation split, the test set itself unless
-  train.val_split is a fraction; runs tested on their latest checkpoint because their best
-  one did not restore are rows of their own, and a 'Tested checkpoint' column says so),
+  rows sorted by label, the random-cell row last: mean ± sample standard deviation over its n
+  runs and, when some row has searches to choose from, its best of N searches trained k times
+  (`protocols`), plus the relative improvement over random cells when some are given.
+  'Test error' is the best checkpoint's (selected on the validation split, the test set itself
+  unless train.val_split is a fraction; runs tested on their latest checkpoint because their
+  best one did not restore are rows of their own, and a 'Tested checkpoint' column says so),
   'Last-epoch error' the final epoch's (`last_test_accuracy`).
   Search cost in device-days (hours x devices / 24), labelled with the platform
   (`GPU-days`, `CPU-days`); a top-5 column when some results.json has `test_top5_accuracy`."""
@@ -218,55 +312,49 @@ def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
     run_dirs = [run_dirs]
   if not run_dirs:
     raise ValueError('the table needs at least one run folder.')
+  run_dirs = protocols.expand_seed_runs(run_dirs)
   _check_distinct(run_dirs)
   results = [_read_results(run_dir) for run_dir in run_dirs]
-  described = [describe_run(run_dir, r) for run_dir, r in zip(run_dirs, results)]
-  groups = collections.defaultdict(list)
-  for label, run, result in zip(method_labels(described), described, results):
-    # Runs tested on different numbers of test images are different rows.
-    dataset = _dataset_label(run['dataset'], result.get('num_test_examples'),
-                             result.get('num_train_examples'))
-    groups[(label, dataset, run['cost_unit'], _tested(result))].append((run, result))
-  units = {unit for _, _, unit, _ in groups if unit}
+  groups = _group(run_dirs, results)
+  units = {key[3] for key in groups if key[3]}
   cost_column = f'Search cost ({units.pop()})' if len(units) == 1 else 'Search cost'
   top5 = any(r.get('test_top5_accuracy') is not None for r in results)
-  tested = any(t != runs.BEST for *_, t in groups)
-  columns = (['Method', 'Test error (%)'] + (['Tested checkpoint'] if tested else [])
+  tested = any(key[4] != runs.BEST for key in groups)
+  bests = {key: protocols.best_search(members) for key, members in groups.items()}
+  show_best = any(b is not None and b.searches > 1 for b in bests.values())
+  random_runs = collections.defaultdict(list)
+  for key, members in groups.items():
+    random_runs[key[2]] += [r['test_accuracy'] for _, r in members] if key[0] else []
+  random_accuracy = {dataset: np.mean(acc) for dataset, acc in random_runs.items() if acc}
+  show_ri = bool(random_accuracy)
+  columns = (['Method'] + ([ALL_SEARCHES, BEST_OF_N, SEARCHES, BEST_RUNS] if show_best else [ERROR])
+             + ([RI_ALL] + ([RI_BEST] if show_best else []) if show_ri else [])
+             + (['Tested checkpoint'] if tested else [])
              + (['Top-5 accuracy (%)'] if top5 else [])
              + ['Last-epoch error (%)', 'Params (M)', cost_column, 'Search method', 'n',
                 'Dataset'])
-  rows = []
-  for (label, dataset, unit, checkpoint), members in sorted(
-      groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2] or '', g[0][3])):
-    cost = _mean_std([run['cost'] for run, _ in members], 3)
-    row = {
-        'Method': label,
-        'Test error (%)': _mean_std([100 * (1 - r['test_accuracy']) for _, r in members], 2),
-        'Last-epoch error (%)': _mean_std(
-            [None if r.get('last_test_accuracy') is None else 100 * (1 - r['last_test_accuracy'])
-             for _, r in members], 2),
-        'Params (M)': _mean_std([r['params'] / 1e6 for _, r in members], 2),
-        cost_column: f'{cost} {unit}' if cost != '-' and cost_column == 'Search cost' else cost,
-        'Search method': members[0][0]['search_method'],
-        'n': str(len(members)),
-        'Dataset': dataset,
-    }
-    if tested:
-      row['Tested checkpoint'] = checkpoint
-    if top5:
-      row['Top-5 accuracy (%)'] = _mean_std(
-          [None if r.get('test_top5_accuracy') is None else 100 * r['test_top5_accuracy']
-           for _, r in members], 2)
-    rows.append(row)
-  return columns, rows
+  rows = [_protocol_cells(_row(key, members, cost_column, tested, top5), members, bests[key],
+                          random_accuracy.get(key[2]), show_best, show_ri)
+          for key, members in sorted(groups.items(), key=lambda g: (
+              g[0][0], g[0][1], g[0][2], g[0][3] or '', g[0][4]))]
+  on_test = show_best and any(b is not None and b.on_test_set for b in bests.values())
+  notes = [NOTES[name] for name, shown in (('base', True), ('best', show_best),
+                                           ('test', on_test), ('ri', show_ri)) if shown]
+  return Table(columns, rows, notes)
+
+
+def paper_table(run_dirs: Sequence[str]) -> Tuple[list, list]:
+  """`build_table`'s (columns, rows)."""
+  table = build_table(run_dirs)
+  return table.columns, table.rows
 
 
 def write_paper_table(run_dirs: Sequence[str], out_dir: str, name: str = 'table2',
                       published: bool = False) -> list:
-  """Writes `paper_table` as `{out_dir}/{name}.md` and `.csv` (with `published`, the
-  `PUBLISHED` rows below the runs'); returns the paths."""
-  columns, rows = paper_table(run_dirs)
-  rows += published_rows(columns) if published else []
+  """Writes `build_table` as `{out_dir}/{name}.md` (with its notes) and `.csv` (with
+  `published`, the `PUBLISHED` rows below the runs'); returns the paths."""
+  table = build_table(run_dirs)
+  columns, rows = table.columns, table.rows + (published_rows(table.columns) if published else [])
   os.makedirs(out_dir, exist_ok=True)
   md_path, csv_path = (os.path.join(out_dir, f'{name}.{ext}') for ext in ('md', 'csv'))
   left = {'Method', 'Search method', 'Dataset'}
@@ -274,8 +362,8 @@ def write_paper_table(run_dirs: Sequence[str], out_dir: str, name: str = 'table2
            '|' + '|'.join(':---' if c in left else '---:' for c in columns) + '|']
   lines += ['| ' + ' | '.join(row[c].replace('|', r'\|') for c in columns) + ' |'
             for row in rows]
-  lines += ['', 'Mean ± sample standard deviation over the n runs of a row. Search cost: '
-            'search hours x devices / 24.']
+  for note in table.notes:
+    lines += ['', note]
   with open(md_path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
   with open(csv_path, 'w', newline='') as f:
@@ -319,8 +407,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       description='Reports over finished runs: the paper\'s Table II and the FGSM overlay.')
   commands = parser.add_subparsers(dest='command', required=True)
   table = commands.add_parser(
-      'table', help='Table II (markdown + csv) over run folders holding results.json; runs '
-      'of the same method and settings are one row, mean ± std over n.')
+      'table', help='Table II (markdown + csv) over run folders holding results.json (a run '
+      'trained over seeds counts as its seed runs); runs of the same method and settings are '
+      'one row: mean ± std over all of them, over the runs of the best of its N searches by '
+      'validation accuracy, and the relative improvement over random cells (random:I).')
   table.add_argument('runs', nargs='+', metavar='RUN')
   table.add_argument('--out', required=True, help='folder for table2.md and table2.csv')
   table.add_argument('--name', default='table2', help='file name stem (default table2)')

@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 from absl import logging
 
 from pcp_jax import genotypes
+from pcp_jax import random_cells
 
 # In every run folder.
 CONFIG = 'config.json'
@@ -228,9 +229,12 @@ def search_summary(source: str) -> dict:
 def method_name(source: str, method: str = '') -> str:
   """A trained genotype's name in results: `method` (train.method) if given, else the
   reference cell's published name, the search's method, the search folder's (or file's)
-  name, or 'pasted genotype' for a `Genotype(...)` given as text."""
+  name, 'pasted genotype' for a `Genotype(...)` given as text, or 'random cell' for
+  `random:I`."""
   if method:
     return method
+  if random_cells.index(source) is not None:
+    return random_cells.METHOD
   if source in genotypes.REFERENCE_METHODS:
     return genotypes.REFERENCE_METHODS[source][0]
   if source.lstrip().startswith('Genotype('):

@@ -34,6 +34,7 @@ from pcp_jax import models
 from pcp_jax import networks
 from pcp_jax import optim
 from pcp_jax import parallel
+from pcp_jax import random_cells
 from pcp_jax import runs
 from pcp_jax import torch_file
 
@@ -77,7 +78,7 @@ def image_shape(info: data.DatasetInfo):
 
 def load_genotype(config: ml_collections.ConfigDict, workdir: str) -> genotypes.Genotype:
   """The genotype of `config.genotype`, checked against the one the workdir was run with."""
-  genotype = genotypes.get(config.genotype)
+  genotype = random_cells.genotype(config)
   saved = os.path.join(workdir, runs.GENOTYPE)
   if os.path.isfile(saved) and genotypes.load(saved) != genotype:
     raise ValueError(
@@ -189,6 +190,8 @@ def check_config(config) -> None:
   models.select_kernels(config.get('op_impl', 'auto'))
   optim.check(t.optim, 'train.optim')
   data.parse_val_split(t.val_split)
+  if random_cells.index(config.genotype) is not None:
+    random_cells.genotype(config)  # a space with no valid cell is refused before compiling
   defaults.check_fields(
       config, whole=[(f'train.{name}', 1) for name in ('channels', 'epochs', 'batch_size',
                                                        'eval_batch_size')]
