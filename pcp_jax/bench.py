@@ -47,7 +47,7 @@ from ml_collections import config_flags
 from pcp_jax import bench_report
 from pcp_jax import collapse
 from pcp_jax import data
-from pcp_jax import defaults
+from pcp_jax import config_files
 from pcp_jax import loop
 from pcp_jax import models
 from pcp_jax import parallel
@@ -67,10 +67,10 @@ FLAGS = flags.FLAGS
 def define_flags(fv=FLAGS):
   """Defined only when run as a program: pcp_jax.main has its own --config. `fv`: the
   FlagValues to define them in (the README test parses the bench commands into its own)."""
-  config_flags.DEFINE_config_file('config', defaults.config_file('pc_darts'),
+  config_flags.DEFINE_config_file('config', config_files.config_file('pc_darts'),
                                   'Search config of the search cases.', flag_values=fv,
                                   lock_config=True)
-  config_flags.DEFINE_config_file('train_config', defaults.config_file('train_cifar10'),
+  config_flags.DEFINE_config_file('train_config', config_files.config_file('train_cifar10'),
                                   'Train config of the train case.', flag_values=fv,
                                   lock_config=True)
   flags.DEFINE_string('what', 'search,train', 'Comma list of: search, train, curvature.',
@@ -391,7 +391,7 @@ def main(argv):
 def parse_flags(argv):
   """absl's flag parsing, with configs also by name (`--config=ss_pcp:tiny`)."""
   try:
-    argv = defaults.config_args(argv)
+    argv = config_files.config_args(argv)
   except ValueError as e:
     raise SystemExit(f'Error: {e}') from None
   return app.parse_flags_with_usage(argv)

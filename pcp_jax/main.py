@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from pcp_jax import analysis
 from pcp_jax import checkpoint
+from pcp_jax import config_files
 from pcp_jax import defaults
 from pcp_jax import loop
 from pcp_jax import memory
@@ -223,14 +224,14 @@ def _plain(error) -> str:
 def parse_flags(argv):
   """absl's flag parsing; a config file or `--config.*` override that fails (a misspelt field,
   a bad config argument, an unparsable value) is answered in one line. `--config` also takes a
-  config by name (`--config=ss_pcp:tiny`, `defaults.config_file`)."""
+  config by name (`--config=ss_pcp:tiny`, `config_files.config_file`)."""
   if any(a in ('-h', '-?', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
     app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True)
-    print(f'\nConfigs by name or path: {", ".join(defaults.config_names())} '
+    print(f'\nConfigs by name or path: {", ".join(config_files.config_names())} '
           f'(--config=ss_pcp, --config=configs/ss_pcp.py).\n\n{defaults.__doc__}')
     sys.exit(0)
   try:
-    argv = defaults.config_args(argv, ('config',))
+    argv = config_files.config_args(argv, ('config',))
   except ValueError as e:
     sys.exit(f'error: --config: {e}')
   try:

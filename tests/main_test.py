@@ -14,7 +14,7 @@ import jax
 import pytest
 
 import pcp_jax
-from pcp_jax import defaults
+from pcp_jax import config_files
 from pcp_jax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -318,16 +318,16 @@ def test_the_installed_package_includes_every_subpackage():
 
 
 def test_configs_are_reachable_by_name():
-  path = defaults.config_file('pcp:tiny,ssf=0.5')
+  path = config_files.config_file('pcp:tiny,ssf=0.5')
   assert path == os.path.join(ROOT, 'configs', 'pcp.py') + ':tiny,ssf=0.5'
-  assert defaults.config_file('configs/pcp.py:tiny') == 'configs/pcp.py:tiny'  # a path
-  assert defaults.config_args(['main', '--config=ss_pcp', '--train_config', 'train_cifar10',
+  assert config_files.config_file('configs/pcp.py:tiny') == 'configs/pcp.py:tiny'  # a path
+  assert config_files.config_args(['main', '--config=ss_pcp', '--train_config', 'train_cifar10',
                                '--workdir=x']) == [
       'main', f'--config={ROOT}/configs/ss_pcp.py', '--train_config',
       f'{ROOT}/configs/train_cifar10.py', '--workdir=x']
   with pytest.raises(ValueError, match="config 'sspcp' is neither a file nor a config name "
                                        r"\(p_darts, pc_darts, pcp, quickstart, ss_pcp, "):
-    defaults.config_file('sspcp')
+    config_files.config_file('sspcp')
 
 
 @pytest.mark.slow
@@ -344,7 +344,7 @@ def test_an_installed_package_runs_its_configs_by_name_from_anywhere(tmp_path):
   assert built.returncode == 0, built.stderr[-3000:]
   env = dict(os.environ, PYTHONPATH=str(target))
   code = ('from pcp_jax import defaults, monitor; import importlib.util as u; '
-          'p = defaults.config_file("pc_darts:tiny").split(":")[0]; '
+          'p = config_files.config_file("pc_darts:tiny").split(":")[0]; '
           's = u.spec_from_file_location("c", p); m = u.module_from_spec(s); '
           's.loader.exec_module(m); print(p); print(m.get_config("tiny").search.channels); '
           'print(monitor.environment()["pcp_jax"])')

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ROOT
 from pcp_jax import bench
+from pcp_jax import config_files
 from pcp_jax import defaults
 from pcp_jax import main
 from pcp_jax import plots
@@ -92,7 +93,7 @@ def _program(command):
 def _parse_config(args):
   """The config that `--config=...` and `--config.x=...` in `args` name, loaded as the entry
   points load it (a name or path, config arguments, overrides)."""
-  argv = ['prog'] + defaults.config_args([a for a in args if a.startswith('--config')],
+  argv = ['prog'] + config_files.config_args([a for a in args if a.startswith('--config')],
                                          ('config',))
   fv = flags.FlagValues()
   # The override flags come from the command line it is given (sys.argv by default).
@@ -114,7 +115,7 @@ def check_main(args):
 
 def check_bench(args, monkeypatch):
   """A `pcp-jax-bench` command: its flags parse and its cases plan (no compilation)."""
-  argv = ['prog'] + defaults.config_args(args)
+  argv = ['prog'] + config_files.config_args(args)
   monkeypatch.setattr(sys, 'argv', argv)  # where the config flags find their overrides
   fv = flags.FlagValues()
   bench.define_flags(fv)
