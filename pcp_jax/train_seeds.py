@@ -65,18 +65,18 @@ def check_config(config) -> None:
 
 
 def check_train_mode(config) -> None:
-  train.check_train_mode(config)
   check_config(config)
+  train.check_train_mode(config)
 
 
 def check_test_mode(config) -> None:
-  train.check_config(config)
   check_config(config)
+  train.check_config(config)
 
 
 def check_fgsm_mode(config) -> None:
-  analysis.check_config(config)
   check_config(config)
+  analysis.check_config(config)
 
 
 def member_config(config, k: int):
