@@ -24,6 +24,7 @@ Search configs:
                  channels, 2 epochs each (1 warm-up), 4 cheap candidate ops (none, max/avg pool,
                  skip) and at most two stages (3 ops kept after the first).
 Train configs:
+  seeds=<int>    trains with seeds seed, seed + 1, ... as one program (mean and std).
   tiny           a few hundred images, 3 cells of 4 channels, 2 epochs: train, test and FGSM in
                  2-3 minutes on a 2-core CPU, mostly compilation.
   sgd            the DARTS recipe instead of the paper's Adam: SGD lr 0.025, cosine decay to 0
@@ -221,6 +222,7 @@ def train_config() -> ml_collections.ConfigDict:
   # a fraction such as '0.1' holds out the end of the training set instead.
   t.val_split = 'test'
   t.log_every_steps = 50  # progress lines (and chunk ends of the on-device loop); 0: none
+  t.seeds = 1  # trainings with seeds seed, seed + 1, ... as one program (train_seeds.py)
 
   config.fgsm = ml_collections.ConfigDict()
   config.fgsm.eps = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
@@ -252,7 +254,8 @@ def _ssf(config, value):
 
 
 def _seeds(config, value):
-  config.search.population.seeds = _number('seeds', value, int, 'a whole number >= 1')
+  seeds = _number('seeds', value, int, 'a whole number >= 1')
+  (config.search.population if 'search' in config else config.train).seeds = seeds
 
 
 def _dataset(config, value):
@@ -311,15 +314,12 @@ def _tiny_train(config, _):
   t.batch_size, t.eval_batch_size, t.log_every_steps = 16, 64, 8
   if config.data.dataset == 'cifar10':
     config.data.source = 'subset'  # shipped with the package: no download needed
-  config.data.max_train = 256
-  config.data.max_test = 128
-  config.fgsm.num_examples = 32
-  config.fgsm.batch_size = 32
+  config.data.max_train, config.data.max_test = 256, 128
+  config.fgsm.num_examples = config.fgsm.batch_size = 32
 
 
 def _sgd(config, _):
-  config.train.optim.update(name='sgd', lr=0.025, schedule='cosine', lr_min=0.0,
-                            momentum=0.9)
+  config.train.optim.update(name='sgd', lr=0.025, schedule='cosine', lr_min=0.0, momentum=0.9)
 
 
 def _adam(config, _):
@@ -329,7 +329,7 @@ def _adam(config, _):
 # name -> (takes a value, what it applies to: 'search' or 'train', function)
 ARGS = {
     'ssf': (True, 'search', _ssf),
-    'seeds': (True, 'search', _seeds),
+    'seeds': (True, None, _seeds),
     'dataset': (True, 'search', _dataset),
     'warmup': (True, 'search', _warmup),
     'cells8': (False, 'search', _cells8),

@@ -16,7 +16,6 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from pcp_jax import analysis
 from pcp_jax import checkpoint
 from pcp_jax import config_files
 from pcp_jax import defaults
@@ -26,7 +25,7 @@ from pcp_jax import parallel
 from pcp_jax import plots
 from pcp_jax import population
 from pcp_jax import runs
-from pcp_jax import train
+from pcp_jax import train_seeds
 from pcp_jax.cpu import host
 
 FLAGS = flags.FLAGS
@@ -39,8 +38,8 @@ flags.DEFINE_bool(
     'PCP_JAX_COORDINATOR (host:port of process 0), PCP_JAX_NUM_PROCESSES and PCP_JAX_PROCESS_ID.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = {'search': population.run, 'train': train.train_and_evaluate, 'test': analysis.test,
-         'fgsm': analysis.fgsm}
+MODES = {'search': population.run, 'train': train_seeds.run_train, 'test': train_seeds.test,
+         'fgsm': train_seeds.fgsm}
 DISTRIBUTED_VARS = ('PCP_JAX_COORDINATOR', 'PCP_JAX_NUM_PROCESSES', 'PCP_JAX_PROCESS_ID')
 
 
@@ -104,8 +103,9 @@ def use_compilation_cache():
 
 # The config section each mode needs, and its validation.
 _NEEDS = {'search': ('search', population.check_search_config),
-          'train': ('train', train.check_train_mode), 'test': ('train', train.check_config),
-          'fgsm': ('train', analysis.check_config)}
+          'train': ('train', train_seeds.check_train_mode),
+          'test': ('train', train_seeds.check_test_mode),
+          'fgsm': ('train', train_seeds.check_fgsm_mode)}
 
 
 def check(config) -> list:
@@ -145,9 +145,11 @@ def run(config, workdir):
       logging.info('Mode %s in %s', mode, workdir)
       MODES[mode](config, workdir)
     if parallel.is_main_process():
-      folders = population.run_folders(config, workdir)
+      run_folders = population.run_folders if 'search' in config else train_seeds.run_folders
+      folders = run_folders(config, workdir)
       # A population's own folder gets the members overlaid (`population_plots`).
-      for folder in folders + ([workdir] if folders != [workdir] else []):
+      population_run = 'search' in config and folders != [workdir]
+      for folder in folders + ([workdir] if population_run else []):
         try:
           paths = plots.plot_run(folder)
           logging.info('Plots: %d pictures in %s', len(paths), os.path.dirname(paths[0]))

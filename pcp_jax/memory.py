@@ -122,15 +122,18 @@ def search_needs(config) -> List[Need]:
 
 
 def train_need(config) -> Need:
-  """The training step of the evaluation network."""
+  """The training step of the evaluation network (of every seed, `train.seeds`)."""
   t = config.train
   size, image_bytes = _image(config)
   images = config.data.max_train or data.DATASETS[config.data.dataset].train_size
   per_image = 4 * (TRAIN_STEM * size * size * 3 * t.channels
                    + TRAIN_CELLS * cell_volumes(t.layers, t.channels, size))
-  return Need('train', _per_memory(per_image * t.batch_size, images * image_bytes, config),
-              f'train ({t.layers} cells of {t.channels} channels, batch {t.batch_size}): its '
-              'step', 'train.batch_size, train.channels or train.layers')
+  n = t.get('seeds', 1)  # training over seeds: every seed's activations in one step
+  return Need('train', _per_memory(per_image * t.batch_size * n, images * image_bytes, config),
+              f'train ({f"{n} seeds, " if n > 1 else ""}{t.layers} cells of {t.channels} '
+              f'channels, batch {t.batch_size}): its step',
+              'train.batch_size, train.channels or train.layers'
+              + (' (or fewer train.seeds)' if n > 1 else ''))
 
 
 def _host_available() -> Optional[int]:

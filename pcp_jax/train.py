@@ -309,9 +309,9 @@ def _save(sess: loop.Session, setup: Setup, best_val_loss, epoch: int, state, su
   sess.save(epoch * setup.steps + step, state, sums, _meta(setup, epoch, step, best_val_loss))
 
 
-def _log_row(row: dict, epochs: int) -> None:
-  logging.info('epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  '
-               'drop-path %.3f  %.1fs%s', row['epoch'], epochs, row['train_loss'],
+def log_row(row: dict, epochs: int, prefix: str = '') -> None:
+  logging.info('%sepoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.3g  '
+               'drop-path %.3f  %.1fs%s', prefix, row['epoch'], epochs, row['train_loss'],
                row['train_acc'], row['valid_loss'], row['valid_acc'], row['lr'],
                row['drop_path_rate'], row['epoch_seconds'], '  (best)' if row['best'] else '')
 
@@ -377,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  drop_path_rate=float(rate or 0.0), best=improved,
                  step=(epoch + 1) * setup.steps, epoch_seconds=time.time() - t_epoch,
                  elapsed_seconds=sess.elapsed_seconds())
-      _log_row(row, t.epochs)
+      log_row(row, t.epochs)
       sess.write_row(row)
       _save(sess, setup, best_val_loss, epoch + 1, state, sums, 0)
       sess.stop_if_requested()

@@ -417,7 +417,8 @@ def test_configs_give_the_papers_recipe(get_config, dataset):
 
 
 def test_unknown_config_argument_names_the_allowed_ones():
-  with pytest.raises(ValueError, match=r"'huge' for a train config; allowed: adam, sgd, tiny"):
+  with pytest.raises(ValueError,
+                     match=r"'huge' for a train config; allowed: adam, seeds, sgd, tiny"):
     train_cifar10.get_config('tiny,huge')
   with pytest.raises(ValueError, match=r"sgd is written sgd, got 'sgd=1'"):
     train_cifar10.get_config('sgd=1')
