@@ -1,6 +1,7 @@
 """The config files by name: `--config=ss_pcp:tiny` for `configs/ss_pcp.py:tiny`, from a
 checkout or an installed package (its copy of configs/ as `pcp_jax.configs`)."""
 
+import importlib.util
 import os
 from typing import Sequence
 
@@ -41,3 +42,16 @@ def config_args(argv: Sequence[str], flags=('config', 'train_config')) -> list:
       elif a == f'--{flag}' and i + 1 < len(out):
         out[i + 1] = config_file(out[i + 1])
   return out
+
+
+def load(spec: str):
+  """The config a `--config` value names (`pcp:tiny,seeds=2`, `configs/pcp.py:tiny`), loaded
+  as `--config` loads it."""
+  path, _, arg = config_file(spec).partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'config file {path!r} does not exist.')
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

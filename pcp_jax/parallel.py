@@ -162,11 +162,13 @@ _builds = collections.OrderedDict()
 
 
 def _build_key(value):
-  """A hashable form of a builder's argument: a config without its seed (which reaches the
-  programs as data, in their keys), arrays by content, containers by their items."""
+  """A hashable form of a builder's argument: a config without the fields that never reach a
+  program (the seed reaches them as data, in their keys; checkpoints and modes are the
+  driver's), arrays by content, containers by their items."""
   if isinstance(value, ml_collections.ConfigDict):
     fields = json.loads(value.to_json_best_effort())
-    fields.pop('seed', None)
+    for name in ('seed', 'checkpoint', 'modes'):
+      fields.pop(name, None)
     return json.dumps(fields, sort_keys=True)
   if isinstance(value, np.ndarray):
     return value.shape, value.dtype.str, value.tobytes()

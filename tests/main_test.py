@@ -343,7 +343,7 @@ def test_an_installed_package_runs_its_configs_by_name_from_anywhere(tmp_path):
                           ROOT], capture_output=True, text=True, timeout=300)
   assert built.returncode == 0, built.stderr[-3000:]
   env = dict(os.environ, PYTHONPATH=str(target))
-  code = ('from pcp_jax import defaults, monitor; import importlib.util as u; '
+  code = ('from pcp_jax import config_files, monitor; import importlib.util as u; '
           'p = config_files.config_file("pc_darts:tiny").split(":")[0]; '
           's = u.spec_from_file_location("c", p); m = u.module_from_spec(s); '
           's.loader.exec_module(m); print(p); print(m.get_config("tiny").search.channels); '

@@ -241,14 +241,11 @@ def main():
       for k, ((arch1, rows1), (arch2, rows2)) in enumerate(zip(one, two)):
         assert_close(rows1, rows2, f'population member {k} metrics: 1 vs 2 devices (members)')
         assert_close(arch1, arch2, f'population member {k} arch: 1 vs 2 devices (members)')
-      steps1 = population_steps(folder, 1, 'auto')
+      # Each device holds its own member of every array (the search's stage, reused). The
+      # data-parallel population (devices=data) is the data-parallel step above, vmapped.
       assert population.shards_members(population_config(2, 'members'))
-      population_steps(folder, 2, 'members')  # asserts the split
-      assert not population.shards_members(population_config(2, 'data'))
-      steps2 = population_steps(folder, 2, 'data')
-      log('population steps, 2 devices (each member data-parallel), float64')
-      assert_replicas_identical(steps2, 'population replicas differ (data)')
-      assert_close(steps1, steps2, 'population steps: 1 vs 2 devices (data)')
+      population_steps(folder, 2, 'members')
+      log('population members split across the devices')
   print('OK')
 
 

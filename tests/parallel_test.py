@@ -43,7 +43,8 @@ def test_a_build_with_the_same_arguments_is_reused_but_not_another_config_or_sha
   config = ml_collections.ConfigDict({'seed': 0, 'search': {'channels': 4}})
   switches = {'normal': np.ones((14, 4), bool)}
   first = build(config, switches, (8, 8, 3))
-  other_seed = ml_collections.ConfigDict({'seed': 5, 'search': {'channels': 4}})
+  other_seed = ml_collections.ConfigDict({'seed': 5, 'search': {'channels': 4},
+                                          'checkpoint': {'every_steps': 3}})
   assert build(other_seed, {'normal': np.ones((14, 4), bool)}, (8, 8, 3)) is first
   assert build(config, switches, (16, 16, 3)) is not first
   wider = ml_collections.ConfigDict({'seed': 0, 'search': {'channels': 8}})

@@ -10,6 +10,7 @@ files deleted from the newest checkpoint), not by the library.
 
 import importlib
 import json
+import logging as stdlib_logging
 import os
 import signal
 import subprocess
@@ -142,21 +143,22 @@ def damage_newest_checkpoint(ckpt_dir):
     (3, 0, 2, False),
 ])
 def test_sigkill_and_rerun_gives_the_uninterrupted_result(
-    uninterrupted, tmp_path, every, kill_after_saves, kill_at_eval, corrupt):
+    uninterrupted, tmp_path, caplog, every, kill_after_saves, kill_at_eval, corrupt):
   killed = run(tmp_path, every, kill_after_saves, kill_at_eval)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert not os.path.exists(tmp_path / 'genotype.json')
   assert os.listdir(tmp_path / 'search_checkpoints')
   if corrupt:
     damaged, previous = damage_newest_checkpoint(tmp_path / 'search_checkpoints')
-  resumed = run(tmp_path, every)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  # The rerun in this process: the stage `uninterrupted` built serves it (`parallel.reused`).
+  with caplog.at_level(stdlib_logging.INFO):
+    search.search(tiny_config(every), str(tmp_path))
   if corrupt:
-    assert f'Checkpoint {damaged} in' in resumed.stderr
-    assert 'trying an older one' in resumed.stderr
-    assert f'Resuming the search from checkpoint {previous}' in resumed.stderr
+    assert f'Checkpoint {damaged} in' in caplog.text
+    assert 'trying an older one' in caplog.text
+    assert f'Resuming the search from checkpoint {previous}' in caplog.text
   else:
-    assert 'Resuming the search from checkpoint' in resumed.stderr
+    assert 'Resuming the search from checkpoint' in caplog.text
   assert_same(result(tmp_path), uninterrupted)
 
 
@@ -248,6 +250,8 @@ app.run(main.main, flags_parser=main.parse_flags)
 
 @pytest.mark.slow
 def test_sigterm_on_the_command_line_saves_exits_143_and_resumes(uninterrupted, tmp_path):
+  # The stop on the command line; the rerun in this process, on the stage `uninterrupted`
+  # built (`parallel.reused`).
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   stopped = subprocess.run([sys.executable, '-c', CLI_RUNNER, root, str(tmp_path)],
                            env=subprocess_env(), capture_output=True, text=True,
@@ -260,8 +264,7 @@ def test_sigterm_on_the_command_line_saves_exits_143_and_resumes(uninterrupted, 
   # run so far, so the search stops right after it.
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'search_checkpoints'))
   assert ckpt.latest_step() == 2 and ckpt.restore_metadata(2)['step'] == 2
-  resumed = run(tmp_path, every=1)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  search.search(tiny_config(1), str(tmp_path))
   assert_same(result(tmp_path), uninterrupted)
 
 
@@ -296,7 +299,7 @@ app.run(main.main, flags_parser=main.parse_flags)
 
 @pytest.mark.slow
 def test_a_full_disk_on_the_command_line_is_one_line_and_the_rerun_resumes(uninterrupted,
-                                                                         tmp_path):
+                                                                         tmp_path, caplog):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   stopped = subprocess.run([sys.executable, '-c', CLI_FULL_DISK_RUNNER, root, str(tmp_path)],
                            env=subprocess_env(), capture_output=True, text=True,
@@ -306,7 +309,7 @@ def test_a_full_disk_on_the_command_line_is_one_line_and_the_rerun_resumes(unint
   assert stopped.stderr.strip().splitlines()[-1].endswith(
       f'{tmp_path}/search_metrics.jsonl: the disk is full (No space left on device). Free '
       'space on it and rerun the same command to resume (the checkpoints saved are intact).')
-  resumed = run(tmp_path, every=1)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'search_metrics.jsonl: line 1 is cut short' in resumed.stderr
+  with caplog.at_level(stdlib_logging.WARNING):  # the rerun in this process
+    search.search(tiny_config(1), str(tmp_path))
+  assert 'search_metrics.jsonl: line 1 is cut short' in caplog.text
   assert_same(result(tmp_path), uninterrupted)
