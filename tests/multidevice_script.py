@@ -27,6 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from absl import logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
@@ -215,6 +216,7 @@ def log(what, start=[time.time()]):  # pylint: disable=dangerous-default-value
 
 def main():
   assert jax.device_count() == 2, jax.devices()
+  logging.set_verbosity(logging.WARNING)  # the population searches' progress lines
   with jax.enable_x64():
     state2, sums2 = run_search(2, float64=True)
     log('search, 2 devices, float64')

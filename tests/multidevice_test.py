@@ -23,7 +23,8 @@ def run_script():
                           timeout=TIMEOUT)
   except subprocess.TimeoutExpired as e:
     return None, f'timed out after {TIMEOUT} s\n{e.stdout}\n{e.stderr}'
-  return proc.returncode, proc.stdout + proc.stderr
+  # The script's verdict ends its stdout; the runs' log lines go to stderr.
+  return proc.returncode, proc.stderr + proc.stdout
 
 
 @pytest.mark.slow
