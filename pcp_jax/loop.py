@@ -254,6 +254,20 @@ def evaluate(eval_fn, variables, images, labels, batch_size: int, key=None) -> d
   return {name: float(sum(np.float64(t[name]) for t in totals)) / n for name in totals[0]}
 
 
+def evaluate_members(eval_fn, variables, images, labels, batch_size: int, keys,
+                     op_mask=None) -> list:
+  """`evaluate` of a population (`make_eval_fn(..., members=True)`): each member's means, its
+  key `keys[k]` folded with the batch index as a solo run's."""
+  n = images.shape[0]
+  batch_size = min(batch_size, max(n, 1))
+  totals = [eval_fn(variables, images[idx], labels[idx], mask,
+                    jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys), op_mask)
+            for i, (idx, mask) in enumerate(padded_batches(n, batch_size))]
+  totals = jax.device_get(totals)
+  return [{name: float(sum(np.float64(t[name][k]) for t in totals)) / n for name in totals[0]}
+          for k in range(len(keys))]
+
+
 # ---------------------------------------------------------------------------
 # A session's epochs.
 

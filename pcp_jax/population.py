@@ -231,18 +231,11 @@ class Population:
 
   def evaluate(self, built: search.Stage, state, s: int, switch_sets) -> List[dict]:
     """Each member's validation means (its solo run's keys)."""
-    images, labels = self.setup.images['valid'], self.setup.labels['valid']
-    n = images.shape[0]
-    batch = min(self.setup.cfg.eval_batch_size, n)
-    keys = jnp.stack([m.stage_keys(s)[3] for m in self.solo])
-    mask = union.masks(switch_sets)
     variables = {'params': state.params, 'arch': state.arch, 'batch_stats': state.batch_stats}
-    totals = [built.eval_fn(variables, images[idx], labels[idx], valid,
-                            jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys), mask)
-              for i, (idx, valid) in enumerate(loop.padded_batches(n, batch))]
-    totals = jax.device_get(totals)
-    return [{name: float(sum(np.float64(t[name][k]) for t in totals)) / n
-             for name in totals[0]} for k in range(self.size)]
+    return loop.evaluate_members(
+        built.eval_fn, variables, self.setup.images['valid'], self.setup.labels['valid'],
+        self.setup.cfg.eval_batch_size, jnp.stack([m.stage_keys(s)[3] for m in self.solo]),
+        union.masks(switch_sets))
 
 
 def _prepare(config, workdir) -> Population:

@@ -174,15 +174,10 @@ class Seeds:
 
   def evaluate(self, eval_fn, state) -> List[dict]:
     """Each member's validation means (`loop.evaluate` of its solo run)."""
-    splits, n = self.setup.splits, len(self.setup.splits.val_images)
-    batch = min(self.setup.config.train.eval_batch_size, max(n, 1))
-    totals = [eval_fn(train.eval_variables(state), splits.val_images[idx],
-                      splits.val_labels[idx], mask,
-                      jnp.stack([jax.random.fold_in(jax.random.key(0), i)] * self.size), None)
-              for i, (idx, mask) in enumerate(loop.padded_batches(n, batch))]
-    totals = jax.device_get(totals)
-    return [{name: float(sum(np.float64(t[name][k]) for t in totals)) / n
-             for name in totals[0]} for k in range(self.size)]
+    splits = self.setup.splits
+    return loop.evaluate_members(
+        eval_fn, train.eval_variables(state), splits.val_images, splits.val_labels,
+        self.setup.config.train.eval_batch_size, jnp.stack([jax.random.key(0)] * self.size))
 
 
 def _prepare(config, workdir) -> Seeds:
