@@ -49,6 +49,7 @@ from pcp_jax import collapse
 from pcp_jax import data
 from pcp_jax import config_files
 from pcp_jax import loop
+from pcp_jax import members as members_lib
 from pcp_jax import models
 from pcp_jax import parallel
 from pcp_jax import random_cells
@@ -219,8 +220,9 @@ class _Program:
       self.carry = parallel.replicate(
           (state, loop.zero_sums(search_step.METRICS, members=members)), mesh)
       spec = dataclasses.replace(built.spec, model=built.spec.model.clone(dtype=dtype))
-      self.fn = loop.make_chunk_fn(functools.partial(search_step.search_step, spec=spec), b,
-                                   mesh, bool(members))
+      self.fn = loop.make_chunk_fn(
+          functools.partial(search_step.search_step, spec=spec), b, mesh, bool(members),
+          at_once=members_lib.resolve(config.search.population.members_at_once))
       self.data = (*_inputs(n, info, ('train', 'valid'), mesh),
                    parallel.replicate(order, mesh), self.key)
       self.rate = jnp.float32(stage.skip_dropout)
@@ -291,12 +293,17 @@ def run_case(case, config, *, steps=5, warmup=2, dtype='float32', compile_only=F
   # As the loops compile their steps: on a CPU, the scheduler and the heap trimming matter.
   compiled = parallel.compile_lowered(program.fn.lower(*program.carry, *program._args(1, True)))
   m = compiled.memory_analysis()  # donated arguments are counted once (alias)
+  in_turn = 0  # one member's program, run for each member: the others' state beside it
+  if isinstance(program.fn, members_lib.InTurn):
+    compiled = functools.partial(program.fn, program=compiled)
+    n = case['population']
+    in_turn = sum(a.nbytes for a in jax.tree_util.tree_leaves(program.carry)) * (n - 1) // n
   result = dict(case, case=program.name, dtype=dtype, op_impl=config.op_impl,
                 kernels=models.select_kernels(config.op_impl).name,
                 init_seconds=program.init_seconds,
                 compile_seconds=time.perf_counter() - t0, xla_buffer_bytes=m and int(
                     m.argument_size_in_bytes + m.output_size_in_bytes
-                    - m.alias_size_in_bytes + m.temp_size_in_bytes))
+                    - m.alias_size_in_bytes + m.temp_size_in_bytes + in_turn))
   logging.info('%s: initialised in %.1f s, compiled in %.1f s.', program.name,
                result['init_seconds'], result['compile_seconds'])
   if not compile_only:

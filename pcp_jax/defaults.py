@@ -186,7 +186,10 @@ def search_config() -> ml_collections.ConfigDict:
   # seed + 1, ...) times the ss_factors of the sweep (empty: ss_factor alone); not in the
   # paper, which reports single searches; 1 and () run one search. `devices`: 'members' (split
   # across the devices), 'data' (each member data-parallel) or 'auto' (members if they divide).
-  s.population = ml_collections.ConfigDict(dict(seeds=1, ss_factors=(), devices='auto'))
+  # `members_at_once`: how many members a step computes together: k, or 0 for all of them on an
+  # accelerator and one after another on a CPU (pcp_jax/members.py).
+  s.population = ml_collections.ConfigDict(dict(seeds=1, ss_factors=(), devices='auto',
+                                                members_at_once=0))
   return config
 
 
@@ -223,6 +226,7 @@ def train_config() -> ml_collections.ConfigDict:
   t.val_split = 'test'
   t.log_every_steps = 50  # progress lines (and chunk ends of the on-device loop); 0: none
   t.seeds = 1  # trainings with seeds seed, seed + 1, ... as one program (train_seeds.py)
+  t.seeds_at_once = 0  # how many seeds a step computes together (pcp_jax/members.py; 0: auto)
 
   config.fgsm = ml_collections.ConfigDict()
   config.fgsm.eps = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)

@@ -36,6 +36,7 @@ from pcp_jax import checkpoint
 from pcp_jax import events
 from pcp_jax import genotypes
 from pcp_jax import losses
+from pcp_jax import members as members_lib
 from pcp_jax import monitor
 from pcp_jax import parallel
 from pcp_jax import runs
@@ -112,7 +113,7 @@ class EpochInputs(NamedTuple):
 
 
 def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, step_fn,
-              batch_size, members=False):
+              batch_size, members=False, at_once=0):
   """Runs steps `start`..`stop - 1` of an epoch in one on-device loop.
 
   Step `i` gets `batch = {split: (images, labels)}` of rows `order[split][i * batch_size:
@@ -124,7 +125,8 @@ def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, 
 
   `members` (a population, `population`): `state`, `sums`, `order`, `key` and `hparams`
   carry a leading member axis, `images` and `labels` are shared, and each step is
-  `step_fn` vmapped over the members, each with its own batch and key.
+  `step_fn` mapped over the members (`members.mapped`, `at_once` of them together), each
+  with its own batch and key.
 
   Returns:
     (state, sums, bad_step).
@@ -148,8 +150,8 @@ def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, 
       return step_fn(state, batch_of(order), jax.random.fold_in(key, i), hparams)
 
     if members:  # scalar hyperparameters are shared, arrays have a value per member
-      axes = jax.tree_util.tree_map(lambda h: 0 if jnp.ndim(h) else None, hparams)
-      step = jax.vmap(step, in_axes=(0, 0, 0, axes))
+      axes = jax.tree_util.tree_map(members_lib.per_member_arrays, hparams)
+      step = members_lib.mapped(step, (0, 0, 0, axes), at_once)
     state, metrics = step(state, order, key, hparams)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in metrics.values()]))
     sums = {name: sums[name] + metrics[name] for name in sums}
@@ -161,39 +163,29 @@ def run_steps(state, sums, images, labels, order, key, hparams, start, stop, *, 
 
 
 def make_chunk_fn(step_fn: Callable, batch_size: int, mesh, members: bool = False,
-                  shard_members: bool = False) -> parallel.CompiledOnFirstCall:
-  """`run_steps` of `step_fn`, data-parallel over `mesh` (or, `shard_members`, a population's
-  members split across it: `_member_sharded`), jitted and compiled at its first call:
-  chunk(state, sums, *EpochInputs, start, stop) -> (state, sums, bad_step), donating `state`
-  and `sums`. Later calls must pass the same shapes, types and shardings."""
-  chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=batch_size, members=members)
-  spread = (_member_sharded(chunk, mesh) if shard_members and mesh.size > 1
-            else parallel.data_parallel(chunk, mesh))
+                  shard_members: bool = False, at_once: int = 0):
+  """`run_steps` of `step_fn`, data-parallel over `mesh`, jitted and compiled at its first
+  call: chunk(state, sums, *EpochInputs, start, stop) -> (state, sums, bad_step), donating
+  `state` and `sums`. Later calls must pass the same shapes, types and shardings.
+
+  `members`: a population's chunk, its members split across `mesh` (`shard_members`:
+  `members.split_across`) or each data-parallel over it, `at_once` of them together
+  (`members.resolve`; 1: one after another, `members.InTurn`)."""
+  split = shard_members and mesh.size > 1
+  if members and at_once == 1 and not split:
+    return members_lib.InTurn(
+        _chunk_fn(step_fn, batch_size, mesh),
+        (0, 0, None, None, 0, 0, members_lib.per_member_arrays, None, None),
+        lambda out: (out[0], out[1], members_lib.first_bad_step(out[2])))
+  return _chunk_fn(step_fn, batch_size, mesh, members, split, at_once)
+
+
+def _chunk_fn(step_fn, batch_size, mesh, members=False, split=False, at_once=0):
+  chunk = functools.partial(run_steps, step_fn=step_fn, batch_size=batch_size, members=members,
+                            at_once=at_once)
+  spread = members_lib.split_across(chunk, mesh) if split else parallel.data_parallel(
+      chunk, mesh)
   return parallel.CompiledOnFirstCall(jax.jit(spread, donate_argnums=(0, 1)))
-
-
-def _member_sharded(chunk: Callable, mesh) -> Callable:
-  """A population's `chunk` with the member axis split across `mesh`: each device runs the
-  steps of its members whole (a step built for one device: no communication), the shared
-  images and labels on every device; `bad_step` is the first non-finite step of any."""
-  def spec(tree):  # a member axis on arrays, scalars shared
-    return jax.tree_util.tree_map(lambda a: P(parallel.AXIS) if jnp.ndim(a) else P(), tree)
-
-  def local(*args):
-    state, sums, bad = chunk(*args)
-    return state, sums, bad[None]
-
-  def sharded(state, sums, images, labels, order, key, hparams, start, stop):
-    in_specs = (spec(state), spec(sums), P(), P(), spec(order), spec(key), spec(hparams), P(),
-                P())
-    state, sums, bad = jax.shard_map(
-        local, mesh=mesh, in_specs=in_specs, out_specs=(spec(state), spec(sums), P(
-            parallel.AXIS)), check_vma=False)(state, sums, images, labels, order, key, hparams,
-                                              start, stop)
-    first = jnp.min(jnp.where(bad >= 0, bad, jnp.iinfo(jnp.int32).max))
-    return state, sums, jnp.where(jnp.any(bad >= 0), first, -1).astype(jnp.int32)
-
-  return sharded
 
 
 def zero_sums(names, dtype=jnp.float32, members: int = 0) -> dict:
@@ -217,19 +209,24 @@ def eval_sums(variables, images, labels, mask, key, op_mask=None, *, model, mean
   return losses.classification_sums(logits, labels, mask)
 
 
-def make_eval_fn(model, mean, std, members: bool = False, member_mesh=None) -> Callable:
-  """`eval_sums` of `model` for `evaluate`, jitted. `members`: vmapped over a population's
-  variables, keys and op masks (`eval_fn(variables, images, labels, mask, keys, op_mask)`);
-  `member_mesh`: the members split across its devices, each evaluating its own."""
+def make_eval_fn(model, mean, std, members: bool = False, member_mesh=None, at_once: int = 0):
+  """`eval_sums` of `model` for `evaluate`, jitted. `members`: mapped over a population's
+  variables, keys and op masks (`eval_fn(variables, images, labels, mask, keys, op_mask)`;
+  `at_once` as `make_chunk_fn`'s) and compiled at its first call; `member_mesh`: the members
+  split across its devices, each evaluating its own."""
   fn = functools.partial(eval_sums, model=model, mean=mean, std=std)
   if not members:
     return jax.jit(fn)
-  fn = jax.vmap(fn, in_axes=(0, None, None, None, 0, 0))
-  if member_mesh is not None and member_mesh.size > 1:
-    split, shared = P(parallel.AXIS), P()
-    fn = jax.shard_map(fn, mesh=member_mesh, in_specs=(split, shared, shared, shared, split,
-                                                        split), out_specs=split, check_vma=False)
-  return jax.jit(fn)
+  axes = (0, None, None, None, 0, 0)
+  split = member_mesh is not None and member_mesh.size > 1
+  if at_once == 1 and not split:
+    return members_lib.InTurn(parallel.CompiledOnFirstCall(jax.jit(fn)), axes)
+  fn = members_lib.mapped(fn, axes, at_once)
+  if split:
+    shard, shared = P(parallel.AXIS), P()
+    fn = jax.shard_map(fn, mesh=member_mesh, in_specs=(shard, shared, shared, shared, shard,
+                                                        shard), out_specs=shard, check_vma=False)
+  return parallel.CompiledOnFirstCall(jax.jit(fn))
 
 
 def padded_batches(n: int, batch_size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:

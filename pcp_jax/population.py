@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pcp_jax import checkpoint
+from pcp_jax import defaults
 from pcp_jax import events
 from pcp_jax import genotypes
 from pcp_jax import loop
@@ -99,6 +100,7 @@ def check_config(config) -> None:
                      f'empty: search.ss_factor), got {factors!r}.')
   if len(set(factors)) != len(factors):
     raise ValueError(f'search.population.ss_factors lists a value twice: {list(factors)}.')
+  defaults.check_fields(config, whole=[('search.population.members_at_once', 0)])
   if pop.get('devices', 'auto') not in DEVICE_MODES:
     raise ValueError(f'search.population.devices must be one of {list(DEVICE_MODES)}, got '
                      f'{pop.devices!r}.')

@@ -25,6 +25,7 @@ from pcp_jax import defaults
 from pcp_jax import diagrams
 from pcp_jax import genotypes
 from pcp_jax import loop
+from pcp_jax import members as members_lib
 from pcp_jax import models
 from pcp_jax import optim
 from pcp_jax import parallel
@@ -99,6 +100,7 @@ def build_stage(config, layers: int, epochs: int, switches, info: data_lib.Datas
   the members split across the mesh, each step on one device (`loop.make_chunk_fn`)."""
   cfg = config.search
   dtype, devices = jnp.dtype(cfg.dtype), 1 if shard_members else mesh.size
+  at_once = members_lib.resolve(cfg.population.get('members_at_once', 0)) if members else 0
   model = models.search_network(config, layers, switches, info.num_classes, devices, dtype,
                                 members)
   projector = models.projector(config, devices)
@@ -113,11 +115,12 @@ def build_stage(config, layers: int, epochs: int, switches, info: data_lib.Datas
   if dtype != jnp.float32:  # weights start as float32 ones (the same draws), then widen
     init = functools.partial(_widened, init, dtype)
   step_fn = functools.partial(search_step.search_step, spec=spec)
+  eval_fn = loop.make_eval_fn(model, info.mean, info.std, members,
+                              mesh if shard_members else None, at_once)
   return Stage(spec=spec, init=init, lr_schedule=lr_schedule,
                chunk_fn=loop.make_chunk_fn(step_fn, cfg.batch_size, mesh, members,
-                                           shard_members),
-               eval_fn=parallel.CompiledOnFirstCall(loop.make_eval_fn(
-                   model, info.mean, info.std, members, mesh if shard_members else None)),
+                                           shard_members, at_once),
+               eval_fn=eval_fn if members else parallel.CompiledOnFirstCall(eval_fn),
                curvature_fn=collapse.make_curvature_fn(model, info.mean, info.std,
                                                        cfg.curvature_steps)
                if cfg.curvature_every and not members else None)

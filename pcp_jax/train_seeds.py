@@ -34,6 +34,7 @@ from pcp_jax import defaults
 from pcp_jax import events
 from pcp_jax import genotypes
 from pcp_jax import loop
+from pcp_jax import members as members_lib
 from pcp_jax import monitor
 from pcp_jax import parallel
 from pcp_jax import runs
@@ -53,7 +54,7 @@ def size(config) -> int:
 
 def check_config(config) -> None:
   """Validates `train.seeds` (a solo run passes), naming the field."""
-  defaults.check_fields(config, whole=[('train.seeds', 1)])
+  defaults.check_fields(config, whole=[('train.seeds', 1), ('train.seeds_at_once', 0)])
   if size(config) == 1:
     return
   if config.num_devices != 1 and jax.device_count() > 1:
@@ -260,9 +261,10 @@ def train_seeds(config, workdir: str) -> List[dict]:
                config.seed + seeds.size - 1, info.name, len(setup.splits.train_images), steps,
                start_epoch + 1, t.epochs)
   step_fn = train.bind_train_step(config, setup.model, setup.tx, info, setup.mesh.size)
-  chunk_fn = loop.make_chunk_fn(step_fn, t.batch_size, setup.mesh, members=True)
-  eval_fn = parallel.CompiledOnFirstCall(loop.make_eval_fn(setup.model, info.mean, info.std,
-                                                           members=True))
+  at_once = members_lib.resolve(t.get('seeds_at_once', 0))
+  chunk_fn = loop.make_chunk_fn(step_fn, t.batch_size, setup.mesh, members=True,
+                                at_once=at_once)
+  eval_fn = loop.make_eval_fn(setup.model, info.mean, info.std, members=True, at_once=at_once)
   images, labels = setup.place(({'train': setup.splits.train_images},
                                 {'train': setup.splits.train_labels.astype(np.int32)}))
   state = setup.place(state)

@@ -181,34 +181,40 @@ def rows_of(folder, name=runs.SEARCH_METRICS):
 @pytest.mark.slow
 def test_members_equal_their_solo_runs_in_float64(tmp_path):
   """Three seeds over two stages (each member's stage-2 supernet initialised as its solo
-  run's): each member's architecture weights and metrics equal its solo run's to 1e-9
+  run's), the members one after another (a CPU's default) and all at once (vmapped, an
+  accelerator's): each member's architecture weights and metrics equal its solo run's to 1e-9
   relative. Every op is kept after stage 1, so that the two stages are one program (compiled
   once, here and in the solo runs); members keeping different ops in one union supernet:
   `test_a_member_in_the_union_supernet_computes_its_own_supernet`."""
   with jax.enable_x64():
     config = search_config('seeds=3,tiny', 'float64', keep=4)
-    got = population.run(config, str(tmp_path / 'pop'))
-    summary = json.load(open(tmp_path / 'pop' / population.POPULATION))
+    runs_of = {}
+    for at_once in (1, 0):
+      config.search.population.members_at_once = at_once
+      runs_of[at_once] = population.run(config, str(tmp_path / f'pop{at_once}'))
     for k, member in enumerate(population.members(config)):
       solo_dir = tmp_path / f'solo{k}'
       want = population.run(population.member_config(config, member), str(solo_dir))
-      assert genotypes.to_dict(got[k]) == genotypes.to_dict(want)
-      folder = tmp_path / 'pop' / 'members' / str(k)
-      a, b = arch_of(folder), arch_of(solo_dir)
-      for name in b:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-9, atol=1e-12, err_msg=name)
-      mine, theirs = rows_of(folder), rows_of(solo_dir)
-      assert len(mine) == len(theirs) == 2
-      for r, s in zip(mine, theirs):
-        assert r.pop('member') == k
-        for name in ('train_loss', 'valid_loss', 'arch_ce', 'arch_loss', 'train_acc'):
-          np.testing.assert_allclose(r[name], s[name], rtol=1e-9, err_msg=name)
-        assert r['genotype'] == s['genotype']
-      assert summary['members'][k]['seed'] == member.seed
-      assert summary['members'][k]['genotype'] == genotypes.to_dict(want)
-      assert json.load(open(folder / runs.CONFIG))['seed'] == member.seed
-    assert len(rows_of(tmp_path / 'pop', population.METRICS)) == 2
-    assert_population_pictures(str(tmp_path / 'pop'))
+      for at_once, got in runs_of.items():
+        pop_dir = tmp_path / f'pop{at_once}'
+        summary = json.load(open(pop_dir / population.POPULATION))
+        assert genotypes.to_dict(got[k]) == genotypes.to_dict(want)
+        folder = pop_dir / 'members' / str(k)
+        a, b = arch_of(folder), arch_of(solo_dir)
+        for name in b:
+          np.testing.assert_allclose(a[name], b[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        mine, theirs = rows_of(folder), rows_of(solo_dir)
+        assert len(mine) == len(theirs) == 2
+        for r, s in zip(mine, theirs):
+          assert r.pop('member') == k
+          for name in ('train_loss', 'valid_loss', 'arch_ce', 'arch_loss', 'train_acc'):
+            np.testing.assert_allclose(r[name], s[name], rtol=1e-9, err_msg=name)
+          assert r['genotype'] == s['genotype']
+        assert summary['members'][k]['seed'] == member.seed
+        assert summary['members'][k]['genotype'] == genotypes.to_dict(want)
+        assert json.load(open(folder / runs.CONFIG))['seed'] == member.seed
+    assert len(rows_of(tmp_path / 'pop0', population.METRICS)) == 2
+    assert_population_pictures(str(tmp_path / 'pop0'))
 
 
 def assert_population_pictures(run_dir):

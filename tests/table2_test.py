@@ -1,12 +1,18 @@
-"""Table II in one command (pcp_jax/table2.py): its plan and its bad flags. Its tiny run end to
-end (`python -m pcp_jax.table2 --out=OUT --tiny --methods=pcp --seeds=2 --train_seeds=1
---random=1`, about two minutes here) is not in the suite yet: CI's 15 minutes are spent."""
+"""Table II in one command (pcp_jax/table2.py): its plan, its bad flags, and its tiny form end
+to end (one method as a population of two searches, each cell trained and tested, a random
+cell, the table with both protocols), then rerun as a no-op."""
 
+import csv
+import json
 import os
 
+from absl import logging
 import pytest
 
+from pcp_jax import genotypes
 from pcp_jax import population
+from pcp_jax import reports
+from pcp_jax import runs
 from pcp_jax import table2
 
 
@@ -40,3 +46,39 @@ def test_bad_flags_answer_in_one_line(kwargs, message, tmp_path):
     steps = table2.plan(str(tmp_path), tiny=True, **kwargs)
     table2.run(steps, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow  # two searches, two trained cells and a random cell, each compiled
+def test_a_tiny_table2_runs_end_to_end_and_a_rerun_changes_nothing(tmp_path, monkeypatch):
+  out = str(tmp_path / 'table2')
+  argv = [f'--out={out}', '--tiny', '--methods=pcp', '--seeds=2', '--train_seeds=1',
+          '--random=1']
+  monkeypatch.setattr(logging, 'set_verbosity', lambda _: None)  # the suite's log level
+  table2.main(argv)
+  with open(os.path.join(out, 'table2.csv')) as f:
+    rows = {row['Method']: row for row in csv.DictReader(f)}
+  assert set(rows) == {'PCP-DARTS', 'Random cells (1 cells)'}, set(rows)
+  pcp = rows['PCP-DARTS']
+  assert pcp[reports.SEARCHES] == '2'  # both protocols: all searches and the best of two
+  assert pcp[reports.ALL_SEARCHES] != '-' and pcp[reports.BEST_OF_N] != '-'
+  assert pcp[reports.RI_ALL] != '-'  # against the random cell's mean
+  found = json.load(open(os.path.join(out, 'search', 'pcp', population.POPULATION)))
+  for k, member in enumerate(found['members']):
+    results = json.load(open(os.path.join(out, 'train', 'pcp', str(k), runs.RESULTS)))
+    assert results['genotype'] == member['genotype']
+    assert 0 <= results['test_accuracy'] <= 1
+  random = json.load(open(os.path.join(out, 'train', 'random', '0', runs.RESULTS)))
+  genotypes.from_dict(random['genotype'])
+  md = open(os.path.join(out, 'table2.md')).read()
+
+  before = _results(out)
+  table2.main(argv)  # every step trained and tested: nothing runs again (plots are redrawn)
+  assert _results(out) == before
+  assert open(os.path.join(out, 'table2.md')).read() == md
+
+
+def _results(folder):
+  """Each results, metrics and architecture file under `folder` with its modification time."""
+  return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+          for d, _, names in os.walk(folder) for f in names
+          if f.endswith(('.json', '.jsonl', '.npz')) and 'checkpoints' not in d}
