@@ -222,7 +222,7 @@ class _Program:
       spec = dataclasses.replace(built.spec, model=built.spec.model.clone(dtype=dtype))
       self.fn = loop.make_chunk_fn(
           functools.partial(search_step.search_step, spec=spec), b, mesh, bool(members),
-          at_once=members_lib.resolve(config.search.population.members_at_once))
+          at_once=config.search.population.members_at_once)
       self.data = (*_inputs(n, info, ('train', 'valid'), mesh),
                    parallel.replicate(order, mesh), self.key)
       self.rate = jnp.float32(stage.skip_dropout)

@@ -170,8 +170,8 @@ def make_chunk_fn(step_fn: Callable, batch_size: int, mesh, members: bool = Fals
 
   `members`: a population's chunk, its members split across `mesh` (`shard_members`:
   `members.split_across`) or each data-parallel over it, `at_once` of them together
-  (`members.resolve`; 1: one after another, `members.InTurn`)."""
-  split = shard_members and mesh.size > 1
+  (`members.resolve`: 0 picks for the backend; 1: one after another, `members.InTurn`)."""
+  split, at_once = shard_members and mesh.size > 1, members_lib.resolve(at_once)
   if members and at_once == 1 and not split:
     return members_lib.InTurn(
         _chunk_fn(step_fn, batch_size, mesh),
@@ -217,7 +217,7 @@ def make_eval_fn(model, mean, std, members: bool = False, member_mesh=None, at_o
   fn = functools.partial(eval_sums, model=model, mean=mean, std=std)
   if not members:
     return jax.jit(fn)
-  axes = (0, None, None, None, 0, 0)
+  axes, at_once = (0, None, None, None, 0, 0), members_lib.resolve(at_once)
   split = member_mesh is not None and member_mesh.size > 1
   if at_once == 1 and not split:
     return members_lib.InTurn(parallel.CompiledOnFirstCall(jax.jit(fn)), axes)

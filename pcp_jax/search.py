@@ -25,7 +25,6 @@ from pcp_jax import defaults
 from pcp_jax import diagrams
 from pcp_jax import genotypes
 from pcp_jax import loop
-from pcp_jax import members as members_lib
 from pcp_jax import models
 from pcp_jax import optim
 from pcp_jax import parallel
@@ -96,11 +95,10 @@ def build_stage(config, layers: int, epochs: int, switches, info: data_lib.Datas
   projector and optimisers, and the jitted data-parallel chunk and evaluation functions.
   `skip_dropout` False (a stage whose rate is 0) compiles the step without the masks.
   `members`: a population's stage (`population`): the supernet has a column per op
-  (`wide_arch`), the chunk and evaluation functions a leading member axis; `shard_members`:
-  the members split across the mesh, each step on one device (`loop.make_chunk_fn`)."""
+  (`wide_arch`), the chunk and evaluation functions a leading member axis (split across the
+  mesh with `shard_members`; `members_at_once` of them together: `loop.make_chunk_fn`)."""
   cfg = config.search
   dtype, devices = jnp.dtype(cfg.dtype), 1 if shard_members else mesh.size
-  at_once = members_lib.resolve(cfg.population.get('members_at_once', 0)) if members else 0
   model = models.search_network(config, layers, switches, info.num_classes, devices, dtype,
                                 members)
   projector = models.projector(config, devices)
@@ -108,15 +106,14 @@ def build_stage(config, layers: int, epochs: int, switches, info: data_lib.Datas
   optimizers = (tx_weights, optim.make(cfg.optim.arch)[0], optim.make(cfg.optim.projector)[0])
   spec = search_step.StepSpec.from_config(cfg, model, projector, optimizers, info.mean,
                                           info.std, devices, skip_dropout)
-  init = functools.partial(
+  init = functools.partial(  # the projector on 4 nodes x 4C
       search_step.init_state, model=model, projector=projector, optimizers=optimizers,
-      image_shape=tuple(image_shape), projector_inputs=cfg.channels * 16,  # 4 nodes x 4C
-      ss_factor=cfg.ss_factor)
+      image_shape=tuple(image_shape), projector_inputs=cfg.channels * 16, ss_factor=cfg.ss_factor)
   if dtype != jnp.float32:  # weights start as float32 ones (the same draws), then widen
     init = functools.partial(_widened, init, dtype)
   step_fn = functools.partial(search_step.search_step, spec=spec)
-  eval_fn = loop.make_eval_fn(model, info.mean, info.std, members,
-                              mesh if shard_members else None, at_once)
+  at_once, member_mesh = cfg.population.members_at_once, mesh if shard_members else None
+  eval_fn = loop.make_eval_fn(model, info.mean, info.std, members, member_mesh, at_once)
   return Stage(spec=spec, init=init, lr_schedule=lr_schedule,
                chunk_fn=loop.make_chunk_fn(step_fn, cfg.batch_size, mesh, members,
                                            shard_members, at_once),

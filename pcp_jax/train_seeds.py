@@ -34,7 +34,6 @@ from pcp_jax import defaults
 from pcp_jax import events
 from pcp_jax import genotypes
 from pcp_jax import loop
-from pcp_jax import members as members_lib
 from pcp_jax import monitor
 from pcp_jax import parallel
 from pcp_jax import runs
@@ -261,7 +260,7 @@ def train_seeds(config, workdir: str) -> List[dict]:
                config.seed + seeds.size - 1, info.name, len(setup.splits.train_images), steps,
                start_epoch + 1, t.epochs)
   step_fn = train.bind_train_step(config, setup.model, setup.tx, info, setup.mesh.size)
-  at_once = members_lib.resolve(t.get('seeds_at_once', 0))
+  at_once = t.get('seeds_at_once', 0)
   chunk_fn = loop.make_chunk_fn(step_fn, t.batch_size, setup.mesh, members=True,
                                 at_once=at_once)
   eval_fn = loop.make_eval_fn(setup.model, info.mean, info.std, members=True, at_once=at_once)

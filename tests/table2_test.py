@@ -51,20 +51,20 @@ def test_bad_flags_answer_in_one_line(kwargs, message, tmp_path):
 @pytest.mark.slow  # two searches, two trained cells and a random cell, each compiled
 def test_a_tiny_table2_runs_end_to_end_and_a_rerun_changes_nothing(tmp_path, monkeypatch):
   out = str(tmp_path / 'table2')
-  argv = [f'--out={out}', '--tiny', '--methods=pcp', '--seeds=2', '--train_seeds=1',
+  argv = [f'--out={out}', '--tiny', '--methods=pc_darts', '--seeds=2', '--train_seeds=1',
           '--random=1']
   monkeypatch.setattr(logging, 'set_verbosity', lambda _: None)  # the suite's log level
   table2.main(argv)
   with open(os.path.join(out, 'table2.csv')) as f:
     rows = {row['Method']: row for row in csv.DictReader(f)}
-  assert set(rows) == {'PCP-DARTS', 'Random cells (1 cells)'}, set(rows)
-  pcp = rows['PCP-DARTS']
+  assert set(rows) == {'PC-DARTS', 'Random cells (1 cells)'}, set(rows)
+  pcp = rows['PC-DARTS']
   assert pcp[reports.SEARCHES] == '2'  # both protocols: all searches and the best of two
   assert pcp[reports.ALL_SEARCHES] != '-' and pcp[reports.BEST_OF_N] != '-'
   assert pcp[reports.RI_ALL] != '-'  # against the random cell's mean
-  found = json.load(open(os.path.join(out, 'search', 'pcp', population.POPULATION)))
+  found = json.load(open(os.path.join(out, 'search', 'pc_darts', population.POPULATION)))
   for k, member in enumerate(found['members']):
-    results = json.load(open(os.path.join(out, 'train', 'pcp', str(k), runs.RESULTS)))
+    results = json.load(open(os.path.join(out, 'train', 'pc_darts', str(k), runs.RESULTS)))
     assert results['genotype'] == member['genotype']
     assert 0 <= results['test_accuracy'] <= 1
   random = json.load(open(os.path.join(out, 'train', 'random', '0', runs.RESULTS)))
