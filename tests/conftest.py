@@ -39,10 +39,11 @@ if not os.environ.get('PCP_JAX_TEST_XLA_CACHE'):
 # The full suite's longest files first (pytest --durations), so that pytest-xdist's workers,
 # handed files in collection order (`--no-loadscope-reorder`), end together; the notebook
 # after the search and train tests whose compiled programs it loads from the cache.
-LONGEST_FILES = ('search_resume_test.py', 'population_test.py', 'search_step_test.py',
-                 'collapse_test.py', 'supernet_test.py', 'gpu_check_test.py', 'bench_test.py',
-                 'search_test.py', 'train_test.py', 'readme_test.py', 'golden_test.py',
-                 'main_test.py', 'zz_notebook_test.py')
+LONGEST_FILES = ('search_resume_test.py', 'population_test.py', 'collapse_test.py',
+                 'supernet_test.py', 'search_step_test.py', 'gpu_check_test.py', 'train_test.py',
+                 'bench_test.py', 'search_test.py', 'table2_test.py', 'ops_test.py',
+                 'main_test.py', 'golden_test.py', 'readme_test.py', 'train_seeds_test.py',
+                 'zz_notebook_test.py')
 
 
 def pytest_collection_modifyitems(items):
