@@ -36,6 +36,12 @@ def per_member_arrays(leaf) -> Any:
   return 0 if jnp.ndim(leaf) else None
 
 
+def together(n: int, at_once: int) -> int:
+  """How many of `n` members a step holds the activations of at once (`resolve`)."""
+  k = resolve(at_once)
+  return min(k, n) if k else n
+
+
 def _split(args: Sequence[Any], in_axes: Sequence[Any]):
   """The leaves of `args`, their treedef and the indices of the leaves with a member axis
   (`in_axes`: 0, None or `per_member_arrays` per argument, a prefix tree of `args`)."""

@@ -27,6 +27,7 @@ import jax
 
 from pcp_jax import data
 from pcp_jax import genotypes
+from pcp_jax import members as members_lib
 from pcp_jax import population
 from pcp_jax import random_cells
 from pcp_jax import spaces
@@ -207,8 +208,9 @@ def _per_memory(batch_bytes: float, data_bytes: float, config) -> int:
 
 def search_needs(config) -> List[Need]:
   """The search step of each stage, and the collapse meter (`search.curvature_every`). A
-  population's step holds every member's activations and weights over the union of their
-  ops (at most the members' kept ops together)."""
+  population's step holds every member's weights, and the activations of the members it
+  computes at once (`members.together`), over the union of their ops (at most the members'
+  kept ops together)."""
   cfg = config.search
   size, image_bytes = _image(config)
   images = config.data.max_train or data.DATASETS[config.data.dataset].train_size
@@ -222,7 +224,9 @@ def search_needs(config) -> List[Need]:
   stem = float_bytes * SEARCH_STEM * size * size * 3 * cfg.channels
   first = ops = spaces.ops_per_edge(cfg.space, cfg.initial_ops)
   needs, n = [], len(members)
-  pop = f'{n} members, ' if n > 1 else ''
+  # Members one after another (a CPU's default) hold one member's activations at a time.
+  live = members_lib.together(n, cfg.population.get('members_at_once', 0))
+  pop = f'{n} members ({live} at once), ' if n > 1 else ''
   for s, stage in enumerate(cfg.stages):
     per_view = float_bytes * cell_volumes(stage.layers, cfg.channels, size) * (
         SEARCH_FIXED + SEARCH_PER_OP * ops / cfg.partial_k ** PARTIAL_EXPONENT)
@@ -230,7 +234,7 @@ def search_needs(config) -> List[Need]:
     weights = search_weights(config, stage.layers, ops)
     held = n * (weight_bytes(weights, cfg.optim.weights, SEARCH_WEIGHT_COPIES, float_bytes)
                 + projector_bytes)
-    activations = per_image * cfg.batch_size * n
+    activations = per_image * cfg.batch_size * live
     needs.append(Need(
         f'search stage {s + 1}',
         _per_memory(activations, images * image_bytes + held, config),
@@ -238,7 +242,8 @@ def search_needs(config) -> List[Need]:
         f'per edge, batch {cfg.batch_size}{f" in {views} views" if views > 1 else ""}): its '
         f'step ({_split(activations, n * (weights + projector), held)})',
         f'search.batch_size, search.channels or search.stages[{s}].layers (or raise '
-        f'search.partial_k{", or fewer members" if n > 1 else ""})'))
+        f'search.partial_k{", or fewer members" if n > 1 else ""}'
+        f'{" or search.population.members_at_once" if live > 1 else ""})'))
     if cfg.curvature_every:
       batch = min(cfg.curvature_batch, int(images * (1 - config.data.train_portion)))
       needs.append(Need(
@@ -265,16 +270,18 @@ def train_need(config, genotype: Optional[genotypes.Genotype] = None) -> Need:
   images = config.data.max_train or data.DATASETS[config.data.dataset].train_size
   per_image = 4 * (TRAIN_STEM * size * size * 3 * t.channels
                    + TRAIN_CELLS * cell_volumes(t.layers, t.channels, size))
-  n = t.get('seeds', 1)  # training over seeds: every seed's activations in one step
+  n = t.get('seeds', 1)  # training over seeds: the seeds' activations at once (members.py)
+  live = members_lib.together(n, t.get('seeds_at_once', 0))
   weights = train_weights(config, genotype or HEAVIEST_GENOTYPE)
   held = n * weight_bytes(weights, t.optim, TRAIN_WEIGHT_COPIES)
-  activations = per_image * t.batch_size * n
+  activations = per_image * t.batch_size * live
   return Need('train', _per_memory(activations, images * image_bytes + held, config),
               f'train ({f"{n} seeds, " if n > 1 else ""}{t.layers} cells of {t.channels} '
               f'channels, batch {t.batch_size}): its step '
               f'({_split(activations, n * weights, held)})',
               'train.batch_size, train.channels or train.layers'
-              + (' (or fewer train.seeds)' if n > 1 else ''))
+              + (' (or fewer train.seeds)' if n > 1 else '')
+              + (' (or a smaller train.seeds_at_once)' if live > 1 else ''))
 
 
 def _genotype(config) -> Optional[genotypes.Genotype]:

@@ -99,6 +99,30 @@ def test_the_estimate_grows_with_what_a_step_keeps():
   assert meter.name == 'collapse meter, stage 1' and meter.bytes > base
 
 
+def test_members_one_after_another_hold_one_members_activations():
+  config = _config('pc_darts', None)
+  config.data.max_train = 256
+  solo = memory.search_needs(config)[0].bytes
+  held = memory.weight_bytes(memory.search_weights(config, 8, 8), config.search.optim.weights,
+                             memory.SEARCH_WEIGHT_COPIES)
+  config.search.population.seeds = 4
+  config.search.population.members_at_once = 4  # all four vmapped
+  together = memory.search_needs(config)[0]
+  assert together.bytes == pytest.approx(4 * solo, rel=1e-3)
+  assert '4 members (4 at once)' in together.what
+  assert 'search.population.members_at_once' in together.fields
+  config.search.population.members_at_once = 1  # one after another: their weights only
+  assert memory.search_needs(config)[0].bytes == pytest.approx(solo + 3 * held, rel=1e-3)
+  config.search.population.members_at_once = 2
+  assert memory.search_needs(config)[0].bytes == pytest.approx(2 * solo + 2 * held, rel=1e-3)
+  train = _config('train_cifar10', None)
+  one = memory.train_need(train).bytes
+  train.train.seeds, train.train.seeds_at_once = 3, 3
+  assert memory.train_need(train).bytes > 2.5 * one
+  train.train.seeds_at_once = 1
+  assert one < memory.train_need(train).bytes < 1.5 * one
+
+
 def test_a_wide_network_of_few_cells_is_refused_for_its_weights(host_of):
   # Issue 31: estimated at 15.2 GiB from its activations alone, it grew past 23 GB on a host
   # with 22 GiB free; its 328 M weights, their gradients and momentum add about 6 GiB.
