@@ -235,6 +235,7 @@ def test_the_seeds_argument_and_its_memory():
   assert train_seeds.run_folders(solo, 'RUN') == ['RUN']
   config = train_seeds.member_config(three, 2)
   assert (config.seed, config.train.seeds) == (2, 1)
+  three.train.seeds_at_once = 3  # the three seeds' activations at once (an accelerator's way)
   single, triple = memory.train_need(solo), memory.train_need(three)
   assert '3 seeds' in triple.what and 'train.seeds' in triple.fields
   assert triple.bytes > 2 * single.bytes
