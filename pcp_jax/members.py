@@ -98,7 +98,10 @@ class InTurn:
 
   def member_args(self, args, k: int):
     """Member `k`'s arguments: its slice of those with a member axis, the others as given."""
-    leaves, treedef, split = _split(args, self.in_axes)
+    return self._member_args(_split(args, self.in_axes), k)
+
+  def _member_args(self, split_args, k: int):
+    leaves, treedef, split = split_args
     own = self._take([leaves[i] for i in split], jnp.int32(k))
     return jax.tree_util.tree_unflatten(treedef, _with(leaves, split, own))
 
@@ -108,10 +111,10 @@ class InTurn:
 
   def __call__(self, *args, program: Callable = None):
     """`program`: a compiled form of `lower`'s result to call instead of `single`."""
-    leaves, _, split = _split(args, self.in_axes)
-    n = leaves[split[0]].shape[0]
-    return self._stack([(program or self.single)(*self.member_args(args, k))
-                        for k in range(n)])
+    split_args = _split(args, self.in_axes)  # once per call, not per member
+    leaves, _, split = split_args
+    return self._stack([(program or self.single)(*self._member_args(split_args, k))
+                        for k in range(leaves[split[0]].shape[0])])
 
 
 def first_bad_step(bad):
